@@ -1,0 +1,1 @@
+"""ArchLM: decoder-only language models whose architecture is chosen by configuration."""
