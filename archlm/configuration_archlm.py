@@ -307,7 +307,15 @@ class ArchLMConfig(PreTrainedConfig):
                         f"`rope_parameters['{key}']` must be a list of {self.head_dim // 2} numbers (head_dim / 2), "
                         f"got {value!r}."
                     )
-        if self.position_embedding_type == "rope" and self.head_dim % 2:
+        partial = params.get("partial_rotary_factor", 1.0)
+        if partial is not None and (not _is_number(partial) or not 0 < partial <= 1 or (partial != 1 and rope_type != "proportional")):
+            raise ValueError(
+                f"`rope_parameters['partial_rotary_factor']`={partial!r} is not supported with rope_type={rope_type!r}: "
+                "ArchLM rotates the whole head, so it must be 1.0 (or absent); only rope_type 'proportional' takes (0, 1]."
+            )
+        if self.position_embedding_type != "rope":
+            return  # the dict is kept but unused: transformers' even-head_dim check does not apply
+        if self.head_dim % 2:
             raise ValueError(f"rope rotates pairs of channels, so `head_dim` must be even, got {self.head_dim}.")
         super().validate_rope()
 

@@ -152,8 +152,8 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     return torch.tensor(slopes, device=device, dtype=torch.float32)
 
 
-def alibi_bias(slopes: torch.Tensor, query_start: int, query_length: int, key_length: int, dtype) -> torch.Tensor:
-    """(1, nh, T, S) bias = slope * (key position - query position); 0 on the diagonal, negative into the past.
+def alibi_bias(slopes: torch.Tensor, batch: int, query_start: int, query_length: int, key_length: int, dtype) -> torch.Tensor:
+    """(B, nh, T, S) bias = slope * (key position - query position); 0 on the diagonal, negative into the past.
 
     Positions are cache slots, so left padding shifts queries and keys alike and the distances stay exact.
     Keys are the last `key_length` slots before the query end (a sliding-window cache holds only those), or
@@ -164,7 +164,8 @@ def alibi_bias(slopes: torch.Tensor, query_start: int, query_length: int, key_le
     key_start = max(query_start + query_length - key_length, 0)
     key_positions = key_start + torch.arange(key_length, device=device)
     distance = (key_positions[None, :] - query_positions[:, None]).float()  # (T, S)
-    return (slopes[:, None, None] * distance).unsqueeze(0).to(dtype)
+    # expanded (no copy) to the batch: flex attention's score_mod indexes the bias by batch
+    return (slopes[:, None, None] * distance).to(dtype).expand(batch, -1, -1, -1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ class ArchLMAttention(nn.Module):
 
         if alibi_slopes is not None:
             kwargs["position_bias"] = alibi_bias(
-                alibi_slopes, query_start, input_shape[-1], key_states.shape[-2], query_states.dtype
+                alibi_slopes, input_shape[0], query_start, input_shape[-1], key_states.shape[-2], query_states.dtype
             )
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
