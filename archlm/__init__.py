@@ -12,7 +12,8 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_archlm import PRESETS, ArchLMConfig
+from .check import check_model
+from .configuration_archlm import PRESETS, ArchLMConfig, parse_config_overrides
 from .modeling_archlm import (
     ArchLMForCausalLM,
     ArchLMForSequenceClassification,
@@ -38,4 +39,6 @@ __all__ = [
     "ArchLMModel",
     "ArchLMForCausalLM",
     "ArchLMForSequenceClassification",
+    "check_model",
+    "parse_config_overrides",
 ]

@@ -10,6 +10,9 @@ message that names the field, the value and what is allowed. Type errors come fr
 """
 
 import copy
+import dataclasses
+import difflib
+import json
 import math
 from typing import Any, Literal
 
@@ -129,6 +132,47 @@ _NORM_NAMES = {"rmsnorm": "RMS", "layernorm": "LN", "layernorm_nobias": "LNNoBia
 # Activation families for the name: every gelu approximation is "GELU", silu/swish "SiLU".
 _ACT_NAMES = {"silu": "SiLU", "swish": "SiLU", "relu": "ReLU", "leaky_relu": "LeakyReLU", "relu2": "ReLU2"}
 _GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU"}
+
+
+# kwargs transformers accepts besides the fields (legacy rope keys, load-time options)
+_LEGACY_KWARGS = {"rope_theta", "rope_scaling", "attn_implementation", "torch_dtype", "num_labels"}
+
+
+def parse_config_overrides(text: str) -> dict[str, Any]:
+    """Parse `"k=v,k=v"` (run_clm.py's `--config_overrides`) into typed values.
+
+    Values are read as JSON where they parse (`4`, `0.1`, `true`, `null`, `[1, 2]`, `{"rope_type": "linear", ...}`),
+    Python's `True`/`False`/`None` are accepted too, anything else stays a string (`hidden_act=gelu`). Commas inside
+    brackets or braces do not split, so dict values work."""
+    overrides: dict[str, Any] = {}
+    items, depth, current = [], 0, ""
+    for char in text or "":
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ValueError(f"Malformed config override {item!r}: expected key=value pairs separated by commas, e.g. 'hidden_size=256,num_hidden_layers=4'.")
+        python_literals = {"True": True, "False": False, "None": None}
+        if raw in python_literals:
+            overrides[key] = python_literals[raw]
+            continue
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            if raw[0] in "[{":
+                raise ValueError(f"Config override {key}={raw!r} looks like JSON but does not parse.") from None
+            overrides[key] = raw
+    return overrides
 
 
 def _is_number(value) -> bool:
@@ -340,9 +384,18 @@ class ArchLMConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ArchLMConfig":
-        """A preset family's architecture, with any field overridden: `from_preset("llama", num_hidden_layers=4)`."""
+        """A preset family's architecture, with any field overridden: `from_preset("llama", num_hidden_layers=4)`.
+
+        Unlike the constructor (which, as every transformers config, keeps unknown keys of a loaded config.json),
+        an override that is not a field is refused: a typo must not train the wrong model silently."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available presets: {cls.presets()}.")
+        known = {f.name for f in dataclasses.fields(cls)} | _LEGACY_KWARGS
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+            listed = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+            raise ValueError(f"Unknown config field(s) {listed}; fields are: {sorted(f.name for f in dataclasses.fields(cls))}.")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
 
     @property
@@ -384,6 +437,7 @@ class ArchLMConfig(PreTrainedConfig):
         mlp_matrices = 3 if self.mlp_type == "gated" else 2
         mlp = mlp_matrices * hidden * self.intermediate_size
         mlp += ((mlp_matrices - 1) * self.intermediate_size + hidden) * self.mlp_bias
+        mlp += sum(parameter.numel() for parameter in ACT2FN[self.hidden_act].parameters())  # prelu, xielu learn theirs
         layer = attention + mlp + 2 * norm_params
         embeddings = self.vocab_size * hidden
         if self.position_embedding_type == "learned" or self.learned_position_embeddings:
@@ -418,4 +472,4 @@ class ArchLMConfig(PreTrainedConfig):
         return "\n".join(lines)
 
 
-__all__ = ["ArchLMConfig", "PRESETS"]
+__all__ = ["ArchLMConfig", "PRESETS", "parse_config_overrides"]

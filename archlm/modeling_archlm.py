@@ -413,18 +413,6 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int | None = None):
-        """Checkpoint all layers, or only every N-th (`every_n_layers`, also accepted inside
-        `gradient_checkpointing_kwargs` so `TrainingArguments.gradient_checkpointing_kwargs` can set it)."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        every_n_layers = kwargs.pop("every_n_layers", every_n_layers) or 1
-        if not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
-        base = getattr(self, self.base_model_prefix, self)
-        for index, layer in enumerate(base.layers):
-            layer.gradient_checkpointing = index % every_n_layers == 0
-
 
 class ArchLMModel(ArchLMPreTrainedModel):
     """Embeddings -> decoder layers -> final norm (pre-norm only: post-norm layers already end in a norm)."""
