@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # fp32 on CPU: the paths differ only in summation order
 RTOL, ATOL = 1e-4, 1e-5
+GENERATED_TOKENS = 6
 
 
 @dataclass
@@ -105,9 +106,8 @@ def _greedy(model, ids, mask, max_new_tokens, **kwargs):
 
 
 def check_static_vs_dynamic(model, ids, mask) -> tuple[bool, str]:
-    new_tokens = 6
-    dynamic_tokens, dynamic_logits = _greedy(model, ids, mask, new_tokens)
-    static_tokens, static_logits = _greedy(model, ids, mask, new_tokens, cache_implementation="static")
+    dynamic_tokens, dynamic_logits = _greedy(model, ids, mask, GENERATED_TOKENS)
+    static_tokens, static_logits = _greedy(model, ids, mask, GENERATED_TOKENS, cache_implementation="static")
     close, detail = _max_error(static_logits, dynamic_logits)
     same_tokens = torch.equal(static_tokens, dynamic_tokens)
     return close and same_tokens, detail + ("" if same_tokens else "; generated tokens differ")
@@ -176,10 +176,10 @@ def check_padding_invariance(model, ids, mask) -> tuple[bool, str]:
         alone = model(ids[row : row + 1, real]).logits[0]
         row_ok, detail = _max_error(padded[row, real], alone)
         ok, errors = ok and row_ok, errors + [detail]
-    tokens_batched, _ = _greedy(model, ids, mask, 4)
+    tokens_batched, _ = _greedy(model, ids, mask, GENERATED_TOKENS)
     real = mask[1].bool()
-    tokens_alone, _ = _greedy(model, ids[1:, real], mask[1:, real], 4)
-    same_generation = torch.equal(tokens_batched[1, -4:], tokens_alone[0, -4:])
+    tokens_alone, _ = _greedy(model, ids[1:, real], mask[1:, real], GENERATED_TOKENS)
+    same_generation = torch.equal(tokens_batched[1, -GENERATED_TOKENS:], tokens_alone[0, -GENERATED_TOKENS:])
     return ok and same_generation, "; ".join(errors) + ("" if same_generation else "; generation differs when padded")
 
 
@@ -238,7 +238,12 @@ def check_model(config_or_model, seq_len: int = 16, seed: int = 0, contracts: li
     model = model.float().eval()
     if model.config.sliding_window is not None:
         seq_len = max(seq_len, model.config.sliding_window + 4)  # exercise the window itself
-    seq_len = min(seq_len, model.config.max_position_embeddings - 8)  # room for generated tokens
+    if model.config.position_embedding_type == "learned" or model.config.learned_position_embeddings:
+        # learned positions end at max_position_embeddings: leave room for the generated tokens
+        seq_len = min(seq_len, model.config.max_position_embeddings - GENERATED_TOKENS)
+        if seq_len < 4:
+            raise ValueError(f"max_position_embeddings={model.config.max_position_embeddings} is too short to check "
+                             f"(needs at least {GENERATED_TOKENS + 4}).")
     ids, mask = _prompts(model.config, seq_len, torch.Generator().manual_seed(seed))
     report = CheckReport(model.config.architecture_name)
     for name in contracts or CONTRACTS:
