@@ -1,0 +1,89 @@
+"""Generate text from a saved model folder, streaming tokens as they come.
+
+    python examples/generate.py runs/demo "def fibonacci(n):" --max_new_tokens 64
+    echo "import os" | python examples/generate.py runs/demo --do_sample --temperature 0.8 --top_p 0.95
+    python examples/generate.py runs/demo "class Stack:" --cache static
+
+The folder needs the model (config.json, safetensors) and its tokenizer, as examples/train.py writes
+them. It loads through `AutoModelForCausalLM` with `trust_remote_code=True`, so it works for any
+ArchLM folder whether or not archlm is installed.
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+logger = logging.getLogger("generate")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model folder (weights, config and tokenizer)")
+    parser.add_argument("prompt", nargs="?", help="the prompt; read from standard input when omitted")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
+    parser.add_argument("--cache", choices=["dynamic", "static", "none"], default="dynamic",
+                        help="KV cache: dynamic (default), static (preallocated; compilable) or none")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="auto: bf16 on a GPU that supports it, else float32")
+    return parser.parse_args(argv)
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # bf16 matmuls are far slower than fp32 on most CPUs
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise SystemExit("error: empty prompt (pass it as an argument or on standard input)")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    # trust_remote_code: the folder's config.json maps AutoConfig to the remote code, which AutoTokenizer reads too
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, trust_remote_code=True, dtype=pick_dtype(args.dtype, args.device)
+    ).to(args.device).eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(args.device)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_beams == 1 else None
+
+    generation_kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        use_cache=args.cache != "none",
+    )
+    if args.do_sample:
+        generation_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.cache == "static":
+        generation_kwargs["cache_implementation"] = "static"
+
+    with torch.no_grad():
+        output = model.generate(**inputs, streamer=streamer, **generation_kwargs)
+    if streamer is None:  # beam search cannot stream: print the best beam at the end
+        print(tokenizer.decode(output[0], skip_special_tokens=True))
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    logger.info("[%d new tokens, cache=%s]", new_tokens, args.cache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""examples/generate.py: streams a continuation from a saved folder, prompt from argv or stdin, each cache."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from archlm import ArchLMForCausalLM
+from archlm.tokenization_archlm import train_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n" * 40, "for i in range(10):\n    print(i)\n" * 40],
+                                vocab_size=300)
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = ArchLMForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ids = tokenizer("def add(", return_tensors="pt")["input_ids"]
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return folder, tokenizer.decode(greedy[0], skip_special_tokens=True)
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static", "none"])
+def test_greedy_generation_streams_what_generate_gives_for_every_cache(model_folder, cache):
+    folder, expected = model_folder
+    result = run(folder, "def add(", "--max_new_tokens", 8, "--cache", cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+    assert f"8 new tokens, cache={cache}" in result.stderr
+
+
+def test_prompt_from_standard_input_and_seeded_sampling(model_folder):
+    model_folder, _ = model_folder
+    first = run(model_folder, "--do_sample", "--temperature", 1.5, "--seed", 3, "--max_new_tokens", 10, stdin="for i in")
+    second = run(model_folder, "--do_sample", "--temperature", 1.5, "--seed", 3, "--max_new_tokens", 10, stdin="for i in")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("for i in") and first.stdout == second.stdout
+
+
+def test_beam_search_prints_the_best_beam(model_folder):
+    model_folder, _ = model_folder
+    result = run(model_folder, "def", "--num_beams", 3, "--max_new_tokens", 5)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def")
+
+
+def test_empty_prompt_is_refused(model_folder):
+    model_folder, _ = model_folder
+    result = run(model_folder, stdin="")
+    assert result.returncode != 0 and "empty prompt" in result.stderr
