@@ -1,0 +1,26 @@
+"""Shared helpers for the ArchLM tests: tiny configs that build and run in milliseconds on a CPU."""
+
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+
+from archlm import ArchLMConfig
+
+# What a bad config raises at construction: our `validate_*` rules (a ValueError, wrapped by @strict in the class
+# error) and @strict's own type checks (the field error).
+VALIDATION_ERRORS = (ValueError, StrictDataclassFieldValidationError, StrictDataclassClassValidationError)
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(**overrides) -> ArchLMConfig:
+    """A 2-layer, 32-wide config; any field can be overridden."""
+    return ArchLMConfig(**{**TINY, **overrides})
