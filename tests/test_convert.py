@@ -1,12 +1,15 @@
-"""Parity of `archlm.convert.from_transformers` with transformers' own GPT-2, Llama, Mistral, Qwen2, Qwen3.
+"""Parity of `archlm.convert` with transformers' own GPT-2, Llama, Mistral, Qwen2, Qwen3, both ways.
 
-Each reference is a tiny, seeded transformers model with every parameter randomised (norm weights around 1,
-biases non-zero), so a swapped, missing or mis-split weight shows in the logits. The converted ArchLM model
-must give the same logits (rtol 1e-4) under eager and sdpa attention, with and without left padding.
+Each reference is a tiny, seeded model with every parameter randomised (norm weights around 1, biases non-zero),
+so a swapped, missing or mis-split weight shows in the logits. `from_transformers` must give the transformers
+model's logits, and `to_transformers` (the native export) the ArchLM model's, and back again (rtol 1e-4), under
+eager and sdpa attention, with and without left padding. Exported folders must load with plain
+`AutoModelForCausalLM` in a process where archlm cannot be imported.
 
     .venv/bin/python -m pytest tests/test_convert.py -q
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +33,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from archlm import ArchLMForCausalLM
-from archlm.convert import from_transformers
+from archlm import ArchLMConfig, ArchLMForCausalLM
+from archlm.convert import export_folder, from_transformers, to_transformers
+from archlm.convert import main as convert_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 96
@@ -114,7 +118,7 @@ def report_parity_errors(request):
     if reporter is None or capture is None or not PARITY_ERRORS:
         return
     with capture.global_and_fixture_disabled():
-        reporter.write_line("\nmax relative logit error, converted ArchLM vs transformers:")
+        reporter.write_line("\nmax relative logit error, converted ArchLM vs transformers (export-*: native export vs ArchLM):")
         for test_id, error in PARITY_ERRORS.items():
             reporter.write_line(f"  {test_id:<62} {error:.2e}")
 
@@ -244,3 +248,221 @@ def test_cli_converts_a_saved_llama_folder_with_its_tokenizer(tmp_path):
     inputs = batch(left_padding=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=1e-4, atol=1e-5)
+
+
+# ================================================================================================
+# The way back: `to_transformers` exports an ArchLM model to the native family that computes it
+# ================================================================================================
+ARCHLM_TINY = dict(TINY, tie_word_embeddings=False)  # the same sizes as the reference models above
+
+# id -> (the class it must export to, config). The id names the family and the features the case proves.
+EXPORT_CASES = {
+    "llama-llama3rope-gqa": (LlamaForCausalLM, lambda: ArchLMConfig.from_preset(
+        "llama", **ARCHLM_TINY, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
+    "llama-yarnrope-headdim32-allbias": (LlamaForCausalLM, lambda: ArchLMConfig.from_preset(
+        "llama", **ARCHLM_TINY, head_dim=32, rope_parameters=YARN_ROPE, attention_bias=True, mlp_bias=True)),
+    "llama-outputbiasonly-zerofilled": (LlamaForCausalLM, lambda: ArchLMConfig.from_preset(
+        "llama", **ARCHLM_TINY, attention_output_bias=True)),
+    "mistral-slidingwindow4-gqa": (MistralForCausalLM, lambda: ArchLMConfig.from_preset(
+        "mistral", **ARCHLM_TINY, num_key_value_heads=2, sliding_window=4)),
+    "qwen2-qkvbias-tied": (Qwen2ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "qwen2", **dict(TINY, tie_word_embeddings=True), num_key_value_heads=2)),
+    "qwen2-qkvbias-slidingwindow5": (Qwen2ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "qwen2", **ARCHLM_TINY, sliding_window=5)),
+    "qwen3-qknorm-headdim32-gqa": (Qwen3ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "qwen3", **ARCHLM_TINY, num_key_value_heads=2, head_dim=32)),
+    "qwen3-qknorm-allbias-slidingwindow4": (Qwen3ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "qwen3", **ARCHLM_TINY, head_dim=16, attention_bias=True, sliding_window=4)),
+    "gpt2-preset-tied": (GPT2LMHeadModel, lambda: ArchLMConfig.from_preset(
+        "gpt2", **dict(TINY, tie_word_embeddings=True))),
+    "gpt2-nobias-layernormnobias-untied-zerofilled": (GPT2LMHeadModel, lambda: ArchLMConfig.from_preset(
+        "gpt2", **ARCHLM_TINY, attention_bias=False, mlp_bias=False, norm_type="layernorm_nobias")),
+}
+
+
+def build_archlm(case: str, attn_implementation: str = "sdpa") -> ArchLMForCausalLM:
+    torch.manual_seed(0)
+    model = randomised(ArchLMForCausalLM(EXPORT_CASES[case][1]()))
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+@pytest.mark.parametrize("left_padding", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_exported_logits_match_and_the_round_trip_returns_them(case, attn_implementation, left_padding):
+    ours = build_archlm(case, attn_implementation)
+    native = to_transformers(ours)
+    assert type(native) is EXPORT_CASES[case][0]
+    assert native.config._attn_implementation == attn_implementation
+    assert not native.training
+    back = from_transformers(native)  # and home again
+
+    inputs = batch(left_padding)
+    with torch.no_grad():
+        expected, exported, round_trip = ours(**inputs), native(**inputs), back(**inputs)
+    real_tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    reference_logits = expected.logits[real_tokens]
+    PARITY_ERRORS[f"export-{case}-{attn_implementation}-{'leftpad' if left_padding else 'nopad'}"] = (
+        max_relative_error(exported.logits[real_tokens], reference_logits)
+    )
+    for actual in (exported, round_trip):
+        torch.testing.assert_close(actual.logits[real_tokens], reference_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mistral-slidingwindow4-gqa", "gpt2-preset-tied"])
+def test_exported_greedy_generation_matches_archlm(case):
+    """Left-padded batch, KV cache, generating past Mistral's window: the same tokens come out."""
+    ours = build_archlm(case)
+    native = to_transformers(ours)
+    inputs = batch(left_padding=True)
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=10,
+                  do_sample=False, pad_token_id=PAD, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)
+    expected, actual = ours.generate(**kwargs), native.generate(**kwargs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(actual.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_export_keeps_tying_dtype_and_copies_the_rope_parameters():
+    for case, tied in (("qwen2-qkvbias-tied", True), ("gpt2-preset-tied", True), ("llama-llama3rope-gqa", False)):
+        native = to_transformers(build_archlm(case))
+        assert (native.lm_head.weight is native.get_input_embeddings().weight) is tied, case
+    ours = build_archlm("llama-llama3rope-gqa").to(torch.bfloat16)
+    native = to_transformers(ours)
+    assert native.dtype == torch.bfloat16
+    assert native.config.rope_parameters == ours.config.rope_parameters
+    assert native.config.rope_parameters is not ours.config.rope_parameters
+
+
+def test_export_drops_hidden_and_embedding_dropout_with_a_warning(caplog):
+    """Llama has neither: dropout is off at inference, so the logits stay equal, and the user is told."""
+    torch.manual_seed(0)
+    ours = randomised(ArchLMForCausalLM(ArchLMConfig.from_preset(
+        "llama", **ARCHLM_TINY, hidden_dropout=0.1, embedding_dropout=0.2, attention_dropout=0.1)))
+    with caplog.at_level("WARNING", logger="archlm.convert"):
+        native = to_transformers(ours)
+    assert "`hidden_dropout`" in caplog.text and "`embedding_dropout`" in caplog.text
+    assert native.config.attention_dropout == 0.1  # this one has an equivalent
+    inputs = batch(left_padding=False)
+    with torch.no_grad():
+        torch.testing.assert_close(native(**inputs).logits, ours(**inputs).logits, rtol=1e-4, atol=1e-5)
+
+
+# id -> (preset, overrides, the class named as nearest, every field that must be named)
+NON_EXPORTABLE = {
+    "hybrid-preset": ("hybrid", {}, "LlamaForCausalLM", ["norm_type", "mlp_type", "hidden_act"]),
+    "alibi-postnorm-geglu": ("llama", dict(position_embedding_type="alibi", norm_position="post", hidden_act="gelu"),
+                             "LlamaForCausalLM", ["position_embedding_type", "norm_position", "hidden_act"]),
+    "rope-plus-learned-positions": ("llama", dict(learned_position_embeddings=True), "LlamaForCausalLM",
+                                    ["learned_position_embeddings"]),
+    "learned-positions-llama-blocks": ("llama", dict(position_embedding_type="learned", num_key_value_heads=2),
+                                       "GPT2LMHeadModel", ["norm_type", "mlp_type", "hidden_act", "num_key_value_heads"]),
+    "sliding-window-with-biases": ("mistral", dict(attention_bias=True, mlp_bias=True), "MistralForCausalLM",
+                                   ["attention_bias", "attention_output_bias", "mlp_bias"]),
+    "qkv-bias-with-head-dim-and-mlp-bias": ("qwen2", dict(head_dim=32, mlp_bias=True), "Qwen2ForCausalLM",
+                                            ["head_dim", "mlp_bias"]),
+    "qk-norm-with-layernorm-and-mlp-bias": ("qwen3", dict(norm_type="layernorm", mlp_bias=True), "Qwen3ForCausalLM",
+                                            ["norm_type", "mlp_bias"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_EXPORTABLE))
+def test_non_exportable_config_is_refused_naming_every_field(case):
+    preset, overrides, nearest, fields = NON_EXPORTABLE[case]
+    model = ArchLMForCausalLM(ArchLMConfig.from_preset(preset, **{**ARCHLM_TINY, **overrides}))
+    with pytest.raises(ValueError, match=nearest) as error:
+        to_transformers(model)
+    for field in fields:
+        assert f"`{field}`=" in str(error.value), field
+    assert str(error.value).count("\n  - ") == len(fields)  # those, and nothing else
+
+
+def test_export_refuses_what_is_not_a_causal_lm():
+    with pytest.raises(ValueError, match="ArchLMModel"):
+        to_transformers(build_archlm("llama-llama3rope-gqa").model)
+
+
+def test_cli_refuses_a_non_exportable_folder_naming_the_fields(tmp_path, capsys):
+    ArchLMForCausalLM(ArchLMConfig.from_preset("hybrid", **ARCHLM_TINY)).save_pretrained(tmp_path / "hybrid")
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--to-native", str(tmp_path / "hybrid"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "`norm_type`='layernorm'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# Run in a fresh interpreter where archlm cannot be imported, as on a serving machine: each exported folder
+# must load with plain AutoModelForCausalLM (no trust_remote_code) and give the logits saved next to it.
+FRESH_PROCESS_LOAD = r"""
+import sys
+sys.modules["archlm"] = None  # importing archlm now raises ImportError
+try:
+    import archlm
+except ImportError:
+    pass
+else:
+    raise SystemExit("archlm was importable")
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+inputs, probe = torch.load(sys.argv[1]), sys.argv[2]
+loaded = {}
+for folder in sys.argv[3:]:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, folder + ".logits.pt")
+    tokenizers = [AutoTokenizer.from_pretrained(folder), PreTrainedTokenizerFast.from_pretrained(folder)]
+    loaded[folder] = [type(model).__name__] + [tokenizer(probe)["input_ids"] for tokenizer in tokenizers]
+print(json.dumps(loaded))
+"""
+
+
+def test_exported_folders_load_with_plain_auto_classes_in_a_process_without_archlm(tmp_path, caplog):
+    """One folder per family; the GPT-2 one through the real `python -m archlm.convert --to-native` command."""
+    from archlm.convert import TOKENIZER_PROBE
+    from archlm.tokenization_archlm import train_tokenizer
+
+    tokenizer = train_tokenizer([Path(__file__).read_text(encoding="utf-8")], vocab_size=300)  # only encodes a probe
+    cases = ["llama-yarnrope-headdim32-allbias", "mistral-slidingwindow4-gqa", "qwen2-qkvbias-tied",
+             "qwen3-qknorm-headdim32-gqa", "gpt2-preset-tied"]
+    inputs = batch(left_padding=True)
+    inputs.pop("labels")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = {}
+    for case in cases:
+        ours = build_archlm(case)
+        ours.save_pretrained(tmp_path / f"{case}-archlm")
+        tokenizer.save_pretrained(tmp_path / f"{case}-archlm")
+        with torch.no_grad():
+            expected[case] = ours(**inputs).logits
+        if not case.startswith("gpt2"):
+            with caplog.at_level("WARNING", logger="archlm.convert"):
+                export_folder(tmp_path / f"{case}-archlm", tmp_path / case)
+    subprocess.run(
+        [sys.executable, "-m", "archlm.convert", "--to-native", str(tmp_path / "gpt2-preset-tied-archlm"),
+         str(tmp_path / "gpt2-preset-tied")],
+        check=True, cwd=REPO_ROOT, capture_output=True, timeout=300,
+    )
+
+    folders = [str(tmp_path / case) for case in cases]
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_LOAD, str(tmp_path / "inputs.pt"), TOKENIZER_PROBE, *folders],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    real_tokens = inputs["attention_mask"].bool()
+    probe_ids = tokenizer(TOKENIZER_PROBE)["input_ids"]
+    for case, folder in zip(cases, folders):
+        model_class, auto_ids, exact_ids = loaded[folder]
+        assert model_class == EXPORT_CASES[case][0].__name__
+        assert exact_ids == probe_ids, case  # the saved tokenizer.json is the training tokenizer
+        # AutoTokenizer gives the same ids, except where transformers 5 swaps in its own pipeline (Qwen2Tokenizer for
+        # model_type qwen2): then, and only then, the export has warned
+        warned = case.startswith("qwen2") and "loads this qwen2 folder as" in caplog.text
+        assert (auto_ids == probe_ids) is not warned, case
+        assert not list(Path(folder).glob("*.py"))
+        assert "auto_map" not in json.loads((Path(folder) / "config.json").read_text())
+        logits = torch.load(folder + ".logits.pt")
+        torch.testing.assert_close(logits[real_tokens], expected[case][real_tokens], rtol=1e-4, atol=1e-5)
