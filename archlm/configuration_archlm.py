@@ -298,15 +298,17 @@ class ArchLMConfig(PreTrainedConfig):
             )
 
     def validate_probabilities(self):
-        """Dropout rates in [0, 1); positive epsilon and init range."""
+        """Dropout rates in [0, 1); finite epsilon (not below 1e-12) and positive, finite init range."""
         for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` is a probability and must be in [0, 1), got {value!r}.")
-        if not self.norm_eps > 0:
-            raise ValueError(f"`norm_eps` must be > 0, got {self.norm_eps!r}.")
-        if not self.initializer_range > 0:
-            raise ValueError(f"`initializer_range` must be > 0, got {self.initializer_range!r}.")
+        # below ~1e-20 float32 norms of a (near-)zero vector, e.g. after dropout, give inf/NaN gradients
+        if not (1e-12 <= self.norm_eps and math.isfinite(self.norm_eps)):
+            raise ValueError(f"`norm_eps` must be a finite number >= 1e-12, got {self.norm_eps!r}.")
+        # transformers' LlamaConfig bounds it to [0, 1]; above 1 the logits of a fresh model overflow
+        if not 0 < self.initializer_range <= 1:
+            raise ValueError(f"`initializer_range` is a standard deviation and must be in (0, 1], got {self.initializer_range!r}.")
 
     def validate_rope(self):
         """A complete, sane `rope_parameters` for its `rope_type`; raises instead of transformers' warnings."""
@@ -326,13 +328,17 @@ class ArchLMConfig(PreTrainedConfig):
         missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if params.get(key) is None]
         if missing:
             raise ValueError(f"`rope_parameters` with rope_type={rope_type!r} needs the keys {missing}; got {params}.")
-        theta = params.get("rope_theta")
-        if not _is_number(theta) or theta <= 0:
-            raise ValueError(f"`rope_parameters['rope_theta']` must be a number > 0, got {theta!r}.")
-        for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+        # finite and > 0, or at least the bound: rope_theta < 1 overflows the frequencies, factor < 1 (which transformers
+        # only warns about) can divide them by ~0, longrope divides by log(original_max_position_embeddings)
+        minimum = {"rope_theta": 1, "factor": 1, "original_max_position_embeddings": 2}
+        for key in ("rope_theta", "factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
                     "attention_factor", "beta_fast", "beta_slow"):
-            if key in params and params[key] is not None and (not _is_number(params[key]) or params[key] <= 0):
-                raise ValueError(f"`rope_parameters['{key}']` must be a number > 0, got {params[key]!r}.")
+            value = params.get(key)
+            if (key == "rope_theta" or value is not None) and (
+                not _is_number(value) or not math.isfinite(value) or value <= 0 or value < minimum.get(key, 0)
+            ):
+                allowed = f">= {minimum[key]}" if key in minimum else "> 0"
+                raise ValueError(f"`rope_parameters['{key}']` must be a finite number {allowed}, got {value!r}.")
         if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
             raise ValueError(
                 "`rope_parameters['high_freq_factor']` must be greater than `low_freq_factor`, got "
@@ -346,10 +352,12 @@ class ArchLMConfig(PreTrainedConfig):
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
                 value = params[key]
-                if not isinstance(value, list) or len(value) != self.head_dim // 2 or not all(map(_is_number, value)):
+                if not isinstance(value, list) or len(value) != self.head_dim // 2 or not all(
+                    _is_number(item) and math.isfinite(item) and item > 0 for item in value
+                ):
                     raise ValueError(
-                        f"`rope_parameters['{key}']` must be a list of {self.head_dim // 2} numbers (head_dim / 2), "
-                        f"got {value!r}."
+                        f"`rope_parameters['{key}']` must be a list of {self.head_dim // 2} finite numbers > 0 "
+                        f"(head_dim / 2), got {value!r}."
                     )
         partial = params.get("partial_rotary_factor", 1.0)
         if partial is not None and (not _is_number(partial) or not 0 < partial <= 1 or (partial != 1 and rope_type != "proportional")):

@@ -9,9 +9,11 @@ decoder layer and the model read top to bottom, with shapes noted as (B, T, C) =
 length, hidden), nh / nkv = query / key-value heads, hd = head_dim, S = key length.
 """
 
+import json
 import math
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +232,7 @@ class ArchLMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
+        self.o_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         if config.qk_norm:
             # per head, over hd (Qwen3): keeps attention logits bounded without touching the residual stream
             self.q_norm = make_norm(config, self.head_dim)
@@ -294,6 +297,7 @@ class ArchLMGatedMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,6 +311,7 @@ class ArchLMStandardMLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,6 +369,28 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+def check_safetensors_file(path: Path) -> None:
+    """Raise an OSError naming `path` unless it is a complete safetensors file: an 8-byte header length, a JSON
+    header, then exactly the bytes its offsets promise. A truncated copy fails here, before any tensor is read,
+    instead of deep inside the loader with an error that names no file. (Plain json: remote code imports only
+    torch and transformers.)"""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or 8 + header_length > size:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(handle.read(header_length))
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise OSError(f"{path} is not a valid safetensors file ({error}); save or download it again.") from error
+    if 8 + header_length + data_end != size:
+        raise OSError(
+            f"{path} is truncated or corrupt: its header promises {8 + header_length + data_end} bytes, the file has "
+            f"{size}. Save or download it again."
+        )
+
+
 class ArchLMPreTrainedModel(PreTrainedModel):
     config_class = ArchLMConfig
     config: ArchLMConfig
@@ -381,8 +408,9 @@ class ArchLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module):
         """`normal`: N(0, initializer_range). `scaled` (GPT-2 / nanoGPT): the same, truncated at 2 std, and the
         projections that write into the residual stream (o_proj, down_proj) divided by sqrt(2 * layers), so the
-        residual variance does not grow with depth. Children are visited before parents, so the attention / MLP
-        branch below overrides what the Linear branch gave their output projections."""
+        residual variance does not grow with depth. Those projections carry `is_residual_output`, set by their block:
+        transformers skips parameter-less modules (attention, MLP) when it initialises remote code, so the rule has to
+        live on the Linear itself."""
         std = self.config.initializer_range
         scaled = self.config.init_scheme == "scaled"
 
@@ -393,14 +421,22 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 init.normal_(weight, mean=0.0, std=std)
 
         if isinstance(module, (nn.Linear, nn.Embedding)):
+            if scaled and getattr(module, "is_residual_output", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
             normal(module.weight, std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif scaled and isinstance(module, (ArchLMAttention, ArchLMGatedMLP, ArchLMStandardMLP)):
-            output_projection = module.o_proj if isinstance(module, ArchLMAttention) else module.down_proj
-            normal(output_projection.weight, std / math.sqrt(2 * self.config.num_hidden_layers))
         else:
             super()._init_weights(module)  # norms (ones / zeros) and rope buffers
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking that every local `.safetensors` file is complete."""
+        folder = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "")
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.safetensors")):
+                check_safetensors_file(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write every Auto class into `auto_map`, not only this one, so the folder also opens as a base model or a
@@ -412,6 +448,18 @@ class ArchLMPreTrainedModel(PreTrainedModel):
             "AutoModelForSequenceClassification": "modeling_archlm.ArchLMForSequenceClassification",
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """transformers' checkpointing (also reached from `gradient_checkpointing_enable`), except that `every_n_layers`
+        may come inside the kwargs dict, as `gradient_checkpointing_kwargs={"every_n_layers": 2}` puts it, instead
+        of reaching torch's `checkpoint()` as an unknown argument."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        every_n_layers = kwargs.pop("every_n_layers", every_n_layers)
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise ValueError(f"`every_n_layers` must be a positive integer, got {every_n_layers!r}.")
+        super().activation_checkpointing_enable(kwargs or None, every_n_layers=every_n_layers, offload=offload)
 
 
 class ArchLMModel(ArchLMPreTrainedModel):

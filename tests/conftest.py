@@ -1,8 +1,13 @@
 """Shared helpers for the ArchLM tests: tiny configs that build and run in milliseconds on a CPU."""
 
+import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
 from archlm import ArchLMConfig
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's contention makes
+# the suite ~10x slower.
+torch.set_num_threads(1)
 
 # What a bad config raises at construction: our `validate_*` rules (a ValueError, wrapped by @strict in the class
 # error) and @strict's own type checks (the field error).

@@ -1,0 +1,683 @@
+"""ArchLM modeling on tiny CPU models: every option trains, eager == sdpa, checkpointing on == off, save -> load,
+masks and padding, dropout, init, FLOPs, bad input, classification, remote code, and a property test over configs."""
+
+import collections
+import itertools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, VALIDATION_ERRORS, tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import archlm
+from archlm import ArchLMConfig, ArchLMForCausalLM, ArchLMForSequenceClassification
+
+VOCAB = TINY["vocab_size"]
+POSITIONS = {
+    "rope": dict(position_embedding_type="rope"),
+    "alibi": dict(position_embedding_type="alibi"),
+    "learned": dict(position_embedding_type="learned"),
+    "sinusoidal": dict(position_embedding_type="sinusoidal"),
+    "none": dict(position_embedding_type="none"),
+    "rope+learned": dict(position_embedding_type="rope", learned_position_embeddings=True),
+}
+ATTENTION = ["eager", "sdpa"]
+
+
+def build(config: ArchLMConfig, cls=ArchLMForCausalLM, seed: int = 0):
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Ids in [3, VOCAB): never pad (0), bos (1) or eos (2)."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded_batch(length: int = 10, pad: int = 3):
+    """Two rows; the second is left-padded by `pad`. Returns ids, mask and the position ids generate() would pass."""
+    input_ids = random_ids(2, length)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, :pad] = 0
+    input_ids[1, :pad] = 0
+    return input_ids, attention_mask, generate_position_ids(attention_mask)
+
+
+def generate_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+def logits_of(model, attn_implementation: str, **inputs) -> torch.Tensor:
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+
+def count_checkpointed_calls(model) -> list[int]:
+    """Wrap every layer's checkpoint function; the returned list collects the index of each checkpointed call."""
+    calls = []
+    for index, layer in enumerate(model.model.layers):
+        function = getattr(layer, "_gradient_checkpointing_func", None)
+        if function is not None:
+            def counting(*args, _function=function, _index=index, **kwargs):
+                calls.append(_index)
+                return _function(*args, **kwargs)
+            layer._gradient_checkpointing_func = counting
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------
+# option grid: 3 norms x 2 norm positions x 6 position types x 2 MLPs x 2 qk_norm = 144 combinations
+# ------------------------------------------------------------------------------------------------
+def _option_grid():
+    combos = itertools.product(["rmsnorm", "layernorm", "layernorm_nobias"], ["pre", "post"], POSITIONS,
+                               ["gated", "standard"], [False, True])
+    grid = []
+    for index, (norm_type, norm_position, position, mlp_type, qk_norm) in enumerate(combos):
+        overrides = dict(norm_type=norm_type, norm_position=norm_position, mlp_type=mlp_type, qk_norm=qk_norm,
+                         **POSITIONS[position])
+        # rotate the remaining options through the grid so each meets many of the others
+        overrides.update(tie_word_embeddings=index % 2 == 0, attention_bias=index % 3 == 0, mlp_bias=index % 5 == 0,
+                         num_key_value_heads=2 if index % 4 == 1 else 4,
+                         hidden_act=["silu", "gelu_new", "relu"][index % 7 % 3])
+        grid.append(pytest.param(overrides, id=f"{norm_type}-{norm_position}-{position}-{mlp_type}-qk{int(qk_norm)}"))
+    return grid
+
+
+OPTION_GRID = _option_grid()
+
+
+@pytest.mark.parametrize("overrides", OPTION_GRID)
+def test_option_grid_training_step_gives_finite_loss_and_grads_and_changes_weights(overrides):
+    model = build(tiny_config(**overrides)).train()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+    optimizer.step()
+    unchanged = [name for name, param in model.named_parameters()
+                 if torch.equal(param, before[name]) and param.grad.abs().sum() > 0]
+    assert not unchanged, f"parameters with a gradient that the step left unchanged: {unchanged}"
+    unchanged_matrices = [name for name, param in model.named_parameters()
+                          if param.dim() == 2 and torch.equal(param, before[name])]
+    assert not unchanged_matrices
+
+
+@pytest.mark.parametrize("overrides", OPTION_GRID)
+def test_option_grid_eager_equals_sdpa_with_left_padding(overrides):
+    model = build(tiny_config(**overrides)).eval()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    eager, sdpa = logits_of(model, "eager", **inputs), logits_of(model, "sdpa", **inputs)
+    real = attention_mask.bool()
+    torch.testing.assert_close(eager[real], sdpa[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", OPTION_GRID)
+def test_option_grid_gradient_checkpointing_gives_same_loss_and_grads(overrides):
+    model = build(tiny_config(**overrides)).train()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=input_ids)
+    loss, grads = loss_and_grads(model, **inputs)
+    model.activation_checkpointing_enable()
+    calls = count_checkpointed_calls(model)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, **inputs)
+    assert calls == [0, 1], "every layer should run under checkpointing"
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("overrides", OPTION_GRID)
+def test_option_grid_save_load_gives_equal_logits_and_keeps_tying(tmp_path, overrides):
+    model = build(tiny_config(**overrides)).eval()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    expected = logits_of(model, "sdpa", **inputs)
+    model.save_pretrained(tmp_path)
+    loaded = ArchLMForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(loaded, "sdpa", **inputs), expected, atol=0, rtol=0)
+    if overrides["tie_word_embeddings"]:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    else:
+        assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+        torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention layouts, windows, padding, masks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("heads", [
+    pytest.param(dict(num_key_value_heads=2), id="gqa"),
+    pytest.param(dict(num_key_value_heads=1), id="mqa"),
+    pytest.param(dict(head_dim=12), id="head_dim12"),
+    pytest.param(dict(num_attention_heads=6, num_key_value_heads=2, head_dim=4), id="6heads-gqa-head_dim4"),
+])
+def test_gqa_mqa_and_explicit_head_dim_give_eager_equal_sdpa(position, heads):
+    model = build(tiny_config(**heads, **POSITIONS[position])).eval()
+    attention = model.model.layers[0].self_attn
+    heads_q = model.config.num_attention_heads
+    assert attention.k_proj.weight.shape[0] == model.config.num_key_value_heads * model.config.head_dim
+    assert attention.q_proj.weight.shape[0] == heads_q * model.config.head_dim
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits_of(model, "eager", **inputs)[real], logits_of(model, "sdpa", **inputs)[real],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_sliding_window_token_beyond_the_window_does_not_influence_output(position, attn_implementation, num_layers):
+    window, length = 3, 12
+    model = build(tiny_config(sliding_window=window, num_hidden_layers=num_layers, **POSITIONS[position])).eval()
+    input_ids = random_ids(1, length)
+    perturbed = input_ids.clone()
+    perturbed[0, 0] = (input_ids[0, 0] + 1 - 3) % (VOCAB - 3) + 3
+    original, changed = (logits_of(model, attn_implementation, input_ids=ids)[0] for ids in (input_ids, perturbed))
+    # each layer looks back window - 1 tokens, so token 0 reaches positions 0 .. num_layers * (window - 1)
+    reach = num_layers * (window - 1)
+    torch.testing.assert_close(changed[reach + 1:], original[reach + 1:], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(changed[reach], original[reach], atol=1e-6), "the furthest position in reach should change"
+
+
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+def test_without_sliding_window_the_first_token_influences_the_last(attn_implementation):
+    model = build(tiny_config()).eval()
+    input_ids = random_ids(1, 12)
+    perturbed = input_ids.clone()
+    perturbed[0, 0] = 3 if input_ids[0, 0] != 3 else 4
+    original, changed = (logits_of(model, attn_implementation, input_ids=ids)[0] for ids in (input_ids, perturbed))
+    assert not torch.allclose(changed[-1], original[-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+def test_left_padded_batch_gives_the_same_logits_as_each_prompt_alone(position, attn_implementation):
+    model = build(tiny_config(**POSITIONS[position])).eval()
+    prompts = [random_ids(1, 5, seed=2)[0], random_ids(1, 8, seed=3)[0]]
+    length = max(len(prompt) for prompt in prompts)
+    input_ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = prompt
+        attention_mask[row, length - len(prompt):] = 1
+    batched = logits_of(model, attn_implementation, input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=generate_position_ids(attention_mask))
+    for row, prompt in enumerate(prompts):
+        alone = logits_of(model, attn_implementation, input_ids=prompt[None])[0]
+        torch.testing.assert_close(batched[row, length - len(prompt):], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+def test_fully_masked_row_gives_finite_logits(position, attn_implementation):
+    model = build(tiny_config(**POSITIONS[position])).eval()
+    input_ids = random_ids(2, 6)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0] = 0
+    logits = logits_of(model, attn_implementation, input_ids=input_ids, attention_mask=attention_mask)
+    assert torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout and init
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["attention_dropout", "hidden_dropout", "embedding_dropout"])
+@pytest.mark.parametrize("attn_implementation", ATTENTION)
+def test_dropout_is_active_in_train_mode_and_off_in_eval_mode(field, attn_implementation):
+    model = build(tiny_config(**{field: 0.5}))
+    model.set_attn_implementation(attn_implementation)
+    input_ids = random_ids(2, 8)
+    model.train()
+    first, second = model(input_ids=input_ids).logits, model(input_ids=input_ids).logits
+    assert not torch.allclose(first, second), f"{field} should make two training forwards differ"
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, model(input_ids=input_ids).logits, atol=0, rtol=0)
+
+
+def _truncated_normal_std(std: float, bound: float = 2.0) -> float:
+    """Standard deviation of N(0, std) truncated to [-bound * std, bound * std]."""
+    density = math.exp(-bound**2 / 2) / math.sqrt(2 * math.pi)
+    mass = math.erf(bound / math.sqrt(2))
+    return std * math.sqrt(1 - 2 * bound * density / mass)
+
+
+INIT_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                   initializer_range=0.02, attention_bias=True, mlp_bias=True, norm_type="layernorm", qk_norm=True)
+
+
+@pytest.mark.parametrize("mlp_type", ["gated", "standard"])
+def test_scaled_init_shrinks_residual_projections_and_truncates_at_two_std(mlp_type):
+    model = build(tiny_config(**INIT_CONFIG, init_scheme="scaled", mlp_type=mlp_type))
+    std, layers = 0.02, 2
+    residual_std = std / math.sqrt(2 * layers)
+    for name, param in model.named_parameters():
+        if not name.endswith("weight") or param.dim() != 2:
+            continue
+        expected = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+        assert param.abs().max() <= 2 * expected + 1e-7, f"{name} is not truncated at 2 std"
+        assert param.std().item() == pytest.approx(_truncated_normal_std(expected), rel=0.06), name
+        assert param.abs().max() > 1.8 * expected, f"{name} should reach close to the 2 std bound"
+
+
+def test_normal_init_has_initializer_range_std_and_is_not_truncated():
+    model = build(tiny_config(**INIT_CONFIG, init_scheme="normal"))
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and param.dim() == 2:
+            assert param.std().item() == pytest.approx(0.02, rel=0.06), name
+            assert param.abs().max() > 2 * 0.02, f"{name} looks truncated"
+
+
+@pytest.mark.parametrize("init_scheme", ["normal", "scaled"])
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm", "layernorm_nobias"])
+def test_init_sets_norms_to_ones_and_biases_to_zeros(init_scheme, norm_type):
+    model = build(tiny_config(**{**INIT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "vocab_size": VOCAB,
+                                 "norm_type": norm_type, "init_scheme": init_scheme}))
+    norms = [module for module in model.modules() if "Norm" in type(module).__name__]
+    assert len(norms) == 2 * 2 + 2 * 2 + 1  # two per layer, q/k norms per layer, final norm
+    for module in norms:
+        assert torch.equal(module.weight, torch.ones_like(module.weight))
+        if getattr(module, "bias", None) is not None:
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    biases = [param for name, param in model.named_parameters() if name.endswith("bias")]
+    assert biases and all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradient checkpointing
+# ------------------------------------------------------------------------------------------------
+def test_gradient_checkpointing_training_forward_does_not_cache_and_warns_once(tmp_path, caplog, monkeypatch):
+    model = build(tiny_config(use_cache=True)).train()
+    model.gradient_checkpointing_enable()
+    updates = []
+    original_update = DynamicCache.update
+    monkeypatch.setattr(DynamicCache, "update", lambda self, *args, **kwargs: (
+        updates.append(1), original_update(self, *args, **kwargs))[1])
+    logging.Logger.warning_once.cache_clear()
+    input_ids = random_ids(2, 8)
+    with caplog.at_level(logging.WARNING):
+        outputs = [model(input_ids=input_ids, labels=input_ids, use_cache=True) for _ in range(2)]
+    assert all(output.past_key_values is None for output in outputs)
+    assert not updates, "no cache should be written under gradient checkpointing"
+    warnings = [record for record in caplog.records if "gradient checkpointing" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "use_cache" in warnings[0].getMessage()
+    outputs[0].loss.backward()
+    assert model.config.use_cache is True
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
+    # eval mode keeps caching
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=input_ids, use_cache=True).past_key_values is not None
+
+
+ENABLE_EVERY_2 = {
+    "gradient_checkpointing_kwargs": lambda model: model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"every_n_layers": 2}),
+    "activation_checkpointing_kwargs": lambda model: model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"every_n_layers": 2, "use_reentrant": False}),
+    "argument": lambda model: model.activation_checkpointing_enable(every_n_layers=2),
+}
+
+
+@pytest.mark.parametrize("enable", ENABLE_EVERY_2)
+def test_gradient_checkpointing_every_n_layers_checkpoints_only_those_layers_with_equal_grads(enable):
+    model = build(tiny_config(num_hidden_layers=4)).train()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=input_ids)
+    loss, grads = loss_and_grads(model, **inputs)
+    ENABLE_EVERY_2[enable](model)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False, True, False]
+    calls = count_checkpointed_calls(model)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, **inputs)
+    assert calls == [0, 2]
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("every_n_layers", [0, -1, 1.5, True])
+def test_gradient_checkpointing_every_n_layers_must_be_a_positive_int(every_n_layers):
+    model = build(tiny_config())
+    with pytest.raises(ValueError, match="every_n_layers"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"every_n_layers": every_n_layers})
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+# ------------------------------------------------------------------------------------------------
+def hand_flops_per_token(model: ArchLMForCausalLM, seq_len: int, window: int | None = None) -> float:
+    """Forward FLOPs per token, counted independently of the model's formula:
+    2 FLOPs per weight of every nn.Linear (projections, MLP, LM head), plus per layer QK^T and AV, each
+    2 * num_heads * head_dim per key, where the query at position t sees min(t + 1, window) keys."""
+    config = model.config
+    matmul_params = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    keys = [min(t + 1, window or seq_len) for t in range(seq_len)]
+    mean_keys = sum(keys) / seq_len
+    attention = config.num_hidden_layers * 2 * (2 * config.num_attention_heads * config.head_dim) * mean_keys
+    return 2 * matmul_params + attention
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(num_key_value_heads=2, tie_word_embeddings=True),
+    dict(mlp_type="standard", head_dim=6),
+    dict(sliding_window=5),
+])
+@pytest.mark.parametrize("seq_len", [1, 16, 64])
+def test_flops_per_token_equals_hand_computation(overrides, seq_len):
+    model = build(tiny_config(**overrides))
+    expected = hand_flops_per_token(model, seq_len, overrides.get("sliding_window"))
+    assert model.flops_per_token(seq_len, training=False) == pytest.approx(expected, rel=1e-9)
+    assert model.flops_per_token(seq_len, training=True) == pytest.approx(3 * expected, rel=1e-9)
+    assert model.flops_per_token(seq_len) == pytest.approx(3 * expected, rel=1e-9)  # training is the default
+
+
+def test_flops_per_token_is_reduced_by_gqa():
+    mha, gqa = build(tiny_config()), build(tiny_config(num_key_value_heads=1))
+    saved = 2 * 2 * (2 * 32 * (32 - 8))  # 2 layers, k and v projections lose 3 of 4 heads (24 outputs each)
+    assert mha.flops_per_token(16, training=False) - gqa.flops_per_token(16, training=False) == pytest.approx(saved)
+
+
+def test_flops_per_token_counts_three_matrices_for_a_gated_mlp():
+    gated, standard = build(tiny_config(mlp_type="gated")), build(tiny_config(mlp_type="standard"))
+    extra = 2 * 2 * 32 * 64  # 2 FLOPs x 2 layers x one hidden x intermediate matrix
+    assert gated.flops_per_token(16, training=False) - standard.flops_per_token(16, training=False) == pytest.approx(extra)
+
+
+def test_flops_per_token_is_reduced_by_a_sliding_window_at_long_sequences():
+    full, windowed = build(tiny_config()), build(tiny_config(sliding_window=8))
+    assert windowed.flops_per_token(8) == pytest.approx(full.flops_per_token(8))  # window not yet full
+    assert windowed.flops_per_token(4096) < 0.5 * full.flops_per_token(4096)
+    assert windowed.flops_per_token(4096) - windowed.flops_per_token(64) < full.flops_per_token(4096) - full.flops_per_token(64)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad_id", [VOCAB, VOCAB + 7, -1])
+def test_token_id_outside_vocabulary_is_refused_before_embedding_lookup(bad_id):
+    model = build(tiny_config())
+    lookups = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: lookups.append(1))
+    input_ids = random_ids(1, 6)
+    input_ids[0, 3] = bad_id
+    with pytest.raises(ValueError) as excinfo:
+        model(input_ids=input_ids)
+    assert str(bad_id) in str(excinfo.value) and str(VOCAB) in str(excinfo.value)
+    assert not lookups
+
+
+@pytest.mark.parametrize("position", ["learned", "rope+learned"])
+def test_learned_positions_refuse_input_longer_than_max_position_embeddings(position):
+    model = build(tiny_config(max_position_embeddings=8, **POSITIONS[position]))
+    model(input_ids=random_ids(1, 8))  # exactly the limit is fine
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=random_ids(1, 9))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 7), (2, 9), (1, 8), (3, 8)])
+def test_attention_mask_shape_mismatch_is_refused_naming_both_shapes(mask_shape):
+    model = build(tiny_config())
+    with pytest.raises(ValueError) as excinfo:
+        model(input_ids=random_ids(2, 8), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+    assert str(mask_shape) in str(excinfo.value) and str((2, 8)) in str(excinfo.value)
+
+
+def test_alibi_with_flash_attention_is_refused():
+    # without flash-attn installed transformers refuses first; either way the model is not built
+    with pytest.raises((ValueError, ImportError)):
+        ArchLMForCausalLM._from_config(tiny_config(position_embedding_type="alibi"), attn_implementation="flash_attention_2")
+    model = build(tiny_config(position_embedding_type="alibi"))
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="(?i)alibi.*flash"):
+        model(input_ids=random_ids(1, 4))
+
+
+@pytest.mark.parametrize("loader", [ArchLMForCausalLM, AutoModelForCausalLM], ids=["ArchLM", "Auto"])
+@pytest.mark.parametrize("corruption", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_file_is_reported_by_name(tmp_path, corruption, loader):
+    build(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\xff" * 64, "empty": b""}[corruption])
+    with pytest.raises((OSError, ValueError)) as excinfo:
+        loader.from_pretrained(tmp_path)
+    assert str(weights) in str(excinfo.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# sequence classification
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+def test_sequence_classification_pools_the_last_non_pad_token(position):
+    model = build(tiny_config(num_labels=3, **POSITIONS[position]), cls=ArchLMForSequenceClassification).eval()
+    sequence = random_ids(1, 6)[0]
+    pad = 3
+    unpadded = model(input_ids=sequence[None]).logits
+    right = torch.cat([sequence, torch.zeros(pad, dtype=torch.long)])[None]
+    left = torch.cat([torch.zeros(pad, dtype=torch.long), sequence])[None]
+    right_mask, left_mask = (right != 0).long(), (left != 0).long()
+    with torch.no_grad():
+        right_logits = model(input_ids=right, attention_mask=right_mask).logits
+        left_logits = model(input_ids=left, attention_mask=left_mask, position_ids=generate_position_ids(left_mask)).logits
+    assert unpadded.shape == (1, 3)
+    torch.testing.assert_close(right_logits, unpadded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left_logits, unpadded, atol=1e-5, rtol=1e-5)
+    # and the pooled token really is the last one: changing it changes the logits
+    changed = sequence.clone()
+    changed[-1] = 3 if sequence[-1] != 3 else 4
+    assert not torch.allclose(model(input_ids=changed[None]).logits, unpadded)
+
+
+def test_sequence_classification_loss_is_cross_entropy_of_pooled_logits():
+    model = build(tiny_config(num_labels=3), cls=ArchLMForSequenceClassification)
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    labels = torch.tensor([2, 0])
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    assert output.logits.shape == (2, 3)
+    torch.testing.assert_close(output.loss, torch.nn.functional.cross_entropy(output.logits, labels))
+    output.loss.backward()
+    assert model.score.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# remote code
+# ------------------------------------------------------------------------------------------------
+REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["archlm"] = None  # archlm is installed in this venv: hide it, as on a machine without it
+    try:
+        import archlm
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("archlm should not be importable here")
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = sys.argv[1]
+    expected = torch.load(sys.argv[2])
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__name__ == "ArchLMConfig", type(config)
+    assert type(config).__module__.startswith("transformers_modules"), type(config).__module__
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__name__ == "ArchLMForCausalLM" and type(model).__module__.startswith("transformers_modules")
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+    generated = model.generate(expected["input_ids"], max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(base).__name__ == "ArchLMModel"
+    assert base(input_ids=expected["input_ids"]).last_hidden_state.shape == (1, 5, config.hidden_size)
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    assert type(classifier).__name__ == "ArchLMForSequenceClassification"
+    print("REMOTE OK")
+""")
+
+
+def test_saved_folder_loads_as_remote_code_without_archlm_installed(tmp_path):
+    model = build(tiny_config(position_embedding_type="alibi", norm_type="layernorm", qk_norm=True)).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    input_ids = random_ids(1, 5)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    generated = model.generate(input_ids, max_new_tokens=4, do_sample=False)
+    torch.save({"input_ids": input_ids, "logits": logits, "generated": generated}, tmp_path / "expected.pt")
+
+    files = {path.name for path in folder.iterdir()}
+    assert {"configuration_archlm.py", "modeling_archlm.py", "model.safetensors", "config.json"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    package = Path(archlm.__file__).parent
+    for name in ("configuration_archlm.py", "modeling_archlm.py"):
+        assert (folder / name).read_text() == (package / name).read_text()
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_archlm.ArchLMConfig"
+    assert auto_map["AutoModel"] == "modeling_archlm.ArchLMModel"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_archlm.ArchLMForCausalLM"
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(folder), str(tmp_path / "expected.pt")],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "REMOTE OK" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# property: a config is refused at construction, or it trains
+# ------------------------------------------------------------------------------------------------
+SIZES = st.integers(-1, 70)
+ROPE_TYPES = ["default", *ROPE_INIT_FUNCTIONS, "bogus"]
+TOKEN_ID = st.one_of(st.none(), st.integers(-2, 75))
+
+
+@st.composite
+def rope_parameters(draw):
+    params = {"rope_type": draw(st.sampled_from(ROPE_TYPES))}
+    optional = {
+        "rope_theta": st.one_of(st.just(10000.0), st.floats(-10.0, 1e6)),
+        "factor": st.one_of(st.just(2.0), st.floats(-1.0, 16.0)),
+        "low_freq_factor": st.floats(-1.0, 8.0),
+        "high_freq_factor": st.floats(-1.0, 8.0),
+        "beta_fast": st.floats(-1.0, 64.0),
+        "beta_slow": st.floats(-1.0, 4.0),
+        "original_max_position_embeddings": st.integers(-1, 70),
+        "short_factor": st.lists(st.floats(0.5, 4.0), max_size=8),
+        "long_factor": st.lists(st.floats(0.5, 4.0), max_size=8),
+        "partial_rotary_factor": st.sampled_from([0.5, 1.0]),
+    }
+    for key, strategy in optional.items():
+        if draw(st.booleans()):
+            params[key] = draw(strategy)
+    return params
+
+
+@st.composite
+def config_kwargs(draw):
+    """Each field: usually a sensible value, one time in sixteen anything in a wide range (invalid ones included), so
+    that a fair share of the drawn configs is valid and gets trained."""
+    def pick(sensible, anything):
+        return draw(anything) if draw(st.sampled_from([False] * 15 + [True])) else draw(sensible)
+
+    probability = st.floats(-0.5, 1.5)
+    position = pick(st.sampled_from(["rope", "alibi", "learned", "sinusoidal", "none"]), st.just("xpos"))
+    return dict(
+        vocab_size=pick(st.sampled_from([80, 96]), SIZES),
+        hidden_size=pick(st.sampled_from([8, 16, 24, 32]), SIZES),
+        intermediate_size=pick(st.one_of(st.none(), st.integers(1, 70)), st.one_of(st.none(), SIZES)),
+        num_hidden_layers=pick(st.integers(1, 3), st.integers(-1, 3)),
+        num_attention_heads=pick(st.sampled_from([1, 2, 4]), st.integers(-1, 8)),
+        num_key_value_heads=pick(st.one_of(st.none(), st.just(1)), st.one_of(st.none(), st.integers(-1, 8))),
+        head_dim=pick(st.one_of(st.none(), st.sampled_from([2, 4, 6])), st.one_of(st.none(), st.integers(-1, 12))),
+        max_position_embeddings=pick(st.sampled_from([8, 64]), SIZES),
+        hidden_act=pick(st.sampled_from(sorted(ACT2FN)), st.sampled_from(["swiglu", "GELU", ""])),
+        norm_type=pick(st.sampled_from(["rmsnorm", "layernorm", "layernorm_nobias"]), st.just("batchnorm")),
+        norm_eps=pick(st.just(1e-5), st.floats(-1e-3, 1e-1)),
+        norm_position=pick(st.sampled_from(["pre", "post"]), st.just("sandwich")),
+        position_embedding_type=position,
+        learned_position_embeddings=draw(st.booleans()) if position in ("rope", "alibi") else pick(
+            st.just(False), st.just(True)),
+        rope_parameters=pick(st.none(), rope_parameters()),
+        mlp_type=pick(st.sampled_from(["gated", "standard"]), st.just("moe")),
+        qk_norm=draw(st.booleans()),
+        sliding_window=pick(st.one_of(st.none(), st.integers(1, 10)), st.integers(-1, 10)),
+        attention_bias=draw(st.booleans()),
+        attention_output_bias=draw(st.one_of(st.none(), st.booleans())),
+        mlp_bias=draw(st.booleans()),
+        tie_word_embeddings=draw(st.booleans()),
+        attention_dropout=pick(st.sampled_from([0.0, 0.5]), probability),
+        hidden_dropout=pick(st.sampled_from([0.0, 0.5]), probability),
+        embedding_dropout=pick(st.sampled_from([0.0, 0.5]), probability),
+        initializer_range=pick(st.just(0.02), st.floats(-0.01, 0.5)),
+        init_scheme=pick(st.sampled_from(["normal", "scaled"]), st.just("xavier")),
+        pad_token_id=pick(st.sampled_from([None, 0]), TOKEN_ID),
+        bos_token_id=pick(st.sampled_from([None, 1]), TOKEN_ID),
+        eos_token_id=pick(st.sampled_from([None, 2, [2, 3]]), st.one_of(TOKEN_ID, st.lists(st.integers(-2, 75), max_size=3))),
+    )
+
+
+def test_any_config_is_refused_at_construction_or_trains_with_finite_loss_and_grads():
+    outcomes = collections.Counter()
+
+    @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(config_kwargs(), st.sampled_from(ATTENTION))
+    def check(kwargs, attn_implementation):
+        try:
+            config = ArchLMConfig(**kwargs)
+        except (TypeError, *VALIDATION_ERRORS):
+            outcomes["refused"] += 1
+            return
+        model = build(config).train()
+        model.set_attn_implementation(attn_implementation)
+        length = min(6, config.max_position_embeddings)
+        input_ids = torch.randint(0, config.vocab_size, (2, length))
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, : length // 2] = 0
+        output = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=generate_position_ids(attention_mask), labels=input_ids)
+        # one token has no next token to predict (the loss is a mean over nothing): train on the logits then
+        loss = output.loss if length > 1 else output.logits.sum()
+        assert torch.isfinite(output.logits).all()
+        assert torch.isfinite(loss), loss
+        loss.backward()
+        for name, param in model.named_parameters():
+            assert param.grad is None or torch.isfinite(param.grad).all(), name
+        outcomes["trained"] += 1
+
+    check()
+    assert outcomes["trained"] >= 3, outcomes  # the property must also be exercised on valid configs
