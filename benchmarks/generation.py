@@ -11,14 +11,11 @@ bf16 instructions).
 """
 
 import argparse
-import json
 import logging
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import decode_ms_per_token, machine_description, write_results
 from tqdm import tqdm
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -37,29 +34,11 @@ def parse_args(argv=None):
     parser.add_argument("--no_cache_max_context", type=int, default=512,
                         help="skip the (quadratic) no-cache runs beyond this context")
     parser.add_argument("--new_tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv_context", type=int, default=1024, help="sequence length for the KV-cache sizes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output_dir", default="benchmarks/results")
     return parser.parse_args(argv)
-
-
-def seconds_to_generate(model, ids, new_tokens: int, **kwargs) -> float:
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0, **kwargs)
-    return time.perf_counter() - start
-
-
-def per_token_ms(model, ids, new_tokens: int, repeats: int, **kwargs) -> float:
-    """Median decode time per token, prefill excluded."""
-    seconds_to_generate(model, ids, 2, **kwargs)  # warm-up (allocations, static cache build)
-    samples = []
-    for _ in range(repeats):
-        one = seconds_to_generate(model, ids, 1, **kwargs)
-        many = seconds_to_generate(model, ids, new_tokens, **kwargs)
-        samples.append((many - one) / (new_tokens - 1) * 1000)
-    return statistics.median(samples)
 
 
 def kv_cache_bytes(model, context: int) -> int:
@@ -93,7 +72,7 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     lines = [f"Model: `{results['architecture']}` ({results['parameters'] / 1e6:.1f}M parameters), "
-             f"fp32, {results['machine']}, {results['threads']} threads, {results['new_tokens']} new tokens, "
+             f"fp32, {results['machine']}, {results['new_tokens']} new tokens, "
              f"median of {results['repeats']}.", "",
              "| context | dynamic cache ms/token | static cache ms/token | no cache ms/token | cache speed-up |",
              "|---:|---:|---:|---:|---:|"]
@@ -128,9 +107,9 @@ def main(argv=None):
         ids = torch.randint(1, config.vocab_size, (1, context))
         row = {"context": context}
         with torch.no_grad():
-            row["dynamic"] = per_token_ms(model, ids, args.new_tokens, args.repeats)
-            row["static"] = per_token_ms(model, ids, args.new_tokens, args.repeats, cache_implementation="static")
-            row["no_cache"] = (per_token_ms(model, ids, args.new_tokens, args.repeats, use_cache=False)
+            row["dynamic"] = decode_ms_per_token(model, ids, args.new_tokens, args.repeats)
+            row["static"] = decode_ms_per_token(model, ids, args.new_tokens, args.repeats, cache_implementation="static")
+            row["no_cache"] = (decode_ms_per_token(model, ids, args.new_tokens, args.repeats, use_cache=False)
                                if context <= args.no_cache_max_context else None)
         decode.append(row)
 
@@ -144,19 +123,15 @@ def main(argv=None):
     results = {
         "architecture": config.architecture_name,
         "parameters": model.num_parameters(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch {torch.__version__}",
-        "threads": torch.get_num_threads(),
+        "machine": machine_description(),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "kv_context": args.kv_context,
         "decode": decode,
         "kv_cache": kv_cache,
     }
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "generation.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    (output_dir / "generation.md").write_text(table + "\n")
+    output_dir = write_results(args.output_dir, "generation", results, table)
     plot(results, output_dir / "generation.png")
     print(table)
     logger.info("\nwrote %s/generation.{json,md,png}", output_dir)

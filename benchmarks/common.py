@@ -1,0 +1,69 @@
+"""Timing, machine and output helpers shared by the benchmark scripts (imported as `common`: the scripts run
+from this folder's parent with `python benchmarks/NAME.py`, which puts this folder on sys.path)."""
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu}"
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def seconds(fn, device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def generate_seconds(model, ids, new_tokens: int, **kwargs) -> float:
+    return seconds(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                          pad_token_id=0, **kwargs), str(ids.device))
+
+
+def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, **kwargs) -> float:
+    """Median decode time per token with the prompt's prefill left out: (t(N tokens) - t(1 token)) / (N - 1)."""
+    generate_seconds(model, ids, 2, **kwargs)  # warm-up: allocations, static cache build
+    samples = []
+    for _ in range(repeats):
+        one = generate_seconds(model, ids, 1, **kwargs)
+        many = generate_seconds(model, ids, new_tokens, **kwargs)
+        samples.append(max(many - one, 1e-9) / (new_tokens - 1) * 1000)
+    return statistics.median(samples)
+
+
+def matmul_tflops(dtype: torch.dtype, size: int, device: str = "cpu", min_seconds: float = 0.5) -> float:
+    """Measured dense matmul rate of this machine: the roofline MFU is computed against."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b  # warm-up
+    runs, elapsed = 0, 0.0
+    while elapsed < min_seconds:
+        elapsed += seconds(lambda: a @ b, device)
+        runs += 1
+    return 2 * size**3 * runs / elapsed / 1e12
+
+
+def write_results(output_dir: str | Path, name: str, results: dict, table: str) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output_dir / f"{name}.md").write_text(table + "\n")
+    return output_dir

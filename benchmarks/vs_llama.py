@@ -1,0 +1,219 @@
+"""ArchLM's llama preset against transformers' own LlamaForCausalLM holding the same weights, side by side.
+
+    python benchmarks/vs_llama.py                                  # ~4 minutes on 2 CPU cores
+    python benchmarks/vs_llama.py --layers 8 --pairs 7 --output_dir benchmarks/results
+
+Both models run in one process, interleaved (alternating which goes first, after a warm-up), and each
+figure is the median over --pairs pairs, so the ratios hold even when the machine's speed drifts:
+forward tokens/s, training-step tokens/s (forward + backward + AdamW), batch-1 cached decode tokens/s
+with the dynamic and the static cache, and peak memory of a training step (measured in a fresh
+process per model). MFU divides the training FLOPs (`model.flops_per_token`) by the measured dense
+matmul rate of the same machine (fp32 here; bf16 is reported, and used on a GPU). Writes
+vs_llama.json, vs_llama.md and vs_llama.png to --output_dir.
+"""
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from common import decode_ms_per_token, machine_description, matmul_tflops, seconds, write_results
+
+from archlm import ArchLMConfig, ArchLMForCausalLM
+from archlm.convert import to_transformers
+
+logger = logging.getLogger("benchmarks.vs_llama")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv_heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved measurement pairs per figure")
+    parser.add_argument("--decode_prompt", type=int, default=32)
+    parser.add_argument("--decode_tokens", type=int, default=32)
+    parser.add_argument("--attn", default="sdpa", help="attn_implementation for both models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--memory_probe", choices=["archlm", "llama"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def build_models(args):
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    torch.manual_seed(0)
+    config = ArchLMConfig.from_preset(
+        "llama", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=max(2048, args.seq * 2),
+        bos_token_id=1, eos_token_id=2,
+    )
+    archlm = ArchLMForCausalLM(config)
+    archlm.set_attn_implementation(args.attn)
+    llama = to_transformers(archlm)  # same weights, logits checked equal by the converter's tests
+    llama.set_attn_implementation(args.attn)
+    return {"archlm": archlm.to(args.device, dtype), "llama": llama.to(args.device, dtype)}, dtype
+
+
+def interleaved(models: dict, measure, pairs: int) -> dict[str, float]:
+    """Median of `measure(model)` per model, alternating which model goes first in each pair."""
+    names = list(models)
+    for name in names:
+        measure(models[name])  # warm-up
+    samples = {name: [] for name in names}
+    for pair in range(pairs):
+        for name in names if pair % 2 == 0 else names[::-1]:
+            samples[name].append(measure(models[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def forward_seconds(ids, device):
+    def measure(model):
+        model.eval()
+        with torch.no_grad():
+            return seconds(lambda: model(ids), device)
+    return measure
+
+
+def train_step_seconds(ids, device):
+    optimizers = {}
+
+    def measure(model):
+        model.train()
+        optimizer = optimizers.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-5))
+
+        def step():
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return seconds(step, device)
+    return measure
+
+
+def memory_probe(args) -> None:
+    """Runs in a fresh process: peak resident memory added by one training step of one model, in bytes."""
+    models, _ = build_models(args)
+    model = models[args.memory_probe]
+    del models
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (VmHWM) from here
+        base = _proc_status_bytes("VmRSS")
+    measure = train_step_seconds(ids, args.device)
+    measure(model)
+    measure(model)  # the second step holds AdamW's state too
+    peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else _proc_status_bytes("VmHWM")
+    print(json.dumps({"peak_bytes": peak - base}))
+
+
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory(args, name: str) -> int:
+    command = [sys.executable, __file__, "--memory_probe", name] + [
+        f"--{key}={value}" for key, value in vars(args).items() if key != "memory_probe" and value is not None]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def markdown(results: dict) -> str:
+    rows = results["rows"]
+    lines = [
+        f"`{results['architecture']}` ({results['parameters'] / 1e6:.1f}M parameters), {results['dtype']}, "
+        f"batch {results['batch']} x seq {results['seq']}, {results['attn']}; {results['machine']}; median of "
+        f"{results['pairs']} interleaved pairs.", "",
+        "| measure | ArchLM | transformers Llama | ArchLM / Llama |", "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        better = row["archlm"] / row["llama"] if row["higher_is_better"] else row["llama"] / row["archlm"]
+        lines.append(f"| {row['measure']} | {row['archlm']:,.1f} | {row['llama']:,.1f} | {better:.2f}x |")
+    lines += ["", f"Measured matmul rate: fp32 {results['matmul_tflops']['float32']:.3f} TFLOP/s, bf16 "
+                  f"{results['matmul_tflops']['bfloat16']:.3f} TFLOP/s. MFU = training tokens/s x FLOPs/token "
+                  f"({results['flops_per_token'] / 1e6:.1f} MFLOPs at seq {results['seq']}) / the rate of the dtype "
+                  "used. Ratios: > 1 means ArchLM is faster (or uses less memory)."]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    ratios = [row["archlm"] / row["llama"] if row["higher_is_better"] else row["llama"] / row["archlm"] for row in rows]
+    fig, axis = plt.subplots(figsize=(8, 4))
+    axis.barh([row["measure"] for row in rows], ratios, color=["C2" if r >= 1 else "C3" for r in ratios])
+    axis.axvline(1.0, color="black", linewidth=1)
+    axis.set(xlabel="ArchLM / transformers Llama (> 1: ArchLM better)", title=results["architecture"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    models, dtype = build_models(args)
+    archlm = models["archlm"]
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    prompt = torch.randint(3, args.vocab, (1, args.decode_prompt), device=args.device)
+    tokens = args.batch * args.seq
+    logger.info("measuring %s: forward, train step, decode (dynamic, static), memory", archlm.config.architecture_name)
+
+    forward = interleaved(models, forward_seconds(ids, args.device), args.pairs)
+    train = interleaved(models, train_step_seconds(ids, args.device), args.pairs)
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        decode = interleaved(models, lambda m: decode_ms_per_token(m, prompt, args.decode_tokens, 1), args.pairs)
+        decode_static = interleaved(models, lambda m: decode_ms_per_token(
+            m, prompt, args.decode_tokens, 1, cache_implementation="static"), args.pairs)
+    memory = {name: peak_memory(args, name) for name in models}
+
+    rates = {"float32": matmul_tflops(torch.float32, 1024, args.device),
+             "bfloat16": matmul_tflops(torch.bfloat16, 256 if args.device == "cpu" else 4096, args.device)}
+    flops = archlm.flops_per_token(args.seq)
+    peak = rates["bfloat16" if dtype == torch.bfloat16 else "float32"] * 1e12
+    rows = [
+        {"measure": "forward tokens/s", **{n: tokens / s for n, s in forward.items()}, "higher_is_better": True},
+        {"measure": "train step tokens/s", **{n: tokens / s for n, s in train.items()}, "higher_is_better": True},
+        {"measure": "decode tokens/s (dynamic cache)", **{n: 1000 / ms for n, ms in decode.items()}, "higher_is_better": True},
+        {"measure": "decode tokens/s (static cache)", **{n: 1000 / ms for n, ms in decode_static.items()}, "higher_is_better": True},
+        {"measure": "train MFU %", **{n: 100 * tokens / s * flops / peak for n, s in train.items()}, "higher_is_better": True},
+        {"measure": "train step peak MiB", **{n: b / 2**20 for n, b in memory.items()}, "higher_is_better": False},
+    ]
+    results = {
+        "architecture": archlm.config.architecture_name, "parameters": archlm.num_parameters(), "dtype": str(dtype),
+        "batch": args.batch, "seq": args.seq, "attn": args.attn, "pairs": args.pairs, "machine": machine_description(),
+        "matmul_tflops": rates, "flops_per_token": flops, "rows": rows,
+    }
+    table = markdown(results)
+    output_dir = write_results(args.output_dir, "vs_llama", results, table)
+    plot(results, output_dir / "vs_llama.png")
+    print(table)
+    logger.info("\nwrote %s/vs_llama.{json,md,png}", output_dir)
+
+
+if __name__ == "__main__":
+    main()
