@@ -1,0 +1,469 @@
+"""Training data for ArchLM: load a corpus, then pack it into fixed-length blocks.
+
+    raw corpus ──► records {"text", "document_end"} ──► token ids (+ EOS after each document)
+               ──► concatenated ──► blocks of `block_size` tokens {"input_ids", "attention_mask", "labels"}
+
+Sources, chosen by `DataArguments` (flags of examples/train.py):
+
+- `--dataset_name` / `--dataset_config_name`: a `datasets` dataset (Hub name or local builder).
+- `--train_file` / `--validation_file`: `.txt`, `.json` / `.jsonl`, `.csv`, `.parquet` (several files allowed).
+- nothing: the default corpus, the `.py` source of Python's own standard library, which every Python
+  installation has offline (tests and `site-packages` left out; sorted, so the same Python gives the
+  same corpus).
+
+A record of a dataset, a json/csv/parquet row or a whole `.txt` / `.py` file is one document, and an
+EOS token follows every document, so the model learns where documents end. A text file is read as
+written, line breaks and all (what run_clm.py's `keep_linebreaks` keeps); a large one is read in
+pieces, cut only at line starts, with EOS after its last piece only.
+
+When no validation data is given, the last `validation_split_percentage` % of the packed blocks are
+held out (a contiguous tail, so at most one document straddles the two splits). With `--streaming`
+the first `max_eval_samples` blocks are held out instead.
+"""
+
+import codecs
+import logging
+import math
+import os
+import random
+import sysconfig
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, Features, IterableDataset, Value
+
+logger = logging.getLogger(__name__)
+
+# file extension -> `datasets` builder
+FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+# A stdlib folder whose name is one of these is left out of the default corpus: installed packages, tests, and
+# generated data tables (the codecs' charmaps in `encodings`, pydoc's topic texts), which are code in name only.
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+)
+RECORD_FEATURES = Features({"text": Value("string"), "document_end": Value("bool")})
+TEXT_CHUNK_CHARS = 1 << 20  # a text file is handed to the tokenizer in pieces of about this many characters
+DEFAULT_STREAMING_EVAL_BLOCKS = 32
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it is cut into blocks."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset (Hub name or local path)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "Training files: .txt, .json/.jsonl, .csv or .parquet (one or more)."}
+    )
+    validation_file: list[str] | None = field(
+        default=None, metadata={"help": "Validation files, same formats. Default: a split carved from the training data."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (json/csv/parquet/datasets)."})
+    streaming: bool = field(default=False, metadata={"help": "Read the data lazily as an IterableDataset (needs --max_steps)."})
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence. Default: the largest of --block_size_schedule, "
+                          "else min(1024, the model's max_position_embeddings)."},
+    )
+    block_size_schedule: str | None = field(
+        default=None,
+        metadata={"help": 'Sequence-length curriculum "size:from_step,...", e.g. "256:0,512:1000,1024:3000". '
+                          "Each size must divide the largest; a step of the largest size is cut into shorter rows."},
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of the training blocks held out when no validation data is given."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training blocks."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": f"Keep at most this many validation blocks (streaming default {DEFAULT_STREAMING_EVAL_BLOCKS})."}
+    )
+    max_corpus_mb: float | None = field(
+        default=None, metadata={"help": "Default corpus only: read at most this many MB of standard-library source."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize instead of using the datasets cache."})
+
+    @property
+    def source_name(self) -> str:
+        if self.dataset_name:
+            return self.dataset_name + (f"/{self.dataset_config_name}" if self.dataset_config_name else "")
+        if self.train_file:
+            return ",".join(self.train_file)
+        return f"python{sysconfig.get_python_version()}-stdlib"
+
+
+@dataclass
+class RawData:
+    """Records {"text", "document_end"} before tokenization, and what they amount to."""
+
+    train: Dataset | IterableDataset
+    validation: Dataset | IterableDataset | None
+    description: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks that need no data (run first, so a bad flag costs nothing)
+# ------------------------------------------------------------------------------------------------
+def parse_block_size_schedule(schedule: str) -> list[tuple[int, int]]:
+    """`"256:0,512:1000"` -> `[(0, 256), (1000, 512)]`: (first optimizer step, block size), sorted by step.
+
+    The first entry must start at step 0, steps must increase, and every size must divide the largest
+    (a block of the largest size is cut into whole rows of the current size).
+    """
+    entries = []
+    for item in schedule.split(","):
+        size, sep, step = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            entries.append((int(step), int(size)))
+        except ValueError:
+            raise ValueError(
+                f"--block_size_schedule: entry {item.strip()!r} is not 'size:step' with two integers "
+                f'(expected e.g. "256:0,512:1000,1024:3000"), in {schedule!r}.'
+            ) from None
+    steps = [step for step, _ in entries]
+    if steps[0] != 0:
+        raise ValueError(f"--block_size_schedule: the first entry must start at step 0, got step {steps[0]} in {schedule!r}.")
+    if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+        raise ValueError(f"--block_size_schedule: steps must strictly increase, got {steps} in {schedule!r}.")
+    sizes = [size for _, size in entries]
+    if any(size <= 0 for size in sizes):
+        raise ValueError(f"--block_size_schedule: block sizes must be positive, got {sizes} in {schedule!r}.")
+    largest = max(sizes)
+    if any(largest % size for size in sizes):
+        raise ValueError(
+            f"--block_size_schedule: every block size must divide the largest ({largest}), got {sizes} in {schedule!r}."
+        )
+    return entries
+
+
+def block_size_at(schedule: list[tuple[int, int]], step: int) -> int:
+    """The block size of optimizer step `step` (0-based: the number of steps already taken)."""
+    return [size for start, size in schedule if start <= step][-1]
+
+
+def check_data_arguments(args: DataArguments) -> None:
+    """Refuses contradictory flags and missing or unsupported files, before anything is loaded."""
+    if args.dataset_name and args.train_file:
+        raise ValueError("Pass either --dataset_name or --train_file, not both.")
+    if args.validation_file and not (args.train_file or args.dataset_name):
+        raise ValueError("--validation_file needs --train_file (or --dataset_name) for the training data.")
+    for flag, files in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        extensions = {file_extension(path) for path in files or []}
+        if len(extensions) > 1:
+            raise ValueError(f"{flag}: all files must have the same format, got extensions {sorted(extensions)}.")
+        for path in files or []:
+            check_readable_file(path, flag)
+    if args.block_size is not None and args.block_size <= 0:
+        raise ValueError(f"--block_size must be a positive integer, got {args.block_size}.")
+    if not 0 <= args.validation_split_percentage < 100:
+        raise ValueError(f"--validation_split_percentage must be in [0, 100), got {args.validation_split_percentage}.")
+    for flag in ("max_train_samples", "max_eval_samples", "max_corpus_mb"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag} must be positive, got {value}.")
+
+
+def file_extension(path: str) -> str:
+    return Path(path).suffix.lstrip(".").lower()
+
+
+def check_readable_file(path: str, flag: str) -> None:
+    if file_extension(path) not in FILE_BUILDERS:
+        raise ValueError(
+            f"{flag} {path!r}: unsupported extension {Path(path).suffix or '(none)'!r}; "
+            f"supported: {', '.join('.' + ext for ext in FILE_BUILDERS)}."
+        )
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path!r} does not exist.")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is not a regular file.")
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as error:
+        raise ValueError(f"{flag} {path!r} cannot be read: {error.strerror or error}.") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: every source becomes records {"text": str, "document_end": bool}
+# ------------------------------------------------------------------------------------------------
+def stdlib_source_files(max_mb: float | None = None) -> list[Path]:
+    """The standard library's `.py` files that are UTF-8, sorted by path.
+
+    With `max_mb`, a subset of about that many MB drawn across the whole library (files in a fixed pseudo-random
+    order, each taken if it still fits), still returned sorted: a prefix of the sorted list would be a few
+    packages only (all of `asyncio`, `email` and the `encodings` tables, say).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in STDLIB_EXCLUDED_DIRS]
+        paths += [Path(folder) / name for name in names if name.endswith(".py")]
+    paths.sort(key=lambda path: path.relative_to(root).as_posix())
+    order = list(paths)
+    if max_mb is not None:
+        random.Random(0).shuffle(order)
+    budget = math.inf if max_mb is None else max_mb * 1e6
+    selected, total = set(), 0
+    for path in order:
+        try:
+            size = len(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue  # a few files (encoding tests, unreadable ones) are not UTF-8 text
+        if size and total + size <= budget:
+            selected.add(path)
+            total += size
+    if not selected:
+        raise ValueError(f"Found no UTF-8 .py files of at most {max_mb} MB in the standard library at {root}.")
+    return [path for path in paths if path in selected]
+
+
+def _file_signatures(paths: Iterable[os.PathLike | str]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime): part of the datasets cache key, so an edited file is read again."""
+    signatures = []
+    for path in paths:
+        stat = os.stat(path)
+        signatures.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    return signatures
+
+
+def _text_file_records(files: list[tuple[str, int, int]]) -> Iterator[dict]:
+    """Each file as written (newline="" keeps \\r\\n), in pieces cut before a line that starts with a
+    non-space character; `document_end` marks a file's last piece."""
+    for path, _, _ in files:
+        pieces, size = [], 0
+        with open(path, encoding="utf-8", newline="") as file:
+            for line in file:
+                if size >= TEXT_CHUNK_CHARS and not line[:1].isspace():
+                    yield {"text": "".join(pieces), "document_end": False}
+                    pieces, size = [], 0
+                pieces.append(line)
+                size += len(line)
+        yield {"text": "".join(pieces), "document_end": True}
+
+
+def _check_utf8(path: str, flag: str, whole_file: bool) -> None:
+    """Decodes the file (streaming: its first MB) so a non-UTF-8 file fails before any training."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as file:
+        offset = 0
+        while block := file.read(TEXT_CHUNK_CHARS):
+            try:
+                decoder.decode(block, final=False)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{flag} {path!r} is not UTF-8 text: invalid byte 0x{block[error.start]:02x} near offset "
+                    f"{offset + error.start}."
+                ) from None
+            offset += len(block)
+            if not whole_file:
+                return
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"{flag} {path!r} is not UTF-8 text: it ends inside a character.") from None
+
+
+def _text_files_dataset(paths: list[str] | list[Path], streaming: bool) -> Dataset | IterableDataset:
+    gen_kwargs = {"files": _file_signatures(paths)}
+    if streaming:
+        return IterableDataset.from_generator(_text_file_records, features=RECORD_FEATURES, gen_kwargs=gen_kwargs)
+    return Dataset.from_generator(_text_file_records, features=RECORD_FEATURES, gen_kwargs=gen_kwargs)
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # a streamed dataset may know its columns only once read
+    return list(first) if first is not None else []
+
+
+def _select_text_column(dataset: Dataset | IterableDataset, text_column: str, where: str) -> Dataset | IterableDataset:
+    """Keeps only `text_column`, renamed "text"; every record is a document."""
+    columns = _column_names(dataset)
+    if text_column not in columns:
+        raise ValueError(
+            f"--text_column {text_column!r} is not a column of {where}; its columns are {columns}. "
+            "Pass --text_column with one of them."
+        )
+    features = dataset.features
+    if features is not None and text_column in features:
+        feature = features[text_column]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"--text_column {text_column!r} of {where} holds {feature}, not text.")
+    dataset = dataset.select_columns([text_column])
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    return dataset
+
+
+def _load_files(files: list[str], flag: str, args: DataArguments) -> Dataset | IterableDataset:
+    builder = FILE_BUILDERS[file_extension(files[0])]
+    if builder == "text":
+        for path in files:
+            _check_utf8(path, flag, whole_file=not args.streaming)
+        return _text_files_dataset(files, args.streaming)
+    try:
+        dataset = datasets.load_dataset(builder, data_files={"split": files}, split="split", streaming=args.streaming)
+    except Exception as error:  # noqa: BLE001 - any parser error becomes one message naming the files
+        cause = error.__cause__ or error
+        raise ValueError(f"{flag} {files}: could not be read as {builder}: {cause}") from error
+    return _select_text_column(dataset, args.text_column, f"{flag} {files}")
+
+
+def _load_hub_dataset(args: DataArguments) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
+    try:
+        splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    except Exception as error:  # noqa: BLE001 - offline, unknown name, bad config: one message
+        raise ValueError(f"--dataset_name {args.source_name!r} could not be loaded: {error}") from error
+    if "train" not in splits:
+        raise ValueError(f"--dataset_name {args.dataset_name!r} has no 'train' split; its splits are {list(splits)}.")
+    where = f"--dataset_name {args.dataset_name!r}"
+    train = _select_text_column(splits["train"], args.text_column, where)
+    validation = splits.get("validation")
+    if validation is not None:
+        validation = _select_text_column(validation, args.text_column, where + " (validation)")
+    return train, validation
+
+
+def load_raw_data(args: DataArguments) -> RawData:
+    """Records {"text", "document_end"} for training and (when given) validation."""
+    check_data_arguments(args)
+    validation = None
+    if args.dataset_name:
+        train, validation = _load_hub_dataset(args)
+        description = f"dataset {args.source_name}"
+    elif args.train_file:
+        train = _load_files(args.train_file, "--train_file", args)
+        description = f"{len(args.train_file)} file(s) {args.source_name}"
+    else:
+        files = stdlib_source_files(args.max_corpus_mb)
+        train = _text_files_dataset(files, args.streaming)
+        megabytes = sum(os.path.getsize(path) for path in files) / 1e6
+        description = f"default corpus: Python {sysconfig.get_python_version()} standard library, {len(files)} files, {megabytes:.1f} MB"
+    if args.validation_file:
+        validation = _load_files(args.validation_file, "--validation_file", args)
+    _check_not_empty(train, "the training data")
+    if validation is not None:
+        _check_not_empty(validation, "the validation data")
+    if isinstance(train, Dataset):
+        description += f" ({train.num_rows:,} records)"
+    return RawData(train=train, validation=validation, description=description)
+
+
+def _check_not_empty(dataset: Dataset | IterableDataset, what: str) -> None:
+    if isinstance(dataset, Dataset) and dataset.num_rows == 0:
+        raise ValueError(f"{what} is empty: it holds no records.")
+    for record in dataset.take(10_000) if isinstance(dataset, IterableDataset) else dataset.select_columns("text"):
+        if record["text"]:
+            return
+    raise ValueError(f"{what} is empty: no record holds any text.")
+
+
+def iter_texts(dataset: Dataset | IterableDataset, max_chars: float = math.inf) -> Iterator[str]:
+    """The texts of a records dataset, in order, up to about `max_chars` characters (for tokenizer training)."""
+    seen = 0
+    batches = dataset.iter(batch_size=256)
+    for batch in batches:
+        for text in batch["text"]:
+            if text:
+                yield text
+                seen += len(text)
+                if seen >= max_chars:
+                    return
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenization and packing
+# ------------------------------------------------------------------------------------------------
+def _tokenize_function(tokenizer, eos_token_id: int):
+    def tokenize(batch: dict) -> dict:
+        ids = tokenizer([text or "" for text in batch["text"]], add_special_tokens=False)["input_ids"]
+        ends = batch.get("document_end") or [True] * len(ids)
+        return {"input_ids": [row + [eos_token_id] if end else row for row, end in zip(ids, ends)]}
+
+    return tokenize
+
+
+def _group_function(block_size: int):
+    def group(batch: dict) -> dict:
+        """Concatenates a batch of tokenized records and cuts it into blocks; the remainder is dropped."""
+        concatenated = [token for row in batch["input_ids"] for token in row]
+        total = len(concatenated) // block_size * block_size
+        blocks = [concatenated[i : i + block_size] for i in range(0, total, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
+
+    return group
+
+
+def pack(records: Dataset | IterableDataset, tokenizer, block_size: int, args: DataArguments, what: str):
+    """Tokenized, EOS after each document, concatenated and cut into `block_size` blocks."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos_token: packing needs one to mark where documents end.")
+    tokenize, group = _tokenize_function(tokenizer, tokenizer.eos_token_id), _group_function(block_size)
+    columns = list(records.column_names or ["text"])
+    if isinstance(records, IterableDataset):
+        token_ids = records.map(tokenize, batched=True, remove_columns=columns)
+        return token_ids.map(group, batched=True, remove_columns=["input_ids"])
+    options = dict(batched=True, num_proc=args.preprocessing_num_workers, load_from_cache_file=not args.overwrite_cache)
+    token_ids = records.map(tokenize, remove_columns=columns, desc=f"Tokenizing {what}", **options)
+    return token_ids.map(group, desc=f"Packing {what} into blocks of {block_size}", **options)
+
+
+@dataclass
+class PackedData:
+    train: Dataset | IterableDataset
+    validation: Dataset | IterableDataset | None
+    block_size: int
+
+    @property
+    def train_blocks(self) -> int | None:
+        return self.train.num_rows if isinstance(self.train, Dataset) else None
+
+    @property
+    def validation_blocks(self) -> int | None:
+        return self.validation.num_rows if isinstance(self.validation, Dataset) else None
+
+
+def pack_datasets(raw: RawData, tokenizer, block_size: int, args: DataArguments) -> PackedData:
+    """Packs training and validation data; carves validation blocks off the training data when none was given."""
+    train = pack(raw.train, tokenizer, block_size, args, "training data")
+    validation = pack(raw.validation, tokenizer, block_size, args, "validation data") if raw.validation is not None else None
+    if isinstance(train, IterableDataset):
+        eval_blocks = args.max_eval_samples or DEFAULT_STREAMING_EVAL_BLOCKS
+        if validation is None:
+            validation, train = train.take(eval_blocks), train.skip(eval_blocks)
+        else:
+            validation = validation.take(eval_blocks)
+        if next(iter(train.take(1)), None) is None:
+            raise ValueError(f"The training data holds fewer tokens than {eval_blocks} validation blocks plus one block of {block_size}.")
+        if args.max_train_samples is not None:
+            train = train.take(args.max_train_samples)
+        return PackedData(train=train, validation=validation, block_size=block_size)
+
+    if train.num_rows == 0:
+        raise ValueError(
+            f"The training data holds fewer tokens than one block of --block_size {block_size}: "
+            "use more data or a smaller --block_size."
+        )
+    if validation is None and args.validation_split_percentage > 0:
+        held_out = max(1, round(train.num_rows * args.validation_split_percentage / 100))
+        if held_out >= train.num_rows:
+            raise ValueError(
+                f"The training data makes only {train.num_rows} block(s) of {block_size} tokens, too few to hold "
+                f"{args.validation_split_percentage}% out for validation: use more data, a smaller --block_size, "
+                "a --validation_file, or --validation_split_percentage 0."
+            )
+        validation = train.select(range(train.num_rows - held_out, train.num_rows))
+        train = train.select(range(train.num_rows - held_out))
+    if validation is not None and validation.num_rows == 0:
+        raise ValueError(f"The validation data holds fewer tokens than one block of --block_size {block_size}.")
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, train.num_rows)))
+    if validation is not None and args.max_eval_samples is not None:
+        validation = validation.select(range(min(args.max_eval_samples, validation.num_rows)))
+    return PackedData(train=train, validation=validation, block_size=block_size)

@@ -1,0 +1,502 @@
+"""Training helpers for examples/train.py: flags, model and tokenizer setup, the Trainer, its callbacks, the run log.
+
+    flags ──► check (nothing loaded yet) ──► data ──► tokenizer ──► model (+ LoRA) ──► packed blocks
+          ──► ArchLMTrainer (curriculum, metrics) + ThroughputCallback + TrainingLogCallback
+          ──► output folder: weights, config.json (auto_map), remote code, tokenizer, generation_config.json,
+              training_log.json
+
+Every problem with the flags or the data is found before the output folder is touched, and raised as a
+`ValueError` whose message names the flag and the value.
+
+Metrics added to every training log entry (and so to tensorboard / wandb, `trainer_state.json` and
+`training_log.json`): `tokens_per_second` (tokens seen by the model, padding excluded, over the time spent in
+training steps), `mfu` (model FLOPs utilisation: tokens/s x `flops_per_token(block_size)` / (peak FLOP/s x
+processes)), `peak_memory_mb` (allocator peak on a GPU, peak RSS of the process on CPU), `block_size`; the
+Trainer already logs `grad_norm`. Evaluations add `eval_perplexity` = exp(eval_loss).
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .configuration_archlm import PRESETS, ArchLMConfig
+from .data import block_size_at, iter_texts
+from .modeling_archlm import ArchLMForCausalLM
+from .tokenization_archlm import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TRAINING_LOG_NAME = "training_log.json"
+ADAPTER_DIR_NAME = "adapter"
+# Errors of bad flags or data, reported as one line before anything is written.
+SETUP_ERRORS = (ValueError, OSError, StrictDataclassClassValidationError, StrictDataclassFieldValidationError)
+# What a finished run leaves in its folder; --overwrite_output_dir removes these (and checkpoints) first.
+RUN_OUTPUTS = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "configuration_archlm.py", "modeling_archlm.py", "training_args.bin", TRAINING_LOG_NAME, ADAPTER_DIR_NAME,
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train (a preset or an ArchLM folder), its tokenizer, and optional LoRA."""
+
+    preset: str = field(default="llama", metadata={"help": f"Architecture preset: {', '.join(PRESETS)}."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'Config fields over the preset (or the loaded model), "k=v,k=v", e.g. '
+                          '"num_hidden_layers=4,hidden_size=256,rope_parameters={\\"rope_type\\":\\"default\\",\\"rope_theta\\":10000}".'},
+    )
+    model_name_or_path: str | None = field(default=None, metadata={"help": "An ArchLM folder to fine-tune (instead of --preset)."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "A tokenizer folder or name. Default: the model's, or one trained on the training data."}
+    )
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of a tokenizer trained here."})
+    tokenizer_train_mb: float = field(default=200.0, metadata={"help": "Train that tokenizer on at most this many MB of text."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, flex_attention."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": 'Modules that get adapters, comma-separated, or "all-linear".'}
+    )
+
+
+@dataclass
+class RunArguments:
+    """How the run is measured and reported."""
+
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "Peak TFLOP/s of one device for MFU. Default: measured with a short matmul probe."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an --output_dir that holds a model or checkpoints (they are deleted)."}
+    )
+    sample_prompt: str = field(default="def ", metadata={"help": 'Prompt of the sample printed at the end ("" for none).'})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of that sample."})
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags
+# ------------------------------------------------------------------------------------------------
+def check_arguments(model_args: ModelArguments, run_args: RunArguments, training_args: TrainingArguments,
+                    streaming: bool) -> None:
+    """Flag combinations that cannot work, found before anything is loaded."""
+    if model_args.model_name_or_path is None and model_args.preset not in PRESETS:
+        raise ValueError(f"--preset {model_args.preset!r} is unknown; presets: {', '.join(PRESETS)}.")
+    if streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming reads data of unknown length, so it needs --max_steps (a positive number of steps).")
+    if model_args.lora_r < 0:
+        raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
+    if model_args.lora_r and model_args.model_name_or_path is None:
+        raise ValueError("--lora_r adapts a trained model: pass --model_name_or_path (an ArchLM folder) to fine-tune.")
+    if run_args.peak_tflops is not None and run_args.peak_tflops <= 0:
+        raise ValueError(f"--peak_tflops must be positive, got {run_args.peak_tflops}.")
+    if model_args.model_name_or_path and not os.path.isdir(model_args.model_name_or_path):
+        raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not a folder.")
+
+
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: a path, or "true"/"latest" for the newest one in --output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("false", "no", ""):
+        return None
+    if str(resume).lower() in ("true", "latest", "last"):
+        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {training_args.output_dir!r}.")
+        return checkpoint
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json).")
+    return resume
+
+
+def check_output_dir(output_dir: str, checkpoint: str | None, overwrite: bool) -> None:
+    """A new run refuses a folder that holds a model or checkpoints, unless --overwrite_output_dir."""
+    if checkpoint is not None or overwrite or not os.path.isdir(output_dir):
+        return
+    previous = sorted(name for name in os.listdir(output_dir) if name in RUN_OUTPUTS or name.startswith(PREFIX_CHECKPOINT_DIR))
+    if previous:
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds a run ({', '.join(previous[:4])}"
+            f"{', ...' if len(previous) > 4 else ''}): pass --resume_from_checkpoint to continue it, "
+            "--overwrite_output_dir to start over there, or another --output_dir."
+        )
+
+
+def clear_output_dir(output_dir: str) -> None:
+    """Removes a previous run's model files and checkpoints (not other files), for --overwrite_output_dir."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name in RUN_OUTPUTS or re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ------------------------------------------------------------------------------------------------
+def _has_tokenizer(folder: str | None) -> bool:
+    return folder is not None and os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+
+
+def load_or_train_tokenizer(model_args: ModelArguments, train_records, checkpoint: str | None):
+    """(tokenizer, where it came from). Order: --tokenizer_name, the checkpoint being resumed, the model being
+    fine-tuned, else a byte-level BPE trained on the training text (saved with the model later)."""
+    for folder, source in ((model_args.tokenizer_name, "--tokenizer_name"), (checkpoint, "the checkpoint"),
+                           (model_args.model_name_or_path, "--model_name_or_path")):
+        if folder is None or (source != "--tokenizer_name" and not _has_tokenizer(folder)):
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as error:  # noqa: BLE001 - a missing or broken tokenizer: one message naming it
+            raise ValueError(f"The tokenizer of {source} {folder!r} could not be loaded: {error}") from error
+        return tokenizer, f"{folder} ({source})"
+    if model_args.model_name_or_path is not None:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path!r} holds no tokenizer: pass --tokenizer_name "
+            "(the tokenizer the model was trained with)."
+        )
+    logger.info("Training a %d-token byte-level BPE tokenizer on the training text", model_args.tokenizer_vocab_size)
+    tokenizer = train_tokenizer(iter_texts(train_records, model_args.tokenizer_train_mb * 1e6), model_args.tokenizer_vocab_size)
+    return tokenizer, f"byte-level BPE trained on the training data ({len(tokenizer):,} tokens)"
+
+
+def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) -> ArchLMConfig:
+    """The model's config: the preset or the loaded model's, then the tokenizer's vocabulary and special ids
+    (when given and not overridden), then --config_overrides. A tokenizer larger than the vocabulary is refused."""
+    if model_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **overrides)
+        if not isinstance(config, ArchLMConfig):
+            raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is a {type(config).__name__}, not an ArchLM model.")
+    else:
+        from_tokenizer = {}
+        if tokenizer is not None:
+            eos = tokenizer.eos_token_id
+            from_tokenizer = dict(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        config = ArchLMConfig.from_preset(model_args.preset, **{**from_tokenizer, **overrides})
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {config.vocab_size:,}: ids past "
+            "the vocabulary would crash training. Use a larger vocab_size (--config_overrides vocab_size=...) or a "
+            "smaller tokenizer."
+        )
+    return config
+
+
+def check_block_size(block_size: int, config: ArchLMConfig) -> None:
+    if block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"--block_size {block_size} is larger than the model can take (max_position_embeddings="
+            f"{config.max_position_embeddings}): use a smaller --block_size (or --block_size_schedule), or "
+            "--config_overrides max_position_embeddings=... for a new model."
+        )
+
+
+def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
+    """A new model from `config`, or the fine-tuned one from its folder; generation settings from the tokenizer."""
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if model_args.model_name_or_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    else:
+        model = ArchLMForCausalLM._from_config(config, **kwargs)
+    model.generation_config.bos_token_id = config.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model
+
+
+def apply_lora(model, model_args: ModelArguments):
+    """Wraps the model with LoRA adapters on `--lora_target_modules` (PEFT); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_args.lora_target_modules.strip()
+    target_modules = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [name for name in target_modules if name not in names] if isinstance(target_modules, list) else []
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+        raise ValueError(f"--lora_target_modules {unknown} are not modules of this model; its linear layers are {linear}.")
+    lora_config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha if model_args.lora_alpha is not None else 2 * model_args.lora_r,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def base_model(model) -> ArchLMForCausalLM:
+    """The ArchLM model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Dense matmul throughput of one device, in TFLOP/s: what MFU is measured against when --peak_tflops is not
+    given. It is what this device reaches, not its data-sheet peak, so MFU reads as a share of the achievable.
+
+    The best of several short windows is kept, so a moment of contention from other processes does not lower it.
+    """
+    size = 1024 if device.type == "cpu" else 8192  # large enough that a sync per matmul costs ~1%
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up: kernels chosen, caches filled
+        a @ b
+    synchronize()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        iterations, start = 0, time.perf_counter()
+        while iterations < 2 or time.perf_counter() - start < seconds / 8:
+            a @ b
+            iterations += 1
+            synchronize()
+        best = max(best, 2 * size**3 * iterations / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Allocator peak on a GPU; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    except ImportError:  # Windows: current RSS is the best there is
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def planned_steps(train_blocks: int | None, args: TrainingArguments) -> tuple[int | None, int]:
+    """(optimizer steps per epoch, total steps), as the Trainer will compute them."""
+    if train_blocks is None:  # streaming: unknown length
+        return None, args.max_steps
+    rows_per_batch = args.per_device_train_batch_size * max(args.world_size, 1)
+    batches = train_blocks // rows_per_batch if args.dataloader_drop_last else math.ceil(train_blocks / rows_per_batch)
+    steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer and callbacks
+# ------------------------------------------------------------------------------------------------
+def split_rows(batch: dict, block_size: int) -> dict:
+    """(B, L) -> (B * L / block_size, block_size) for every tensor: a block cut into consecutive shorter rows."""
+    return {key: value.reshape(-1, block_size) if torch.is_tensor(value) and value.dim() == 2 else value
+            for key, value in batch.items()}
+
+
+class ThroughputCallback(TrainerCallback):
+    """Times the training steps (not evaluation, saving or logging) and turns the Trainer's count of
+    non-padding tokens into tokens/s and MFU for each logging interval."""
+
+    def __init__(self, flops_per_token: Callable[[int], float], peak_flops: float, device: torch.device,
+                 block_size: Callable[[int], int]):
+        self.flops_per_token, self.peak_flops, self.device, self.block_size = flops_per_token, peak_flops, device, block_size
+        self.train_seconds = 0.0
+        self._step_start = None
+        self._last_tokens = self._last_seconds = None
+        self.intervals: list[tuple[float, float]] = []  # (tokens/s, mfu) per log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_tokens, self._last_seconds = state.num_input_tokens_seen, self.train_seconds
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is not None:
+            self.train_seconds += time.perf_counter() - self._step_start
+            self._step_start = None
+
+    def metrics(self, args: TrainingArguments, state) -> dict:
+        """Since the previous call: tokens_per_second, mfu; and block_size, peak_memory_mb."""
+        tokens = state.num_input_tokens_seen - (self._last_tokens or 0)
+        seconds = self.train_seconds - (self._last_seconds or 0.0)
+        self._last_tokens, self._last_seconds = state.num_input_tokens_seen, self.train_seconds
+        block_size = self.block_size(max(state.global_step - 1, 0))
+        metrics = {"block_size": block_size, "peak_memory_mb": round(peak_memory_mb(self.device), 1)}
+        if tokens > 0 and seconds > 0:
+            tokens_per_second = tokens / seconds
+            mfu = tokens_per_second * self.flops_per_token(block_size) / (self.peak_flops * max(args.world_size, 1))
+            metrics.update(tokens_per_second=round(tokens_per_second, 1), mfu=round(mfu, 5))
+            self.intervals.append((tokens_per_second, mfu))
+        return metrics
+
+
+class ArchLMTrainer(Trainer):
+    """The Trainer, plus a sequence-length curriculum and ArchLM's metrics in every log.
+
+    Curriculum: the data is packed at the largest block size; at each optimizer step the batch is cut into rows
+    of the size the schedule gives for `state.global_step`. Tokens per step stay the same, every token is still
+    seen once per epoch, and because the size depends only on the step, a resumed run follows the schedule
+    exactly where the interrupted one would have.
+    """
+
+    def __init__(self, *args, block_size_schedule: list[tuple[int, int]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_size_schedule = block_size_schedule
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.block_size_schedule:
+            block_size = block_size_at(self.block_size_schedule, self.state.global_step)
+            epoch_iterator = (split_rows(batch, block_size) for batch in epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, ThroughputCallback):
+                    logs.update(callback.metrics(self.args, self.state))
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+        super().log(logs, start_time)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_json_atomically(path: str | os.PathLike, data) -> None:
+    """Writes to a temporary file next to `path`, then renames it over `path`: a reader sees the old file or
+    the new one, never half of one, even if the process is killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(_json_safe(data), file, indent=2)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+class TrainingLogCallback(TrainerCallback):
+    """Keeps `training_log.json` in the output folder: the run's header (config, architecture name, data,
+    parameters, ...), every logged step, every evaluation, and a summary once the run has finished.
+
+    Built from `state.log_history`, which checkpoints carry, so a resumed run's log holds the steps before the
+    interruption too (and nothing from steps the resumed run redid).
+    """
+
+    def __init__(self, output_dir: str, header: dict):
+        self.path = Path(output_dir) / TRAINING_LOG_NAME
+        self.header = header
+        self.summary = None
+
+    def document(self, state) -> dict:
+        steps, evals = [], []
+        for entry in state.log_history:
+            if "loss" in entry:
+                steps.append(entry)
+            elif "eval_loss" in entry:
+                evals.append({**entry, "perplexity": entry.get("eval_perplexity", perplexity(entry["eval_loss"]))})
+        status = "finished" if self.summary is not None else "running"
+        return {**self.header, "status": status, "steps": steps, "evals": evals, "summary": self.summary}
+
+    def write(self, args, state) -> None:
+        if state.is_world_process_zero:
+            write_json_atomically(self.path, self.document(state))
+
+    def on_log(self, args, state, control, **kwargs):
+        self.write(args, state)
+
+    def finish(self, args, state, summary: dict) -> None:
+        self.summary = summary
+        self.write(args, state)
+
+
+def run_summary(state, throughput: ThroughputCallback, device: torch.device) -> dict:
+    """The numbers a comparison table needs, from the log history and the throughput callback."""
+    steps = [entry for entry in state.log_history if "loss" in entry]
+    evals = [entry for entry in state.log_history if "eval_loss" in entry]
+    end = next((entry for entry in reversed(state.log_history) if "train_runtime" in entry), {})
+    rates = throughput.intervals
+    tokens_per_second = sum(rate for rate, _ in rates) / len(rates) if rates else None
+    mfu = sum(value for _, value in rates) / len(rates) if rates else None
+    summary = {
+        "global_step": state.global_step,
+        "tokens_seen": state.num_input_tokens_seen,
+        "train_loss": end.get("train_loss"),
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "perplexity": perplexity(evals[-1]["eval_loss"]) if evals else None,
+        "tokens_per_second": tokens_per_second,
+        "mfu": mfu,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "train_runtime_s": end.get("train_runtime"),
+    }
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting and the end of a run
+# ------------------------------------------------------------------------------------------------
+def format_report(rows: list[tuple[str, str]]) -> str:
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key.ljust(width)}  {value}" for key, value in rows)
+
+
+def save_model_folder(trainer: Trainer, tokenizer, output_dir: str, lora: bool) -> None:
+    """The output folder: weights (LoRA merged into them, with the adapter alone in `adapter/`), config.json with
+    auto_map, the remote-code files, the tokenizer and generation_config.json."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model.save_pretrained(os.path.join(output_dir, ADAPTER_DIR_NAME))
+        model = model.merge_and_unload()
+        trainer.model = model
+    model.config.use_cache = True  # the Trainer turns it off for training; generation wants it
+    if lora:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    else:
+        trainer.save_model(output_dir)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """A sampled continuation of `prompt` (temperature 0.8, top-k 40), decoded with the prompt."""
+    model.eval()
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40)
+    return tokenizer.decode(output[0], skip_special_tokens=True)

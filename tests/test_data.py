@@ -1,0 +1,279 @@
+"""archlm.data: the default corpus, loading each file format, EOS-separated packing, validation carving, the
+block-size schedule, and the errors for bad data. No model is trained here."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, IterableDataset
+
+from archlm import data as data_module
+from archlm.data import (
+    DataArguments,
+    block_size_at,
+    load_raw_data,
+    pack_datasets,
+    parse_block_size_schedule,
+    stdlib_source_files,
+)
+from archlm.tokenization_archlm import EOS_TOKEN, EOS_TOKEN_ID, train_tokenizer
+
+SAMPLE_TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\r\n    x = 1\r\n\r\n    y = 2\r\n",  # CRLF line ends must survive
+    "# héllo wörld ✓\n\n\nprint('done')",  # no final newline
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(SAMPLE_TEXTS * 20 + [Path(p).read_text(encoding="utf-8") for p in stdlib_source_files(0.05)], 300)
+
+
+def decode_stream(dataset, tokenizer) -> str:
+    """All tokens of all blocks, in order, decoded with special tokens kept."""
+    return tokenizer.decode([token for row in dataset["input_ids"] for token in row], skip_special_tokens=False)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_bytes(text.encode("utf-8"))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The default corpus
+# ------------------------------------------------------------------------------------------------
+def test_stdlib_corpus_is_sorted_utf8_python_without_tests_or_site_packages():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_source_files()
+    relative = [path.relative_to(root).as_posix() for path in files]
+    assert relative == sorted(relative)
+    assert len(files) > 100 and all(path.suffix == ".py" for path in files)
+    excluded = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data"}
+    assert not any(excluded & set(Path(name).parts) for name in relative)
+    assert "os.py" in relative and "json/__init__.py" in relative
+    assert stdlib_source_files() == files  # deterministic
+
+
+def test_stdlib_corpus_cap_draws_files_across_the_library_and_records_are_whole_files():
+    files = stdlib_source_files(max_mb=0.2)
+    assert 0 < sum(len(path.read_text(encoding="utf-8")) for path in files) <= 200_000
+    assert files == stdlib_source_files(max_mb=0.2)  # deterministic
+    everything = stdlib_source_files()
+    assert everything.index(files[-1]) > len(everything) / 2  # not just the first packages of the alphabet
+    raw = load_raw_data(DataArguments(max_corpus_mb=0.2))
+    assert "standard library" in raw.description
+    assert raw.train.num_rows == len(files) and raw.validation is None
+    assert raw.train[0]["text"] == files[0].read_text(encoding="utf-8") and raw.train[0]["document_end"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing: EOS between documents, text kept exactly as written
+# ------------------------------------------------------------------------------------------------
+def test_text_files_keep_their_line_breaks_with_eos_only_between_files(tmp_path, tokenizer):
+    files = [write(tmp_path / f"doc{i}.txt", text) for i, text in enumerate(SAMPLE_TEXTS)]
+    args = DataArguments(train_file=files, validation_split_percentage=0)
+    packed = pack_datasets(load_raw_data(args), tokenizer, block_size=1, args=args)  # block 1: nothing dropped
+    assert decode_stream(packed.train, tokenizer) == "".join(text + EOS_TOKEN for text in SAMPLE_TEXTS)
+
+
+def test_large_text_file_is_read_in_pieces_cut_at_line_starts(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(data_module, "TEXT_CHUNK_CHARS", 40)
+    text = "".join(f"def f{i}():\n    return {i}\n\n" for i in range(30))
+    args = DataArguments(train_file=[write(tmp_path / "big.txt", text)], validation_split_percentage=0)
+    raw = load_raw_data(args)
+    records = raw.train.to_list()
+    assert len(records) > 5 and "".join(r["text"] for r in records) == text
+    assert [r["document_end"] for r in records] == [False] * (len(records) - 1) + [True]
+    assert all(r["text"][:1] not in " \n" for r in records)  # never cut inside an indented block
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    assert decode_stream(packed.train, tokenizer) == text + EOS_TOKEN
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "json", "csv", "parquet"])
+def test_structured_files_use_text_column_and_each_record_is_a_document(tmp_path, tokenizer, extension):
+    rows = [{"id": i, "content": text} for i, text in enumerate(SAMPLE_TEXTS)]
+    path = tmp_path / f"data.{extension}"
+    if extension == "csv":
+        Dataset.from_list(rows).to_csv(str(path), index=False)
+    elif extension == "parquet":
+        Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    args = DataArguments(train_file=[str(path)], text_column="content", validation_split_percentage=0)
+    raw = load_raw_data(args)
+    assert raw.train.column_names == ["text"]
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    expected = "".join(text + EOS_TOKEN for text in SAMPLE_TEXTS)
+    if extension == "csv":  # the csv writer normalises \r\n inside a quoted field
+        expected = expected.replace("\r\n", "\n")
+        assert decode_stream(packed.train, tokenizer).replace("\r\n", "\n") == expected
+    else:
+        assert decode_stream(packed.train, tokenizer) == expected
+
+
+def test_blocks_are_full_length_with_labels_equal_to_inputs(tokenizer):
+    args = DataArguments(max_corpus_mb=0.05)
+    packed = pack_datasets(load_raw_data(args), tokenizer, block_size=16, args=args)
+    rows = packed.train[:50]
+    assert all(len(ids) == 16 for ids in rows["input_ids"])
+    assert rows["labels"] == rows["input_ids"]
+    assert all(mask == [1] * 16 for mask in rows["attention_mask"])
+    assert EOS_TOKEN_ID in {token for row in packed.train["input_ids"] for token in row}
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation split
+# ------------------------------------------------------------------------------------------------
+def test_validation_is_the_tail_of_the_blocks_when_none_is_given(tokenizer):
+    args = DataArguments(max_corpus_mb=0.05, validation_split_percentage=10)
+    raw = load_raw_data(args)
+    everything = pack_datasets(raw, tokenizer, 16, DataArguments(max_corpus_mb=0.05, validation_split_percentage=0)).train
+    packed = pack_datasets(raw, tokenizer, 16, args)
+    assert packed.validation_blocks == round(everything.num_rows * 0.1)
+    assert packed.train_blocks + packed.validation_blocks == everything.num_rows
+    assert packed.validation["input_ids"] == everything["input_ids"][packed.train_blocks:]
+
+
+def test_validation_file_is_used_and_max_samples_cap_both_splits(tmp_path, tokenizer):
+    train = write(tmp_path / "train.txt", SAMPLE_TEXTS[0] * 30)
+    validation = write(tmp_path / "valid.txt", SAMPLE_TEXTS[1] * 30)
+    args = DataArguments(train_file=[train], validation_file=[validation], max_train_samples=3, max_eval_samples=2)
+    packed = pack_datasets(load_raw_data(args), tokenizer, 8, args)
+    assert packed.train_blocks == 3 and packed.validation_blocks == 2
+    assert "Point" in tokenizer.decode(packed.validation[0]["input_ids"] + packed.validation[1]["input_ids"])
+
+
+def test_too_little_data_for_a_validation_split_is_an_error(tmp_path, tokenizer):
+    args = DataArguments(train_file=[write(tmp_path / "tiny.txt", "x = 1\n")])
+    with pytest.raises(ValueError, match="too few|fewer tokens"):
+        pack_datasets(load_raw_data(args), tokenizer, 4, args)
+
+
+def test_fewer_tokens_than_one_block_is_an_error(tmp_path, tokenizer):
+    args = DataArguments(train_file=[write(tmp_path / "tiny.txt", "x = 1\n")])
+    with pytest.raises(ValueError, match="fewer tokens than one block of --block_size 512"):
+        pack_datasets(load_raw_data(args), tokenizer, 512, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming
+# ------------------------------------------------------------------------------------------------
+def test_streaming_gives_iterable_blocks_and_holds_out_the_first_blocks(tokenizer):
+    args = DataArguments(max_corpus_mb=0.05, streaming=True, max_eval_samples=3)
+    raw = load_raw_data(args)
+    assert isinstance(raw.train, IterableDataset)
+    packed = pack_datasets(raw, tokenizer, 16, args)
+    assert isinstance(packed.train, IterableDataset) and packed.train_blocks is None
+    validation = [row["input_ids"] for row in packed.validation]
+    train = [row["input_ids"] for row in packed.train.take(5)]
+    in_memory = pack_datasets(load_raw_data(DataArguments(max_corpus_mb=0.05, validation_split_percentage=0)), tokenizer, 16,
+                              DataArguments(validation_split_percentage=0)).train["input_ids"]
+    assert validation == in_memory[:3] and train == in_memory[3:8]
+
+
+def test_streaming_json_with_text_column(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"body": text * 10}) + "\n" for text in SAMPLE_TEXTS), encoding="utf-8")
+    args = DataArguments(train_file=[str(path)], text_column="body", streaming=True, max_eval_samples=1)
+    packed = pack_datasets(load_raw_data(args), tokenizer, 8, args)
+    assert len(list(packed.train.take(4))) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Block-size schedule
+# ------------------------------------------------------------------------------------------------
+def test_block_size_schedule_parses_and_gives_the_size_of_each_step():
+    schedule = parse_block_size_schedule("256:0, 512:1000,1024:3000")
+    assert schedule == [(0, 256), (1000, 512), (3000, 1024)]
+    assert [block_size_at(schedule, step) for step in (0, 999, 1000, 2999, 3000, 10**6)] == [256, 256, 512, 512, 1024, 1024]
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ("256-0", "not 'size:step'"),
+        ("256:0,512", "not 'size:step'"),
+        ("256:zero", "not 'size:step'"),
+        ("256:10,512:20", "must start at step 0"),
+        ("256:0,512:100,1024:100", "strictly increase"),
+        ("0:0,512:100", "positive"),
+        ("96:0,256:100", "divide the largest"),
+    ],
+)
+def test_malformed_block_size_schedule_is_refused(schedule, message):
+    with pytest.raises(ValueError, match=message):
+        parse_block_size_schedule(schedule)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad data
+# ------------------------------------------------------------------------------------------------
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_raw_data(DataArguments(train_file=[str(tmp_path / "nope.txt")]))
+
+
+def test_folder_given_as_file_is_an_error(tmp_path):
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_raw_data(DataArguments(train_file=[str(tmp_path / "dir.txt")]))
+
+
+def test_unsupported_extension_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported extension '\.docx'.*\.jsonl"):
+        load_raw_data(DataArguments(train_file=[write(tmp_path / "a.docx", "x")]))
+
+
+def test_non_utf8_text_file_is_an_error(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text: invalid byte 0xe9"):
+        load_raw_data(DataArguments(train_file=[str(path)]))
+
+
+def test_malformed_json_is_an_error_naming_the_file(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"text": "a"}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl.*could not be read as json"):
+        load_raw_data(DataArguments(train_file=[path]))
+
+
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("empty.jsonl", ""), ("blank.jsonl", '{"text": ""}\n')])
+def test_empty_data_is_an_error(tmp_path, name, content):
+    with pytest.raises(ValueError, match="empty"):
+        load_raw_data(DataArguments(train_file=[write(tmp_path / name, content)]))
+
+
+def test_missing_text_column_lists_the_columns(tmp_path):
+    path = write(tmp_path / "data.jsonl", json.dumps({"title": "t", "body": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"--text_column 'text' is not a column.*\['title', 'body'\]"):
+        load_raw_data(DataArguments(train_file=[path]))
+
+
+def test_non_text_column_is_an_error(tmp_path):
+    path = write(tmp_path / "data.jsonl", json.dumps({"text": 3}) + "\n")
+    with pytest.raises(ValueError, match="holds .*int64.*not text"):
+        load_raw_data(DataArguments(train_file=[path]))
+
+
+def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path):
+    txt, jsonl = write(tmp_path / "a.txt", "x"), write(tmp_path / "b.jsonl", '{"text": "x"}\n')
+    with pytest.raises(ValueError, match="same format"):
+        load_raw_data(DataArguments(train_file=[txt, jsonl]))
+    with pytest.raises(ValueError, match="--validation_file needs --train_file"):
+        load_raw_data(DataArguments(validation_file=[txt]))
+
+
+def test_dataset_name_loads_a_datasets_folder_with_its_own_validation_split(tmp_path, tokenizer):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    for split, texts in (("train", SAMPLE_TEXTS * 5), ("validation", SAMPLE_TEXTS[:1] * 5)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"code": t}) + "\n" for t in texts), encoding="utf-8")
+    args = DataArguments(dataset_name=str(folder), text_column="code")
+    raw = load_raw_data(args)
+    assert raw.train.num_rows == 15 and raw.validation.num_rows == 5
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    assert decode_stream(packed.validation, tokenizer) == (SAMPLE_TEXTS[0] + EOS_TOKEN) * 5
+    with pytest.raises(ValueError, match="could not be loaded"):
+        load_raw_data(DataArguments(dataset_name=str(tmp_path / "no_such_dataset")))

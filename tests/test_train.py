@@ -1,0 +1,556 @@
+"""examples/train.py and archlm.training: short runs of a tiny model on a slice of the standard library.
+
+A run trains and writes a complete folder that loads in a fresh process with trust_remote_code; a run killed
+with SIGKILL and resumed ends with the weights of an uninterrupted one (through a block-size curriculum);
+streaming, json/csv/parquet inputs and LoRA train -> save -> merge work; every bad input stops before any
+training step with a message and nothing written.
+"""
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from archlm import ArchLMConfig, ArchLMForCausalLM, parse_config_overrides
+from archlm.training import (
+    ArchLMTrainer,
+    ThroughputCallback,
+    TrainingLogCallback,
+    measure_peak_tflops,
+    planned_steps,
+    split_rows,
+    write_json_atomically,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "examples" / "train.py"
+TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"
+TINY = [
+    "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",
+    "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0",
+    "--peak_tflops", "0.05", "--disable_tqdm", "true", "--sample_prompt", "", "--report_to", "none",
+]
+MODEL_FILES = [
+    "model.safetensors", "config.json", "configuration_archlm.py", "modeling_archlm.py", "tokenizer.json",
+    "tokenizer_config.json", "generation_config.json", "training_log.json",
+]
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("archlm_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = load_train_script()
+
+
+def train(*args: str, callbacks=None) -> Path:
+    return Path(train_script.main([*TINY, *args], callbacks=callbacks))
+
+
+def tiny(*args: str) -> list[str]:
+    return ["--config_overrides", TINY_MODEL, *args]
+
+
+def subprocess_env() -> dict:
+    # One thread: on a shared 2-core machine, two OpenMP threads per process are several times slower.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def read_log(folder: Path) -> dict:
+    return json.loads((folder / "training_log.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Records(logging.Handler):
+    """Collects what examples/train.py logs (the startup report, the sample, the folder)."""
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.logger = logging.getLogger("train")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 30-step run with evaluations, shared by the tests that read its folder and log."""
+    with Records() as records:
+        output = train(*tiny("--max_steps", "30", "--eval_strategy", "steps", "--eval_steps", "15",
+                             "--sample_prompt", "def ", "--sample_max_new_tokens", "8",
+                             "--output_dir", str(tmp_path_factory.mktemp("run") / "model")))
+    return output, records.text
+
+
+# ------------------------------------------------------------------------------------------------
+# The main path
+# ------------------------------------------------------------------------------------------------
+def test_loss_falls_and_eval_reports_perplexity(trained):
+    log = read_log(trained[0])
+    losses = [entry["loss"] for entry in log["steps"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    evals = log["evals"]
+    assert [entry["step"] for entry in evals][:2] == [15, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(math.isclose(entry["perplexity"], math.exp(entry["eval_loss"]), rel_tol=1e-6) for entry in evals)
+
+
+def test_output_folder_is_complete(trained):
+    folder = trained[0]
+    for name in MODEL_FILES:
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_archlm.ArchLMForCausalLM"
+    assert config["use_cache"] is True
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    # the model's vocabulary is the trained tokenizer's, its special ids the tokenizer's
+    assert config["vocab_size"] == len(tokenizer["model"]["vocab"]) + len(
+        [t for t in tokenizer["added_tokens"] if t["content"] not in tokenizer["model"]["vocab"]])
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 1, 0)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == (1, 0)
+
+
+def test_training_log_holds_config_steps_metrics_and_summary(trained):
+    log = read_log(trained[0])
+    assert log["status"] == "finished"
+    assert log["architecture_name"] == ArchLMConfig(**log["config"]).architecture_name == "2L-2H-32D-RoPE-RMS-SwiGLU-PreNorm-MQA"
+    assert log["config"]["hidden_size"] == 32 and log["parameters"] > 0 and log["flops_per_token"] > 0
+    for entry in log["steps"]:
+        assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu", "peak_memory_mb", "block_size"} <= set(entry)
+        assert entry["tokens_per_second"] > 0 and 0 < entry["mfu"] and entry["block_size"] == 32
+    assert log["steps"][-1]["num_input_tokens_seen"] == 30 * 4 * 32  # no padding in packed blocks
+    summary = log["summary"]
+    assert summary["global_step"] == 30 and summary["eval_loss"] == log["evals"][-1]["eval_loss"]
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
+    assert summary["tokens_per_second"] > 0 and summary["mfu"] > 0 and summary["peak_memory_mb"] > 0
+    assert not list(trained[0].glob(".training_log.json*"))  # no temporary file left behind
+
+
+def test_startup_report_and_sample(trained):
+    report = trained[1]
+    for expected in ("architecture  2L-2H-32D-RoPE-RMS-SwiGLU-PreNorm-MQA", "parameters", "FLOPs/token",
+                     "standard library", "tokens) /", "steps         30 (--max_steps;", "peak 0.05 TFLOP/s, given",
+                     "Sample (prompt 'def '):\ndef ", "Model folder: " + str(trained[0].resolve())):
+        assert expected in report, expected
+
+
+def test_folder_loads_in_a_fresh_process_with_remote_code_and_generates(trained, tmp_path):
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "assert 'archlm' not in sys.modules, 'loaded the installed package instead of the remote code'\n"
+        "inputs = tokenizer('def ', return_tensors='pt')\n"
+        "out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)\n"
+        "print(type(model).__module__, out.shape[1] - inputs['input_ids'].shape[1])\n"
+    )
+    env = {**subprocess_env(), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", code, str(trained[0])], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, new_tokens = result.stdout.split()[-2:]
+    assert module.startswith("transformers_modules.") and new_tokens == "6"
+
+
+def test_total_steps_come_from_data_epochs_and_batch(tmp_path):
+    with Records() as records:
+        train(*tiny("--num_train_epochs", "2", "--max_train_samples", "22", "--gradient_accumulation_steps", "2",
+                    "--output_dir", str(tmp_path / "out")))
+    # 22 blocks / 4 per batch -> 6 batches -> 3 steps of 2 accumulated batches per epoch; 2 epochs
+    assert "steps         6 = 22 blocks x 2 epochs / 8 blocks per step" in records.text
+    assert read_log(tmp_path / "out")["summary"]["global_step"] == 6
+
+
+def test_help_works_and_the_script_opens_with_its_command():
+    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--help"], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--preset", "--config_overrides", "--block_size_schedule", "--lora_r", "--peak_tflops",
+                 "--streaming", "--resume_from_checkpoint", "--report_to"):
+        assert flag in result.stdout
+    assert "python examples/train.py --preset llama" in train_script.__doc__.split("\n\n")[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume after SIGKILL, through a curriculum
+# ------------------------------------------------------------------------------------------------
+PAUSING_WRAPPER = """
+import importlib.util, sys, time
+from transformers import TrainerCallback
+
+class PauseAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            open({marker!r}, "w").close()
+            time.sleep(600)  # killed here with SIGKILL
+
+spec = importlib.util.spec_from_file_location("train", {script!r})
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+train.main(sys.argv[1:], callbacks=[PauseAtStep()])
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(tmp_path):
+    args = [*TINY, *tiny("--max_steps", "12", "--save_steps", "5", "--block_size_schedule", "16:0,32:7",
+                         "--data_seed", "3")]
+    marker = tmp_path / "paused"
+    wrapper = tmp_path / "pausing_train.py"
+    wrapper.write_text(PAUSING_WRAPPER.format(step=8, marker=str(marker), script=str(TRAIN_SCRIPT)))
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(wrapper), *args, "--output_dir", str(interrupted)],
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached step 8"
+            time.sleep(0.1)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert (interrupted / "checkpoint-5").is_dir() and not (interrupted / "checkpoint-10").exists()
+    assert not (interrupted / "model.safetensors").exists()
+
+    Path(train_script.main([*args, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"]))
+    uninterrupted = Path(train_script.main([*args, "--output_dir", str(tmp_path / "uninterrupted")]))
+
+    resumed_weights, reference_weights = load_file(interrupted / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert resumed_weights.keys() == reference_weights.keys()
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=0, msg=name)
+    resumed_log, reference_log = read_log(interrupted), read_log(uninterrupted)
+    assert [entry["step"] for entry in resumed_log["steps"]] == list(range(1, 13))
+    assert [entry["block_size"] for entry in resumed_log["steps"]] == [16] * 7 + [32] * 5
+    assert [entry["block_size"] for entry in reference_log["steps"]] == [16] * 7 + [32] * 5
+    for resumed, reference in zip(resumed_log["steps"], reference_log["steps"]):
+        assert resumed["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+        assert resumed["num_input_tokens_seen"] == reference["num_input_tokens_seen"]
+    assert "the checkpoint" in resumed_log["tokenizer"]
+
+
+def test_curriculum_cuts_each_batch_into_rows_of_the_scheduled_size(tmp_path):
+    from transformers import TrainingArguments
+
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = ArchLMTrainer(model=ArchLMForCausalLM(config), args=args, block_size_schedule=[(0, 8), (3, 16)])
+    batch = {key: torch.arange(32).view(2, 16) for key in ("input_ids", "labels", "attention_mask")}
+    trainer.state.global_step = 2
+    samples, items = trainer.get_batch_samples(iter([batch, batch]), 2, torch.device("cpu"))
+    assert len(samples) == 2 and samples[0]["input_ids"].shape == (4, 8)
+    assert samples[0]["input_ids"][1].tolist() == list(range(8, 16))
+    assert int(items) == 2 * 4 * 7  # predicted tokens of rows of 8
+    trainer.state.global_step = 3
+    samples, items = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    assert samples[0]["input_ids"].shape == (2, 16) and int(items) == 2 * 15
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming and file formats
+# ------------------------------------------------------------------------------------------------
+def test_streaming_run_trains_and_writes_the_folder(tmp_path):
+    output = train(*tiny("--streaming", "--max_steps", "4", "--max_eval_samples", "4", "--output_dir", str(tmp_path / "out")))
+    log = read_log(output)
+    assert log["summary"]["global_step"] == 4 and log["train_blocks"] is None and log["evals"]
+    for name in MODEL_FILES:
+        assert (output / name).is_file(), name
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv", "parquet"])
+def test_trains_on_json_csv_and_parquet_files(tmp_path, extension):
+    from archlm.data import stdlib_source_files
+
+    rows = [{"source": path.read_text(encoding="utf-8"), "name": path.name} for path in stdlib_source_files(0.05)]
+    path = tmp_path / f"train.{extension}"
+    dataset = Dataset.from_list(rows)
+    {"jsonl": dataset.to_json, "csv": dataset.to_csv, "parquet": dataset.to_parquet}[extension](str(path))
+    output = train(*tiny("--train_file", str(path), "--text_column", "source", "--max_steps", "3",
+                         "--output_dir", str(tmp_path / "out")))
+    log = read_log(output)
+    assert log["summary"]["global_step"] == 3 and f"train.{extension}" in log["data"]
+
+
+def test_trains_on_text_files_with_a_validation_file(tmp_path):
+    from archlm.data import stdlib_source_files
+
+    files = stdlib_source_files(0.06)
+    train_text, valid_text = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train_text.write_text("".join(path.read_text(encoding="utf-8") for path in files[1:]), encoding="utf-8")
+    valid_text.write_text(files[0].read_text(encoding="utf-8"), encoding="utf-8")
+    output = train(*tiny("--train_file", str(train_text), "--validation_file", str(valid_text), "--max_steps", "3",
+                         "--output_dir", str(tmp_path / "out")))
+    from transformers import AutoTokenizer
+
+    tokens = len(AutoTokenizer.from_pretrained(output)(valid_text.read_text(encoding="utf-8"))["input_ids"]) + 1  # + EOS
+    log = read_log(output)
+    assert log["evals"] and log["validation_blocks"] == tokens // 32  # the whole file, not a carved split
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA: train -> save -> merge
+# ------------------------------------------------------------------------------------------------
+def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_folder = trained[0]
+    base_weights = load_file(base_folder / "model.safetensors")
+    output = train("--model_name_or_path", str(base_folder), "--lora_r", "4", "--max_steps", "4",
+                   "--learning_rate", "2e-2", "--output_dir", str(tmp_path / "lora"))
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    assert (output / "adapter" / "adapter_model.safetensors").is_file()
+    for name in MODEL_FILES:
+        assert (output / name).is_file(), name
+    log = read_log(output)
+    assert 0 < log["trainable_parameters"] < log["parameters"]
+
+    merged = AutoModelForCausalLM.from_pretrained(output).eval()
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), output / "adapter")
+    rebuilt = rebuilt.merge_and_unload().eval()
+    input_ids = torch.randint(4, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, rebuilt(input_ids).logits, atol=1e-5, rtol=1e-5)
+    merged_weights = load_file(output / "model.safetensors")
+    changed = [name for name in base_weights if not torch.equal(base_weights[name], merged_weights[name])]
+    assert changed and all(name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in changed)
+    assert load_file(base_folder / "model.safetensors").keys() == base_weights.keys()  # the base is untouched
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training step, and nothing written
+# ------------------------------------------------------------------------------------------------
+def write_file(path: Path, content: bytes | str) -> str:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing file": (lambda d: ["--train_file", str(d / "missing.txt")], "does not exist"),
+    "folder as file": (lambda d: ["--train_file", str(d)], "unsupported extension|not a regular file"),
+    "non-utf8 file": (lambda d: ["--train_file", write_file(d / "latin1.txt", "caf\u00e9".encode("latin-1"))], "not UTF-8"),
+    "unsupported format": (lambda d: ["--train_file", write_file(d / "data.xml", "<a/>")], "unsupported extension '.xml'"),
+    "empty dataset": (lambda d: ["--train_file", write_file(d / "empty.jsonl", "")], "empty"),
+    "missing text column": (
+        lambda d: ["--train_file", write_file(d / "rows.jsonl", '{"body": "x = 1"}\n'), "--text_column", "content"],
+        r"--text_column 'content' is not a column.*\['body'\]"),
+    "block larger than the model": (
+        lambda d: ["--config_overrides", TINY_MODEL + ",max_position_embeddings=16"],
+        "--block_size 32 is larger than the model can take \\(max_position_embeddings=16\\)"),
+    "schedule larger than the model": (
+        lambda d: ["--config_overrides", TINY_MODEL + ",max_position_embeddings=16", "--block_size_schedule", "8:0,32:5"],
+        "larger than the model can take"),
+    "streaming without max_steps": (lambda d: ["--streaming"], "--streaming .* needs --max_steps"),
+    "override without '='": (lambda d: ["--config_overrides", "num_hidden_layers"], "is not 'field=value'"),
+    "unknown override": (lambda d: ["--config_overrides", "hiden_size=64"], "'hiden_size' is not an ArchLMConfig field. Did you mean hidden_size"),
+    "override of the wrong type": (lambda d: ["--config_overrides", "hidden_size=wide"], "hidden_size"),
+    "override breaking a rule": (lambda d: ["--config_overrides", "hidden_size=64,num_attention_heads=5"], "num_attention_heads"),
+    "override with bad JSON": (lambda d: ["--config_overrides", "rope_parameters={rope_theta:1}"], "not valid JSON"),
+    "malformed schedule": (lambda d: ["--block_size_schedule", "16-0,32-10"], "--block_size_schedule: entry '16-0'"),
+    "schedule not from step 0": (lambda d: ["--block_size_schedule", "16:5,32:10"], "must start at step 0"),
+    "schedule and block size disagree": (lambda d: ["--block_size_schedule", "16:0,64:10"], "must equal the largest"),
+    "unknown preset": (lambda d: ["--preset", "gpt5"], "--preset 'gpt5' is unknown"),
+    "lora without a model": (lambda d: ["--lora_r", "8"], "--lora_r adapts a trained model"),
+    "resume without checkpoints": (lambda d: ["--resume_from_checkpoint", "latest"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_refused_before_training_and_writes_nothing(tmp_path, case):
+    make_args, message = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    output = tmp_path / "out"
+    args = make_args(inputs)
+    if "--config_overrides" not in args:
+        args = tiny(*args)
+    with pytest.raises(SystemExit) as error:
+        train(*args, "--num_train_epochs", "0.01", "--output_dir", str(output))
+    assert str(error.value.code).startswith("train.py: error: ")
+    assert __import__("re").search(message, str(error.value.code)), error.value.code
+    assert not output.exists()
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(trained, tmp_path):
+    with pytest.raises(SystemExit, match=r"tokenizer has 300 tokens but the model's vocab_size is 100"):
+        train("--tokenizer_name", str(trained[0]), "--config_overrides", TINY_MODEL + ",vocab_size=100",
+              "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_target_that_does_not_exist_lists_the_linear_layers(trained, tmp_path):
+    with pytest.raises(SystemExit, match=r"\['nope'\] are not modules.*'q_proj'"):
+        train("--model_name_or_path", str(trained[0]), "--lora_r", "4", "--lora_target_modules", "q_proj,nope",
+              "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_holding_a_run_is_not_overwritten_by_accident(trained):
+    before = (trained[0] / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="already holds a run.*--overwrite_output_dir"):
+        train(*tiny("--max_steps", "2", "--output_dir", str(trained[0])))
+    assert (trained[0] / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_overwrite_output_dir_starts_over(tmp_path):
+    output = tmp_path / "out"
+    train(*tiny("--max_steps", "2", "--save_steps", "1", "--output_dir", str(output)))
+    assert (output / "checkpoint-2").is_dir()
+    train(*tiny("--max_steps", "1", "--output_dir", str(output), "--overwrite_output_dir"))
+    assert not (output / "checkpoint-2").exists()  # the old run's checkpoints are gone
+    assert read_log(output)["summary"]["global_step"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def test_config_overrides_parse_typed_values():
+    overrides = parse_config_overrides(
+        'num_hidden_layers=4, hidden_act=gelu, qk_norm=true, sliding_window=null, norm_eps=1e-6, '
+        'rope_parameters={"rope_type": "default", "rope_theta": 10000}'
+    )
+    assert overrides == {"num_hidden_layers": 4, "hidden_act": "gelu", "qk_norm": True, "sliding_window": None,
+                         "norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 10000}}
+    assert parse_config_overrides("") == {} and parse_config_overrides(None) == {}
+    with pytest.raises(ValueError, match="sets 'hidden_size' twice"):
+        parse_config_overrides("hidden_size=64,hidden_size=32")
+
+
+def test_split_rows_cuts_blocks_into_consecutive_rows():
+    batch = {"input_ids": torch.arange(12).view(2, 6), "labels": torch.arange(12).view(2, 6), "other": "kept"}
+    rows = split_rows(batch, 3)
+    assert rows["input_ids"].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]] and rows["other"] == "kept"
+
+
+def test_planned_steps_match_the_trainer_rule(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=3,
+                             num_train_epochs=2.5, use_cpu=True, report_to="none")
+    assert planned_steps(100, args) == (9, 23)  # 25 batches -> ceil(25 / 3) = 9 steps per epoch
+    args.max_steps = 7
+    assert planned_steps(100, args) == (9, 7) and planned_steps(None, args) == (None, 7)
+
+
+def test_peak_tflops_probe_measures_a_positive_rate():
+    assert 0 < measure_peak_tflops(torch.device("cpu"), seconds=0.05) < 1000
+
+
+def test_training_log_is_written_atomically(tmp_path):
+    path = tmp_path / "training_log.json"
+    write_json_atomically(path, {"loss": float("nan"), "steps": [1, 2]})
+    assert json.loads(path.read_text()) == {"loss": None, "steps": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["training_log.json"]
+
+
+def test_throughput_and_log_callbacks_report_rates_and_perplexity(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState()
+    throughput = ThroughputCallback(lambda block: 1e6, 1e9, torch.device("cpu"), lambda step: 64)
+    throughput.on_train_begin(args, state, None)
+    throughput.on_step_begin(args, state, None)
+    time.sleep(0.05)
+    throughput.on_step_end(args, state, None)
+    state.num_input_tokens_seen, state.global_step = 1000, 1
+    metrics = throughput.metrics(args, state)
+    assert 0 < metrics["tokens_per_second"] <= 1000 / 0.05
+    assert metrics["mfu"] == pytest.approx(metrics["tokens_per_second"] * 1e6 / 1e9, rel=1e-3)
+    state.log_history = [{"loss": 3.0, "step": 1, **metrics}, {"eval_loss": 2.0, "step": 1}]
+    log = TrainingLogCallback(str(tmp_path), {"architecture_name": "x"})
+    log.on_log(args, state, None)
+    written = read_log(tmp_path)
+    assert written["status"] == "running" and written["evals"][0]["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/compare_architectures.py
+# ------------------------------------------------------------------------------------------------
+def load_compare_script():
+    spec = importlib.util.spec_from_file_location("archlm_compare_script", REPO / "examples" / "compare_architectures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(folder: Path, name: str, eval_loss: float | None) -> Path:
+    folder.mkdir(parents=True)
+    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125}
+    write_json_atomically(folder / "training_log.json", {
+        "architecture_name": name, "parameters": 1_000_000, "summary": summary,
+        "steps": [{"step": step, "loss": 5.0 - step / 10} for step in range(1, 11)],
+        "evals": [{"step": 10, "eval_loss": eval_loss}] if eval_loss is not None else [],
+    })
+    return folder
+
+
+def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
+    compare = load_compare_script()
+    runs = [fake_run(tmp_path / "gpt2", "A-arch", 3.5), fake_run(tmp_path / "llama", "B-arch", 3.0),
+            fake_run(tmp_path / "broken", "C-arch", None)]
+    output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "compare")]))
+    table = (output / "comparison.md").read_text().splitlines()
+    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | eval loss | perplexity |"
+    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 3.0000 | 20.09 |")
+    assert table[3].startswith("| 2 | gpt2 | A-arch") and table[4].startswith("| 3 | broken | C-arch") and table[4].endswith("| - | - |")
+    assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--output_dir", str(tmp_path / "compare")])  # not a run folder
+
+
+@pytest.mark.slow
+def test_compare_trains_presets_on_the_same_data_seed_and_budget(tmp_path):
+    command = [sys.executable, str(REPO / "examples" / "compare_architectures.py"), "--presets", "gpt2,llama",
+               "--max_steps", "3", "--output_dir", str(tmp_path), "--",
+               *TINY, "--config_overrides", "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=2"]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [read_log(tmp_path / preset) for preset in ("gpt2", "llama")]
+    assert [log["summary"]["global_step"] for log in logs] == [3, 3]
+    assert logs[0]["config"]["vocab_size"] == logs[1]["config"]["vocab_size"] and "gpt2" in logs[1]["tokenizer"]
+    assert logs[0]["steps"][0]["num_input_tokens_seen"] == logs[1]["steps"][0]["num_input_tokens_seen"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "LN-GELU" in table and "RMS-SwiGLU" in table and (tmp_path / "loss_curves.png").is_file()
