@@ -55,7 +55,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(
         vocab_size=50257,
         hidden_size=768,
-        intermediate_size=3072,
         num_hidden_layers=12,
         num_attention_heads=12,
         max_position_embeddings=1024,
@@ -138,40 +137,63 @@ _GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU"}
 _LEGACY_KWARGS = {"rope_theta", "rope_scaling", "attn_implementation", "torch_dtype", "num_labels"}
 
 
-def parse_config_overrides(text: str) -> dict[str, Any]:
-    """Parse `"k=v,k=v"` (run_clm.py's `--config_overrides`) into typed values.
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside quotes, brackets and braces, so JSON values may hold commas."""
+    parts, depth, quote, current = [], 0, None, []
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
 
-    Values are read as JSON where they parse (`4`, `0.1`, `true`, `null`, `[1, 2]`, `{"rope_type": "linear", ...}`),
-    Python's `True`/`False`/`None` are accepted too, anything else stays a string (`hidden_act=gelu`). Commas inside
-    brackets or braces do not split, so dict values work."""
+
+def _parse_value(text: str):
+    literals = {"true": True, "false": False, "none": None, "null": None}
+    if text.lower() in literals:
+        return literals[text.lower()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if text[:1] in "[{":
+            raise ValueError(f"is not valid JSON: {text!r}") from None
+        return text
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """`"num_hidden_layers=4,hidden_act=gelu,qk_norm=true"` (run_clm.py's `--config_overrides`) -> typed values.
+
+    Values are JSON (numbers, true/false/null, strings, lists, objects such as a whole `rope_parameters`), Python's
+    True/False/None, or a bare string. Unknown field names are refused with the closest known names."""
+    if not text or not text.strip():
+        return {}
+    known = sorted({f.name for f in dataclasses.fields(ArchLMConfig)} | _LEGACY_KWARGS)
     overrides: dict[str, Any] = {}
-    items, depth, current = [], 0, ""
-    for char in text or "":
-        depth += char in "[{"
-        depth -= char in "]}"
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    for item in (item.strip() for item in items):
-        if not item:
-            continue
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key or not raw:
-            raise ValueError(f"Malformed config override {item!r}: expected key=value pairs separated by commas, e.g. 'hidden_size=256,num_hidden_layers=4'.")
-        python_literals = {"True": True, "False": False, "None": None}
-        if raw in python_literals:
-            overrides[key] = python_literals[raw]
-            continue
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"--config_overrides: {item.strip()!r} is not 'field=value' (expected e.g. \"num_hidden_layers=4,hidden_size=256\").")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"--config_overrides: {key!r} is not an ArchLMConfig field.{hint} Fields: {', '.join(known)}.")
+        if key in overrides:
+            raise ValueError(f"--config_overrides sets {key!r} twice.")
         try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            if raw[0] in "[{":
-                raise ValueError(f"Config override {key}={raw!r} looks like JSON but does not parse.") from None
-            overrides[key] = raw
+            overrides[key] = _parse_value(value)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides: the value of {key!r} {error}") from None
     return overrides
 
 
