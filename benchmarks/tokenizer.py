@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import tokenizers
 import transformers
 from tokenizers import ByteLevelBPETokenizer
 
+from archlm.data import stdlib_source_files
 from archlm.tokenization_archlm import train_tokenizer
 
 
@@ -35,16 +35,7 @@ logger = logging.getLogger("benchmarks.tokenizer")
 
 def stdlib_split(train_bytes: int) -> tuple[list[Path], list[Path]]:
     """(training files of about `train_bytes`, held-out files) from the standard library's UTF-8 .py files."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = []
-    for path in sorted(stdlib.rglob("*.py")):
-        if {"site-packages", "dist-packages"} & set(path.relative_to(stdlib).parts):
-            continue
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # a few test modules are deliberately latin-1 or koi8-r
-        sources.append(path)
+    sources = stdlib_source_files()  # the default training corpus: UTF-8 .py files, tests and packages left out
     held_out = sources[::10]
     training, size = [], 0
     for index, path in enumerate(sources):

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer
 
+from archlm.data import stdlib_source_files
 from archlm.tokenization_archlm import (
     BOS_TOKEN_ID,
     CHAT_TEMPLATE,
@@ -74,16 +74,7 @@ SPECIAL_TOKEN_IDS = {
 
 def _stdlib_sources():
     """The standard library's UTF-8 .py files, sorted: every tenth held out, the rest for training."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = []
-    for path in sorted(stdlib.rglob("*.py")):
-        if {"site-packages", "dist-packages"} & set(path.relative_to(stdlib).parts):
-            continue
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            continue  # a few test modules are deliberately latin-1 or koi8-r
-        sources.append(path)
+    sources = stdlib_source_files()  # the default training corpus: UTF-8 .py files, tests and packages left out
     held_out = sources[::10]
     training = [path for index, path in enumerate(sources) if index % 10]
     return _take_bytes(training, TRAIN_BYTES), _take_bytes(held_out, HELD_OUT_BYTES)
