@@ -49,18 +49,6 @@ def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, **kwargs) -> 
     return statistics.median(samples)
 
 
-def matmul_tflops(dtype: torch.dtype, size: int, device: str = "cpu", min_seconds: float = 0.5) -> float:
-    """Measured dense matmul rate of this machine: the roofline MFU is computed against."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    a @ b  # warm-up
-    runs, elapsed = 0, 0.0
-    while elapsed < min_seconds:
-        elapsed += seconds(lambda: a @ b, device)
-        runs += 1
-    return 2 * size**3 * runs / elapsed / 1e12
-
-
 def write_results(output_dir: str | Path, name: str, results: dict, table: str) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

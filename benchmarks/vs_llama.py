@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
-from common import decode_ms_per_token, machine_description, matmul_tflops, seconds, write_results
+from common import decode_ms_per_token, machine_description, seconds, write_results
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
 from archlm.convert import to_transformers
+from archlm.training import measure_peak_tflops
 
 logger = logging.getLogger("benchmarks.vs_llama")
 
@@ -179,6 +180,10 @@ def main(argv=None):
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     prompt = torch.randint(3, args.vocab, (1, args.decode_prompt), device=args.device)
     tokens = args.batch * args.seq
+    # the roofline first, on an idle machine: the best of several windows, as train.py's MFU uses it
+    device = torch.device(args.device)
+    rates = {"float32": measure_peak_tflops(device, torch.float32, seconds=2.0),
+             "bfloat16": measure_peak_tflops(device, torch.bfloat16, seconds=2.0)}
     logger.info("measuring %s: forward, train step, decode (dynamic, static), memory", archlm.config.architecture_name)
 
     forward = interleaved(models, forward_seconds(ids, args.device), args.pairs)
@@ -191,8 +196,6 @@ def main(argv=None):
             m, prompt, args.decode_tokens, 1, cache_implementation="static"), args.pairs)
     memory = {name: peak_memory(args, name) for name in models}
 
-    rates = {"float32": matmul_tflops(torch.float32, 1024, args.device),
-             "bfloat16": matmul_tflops(torch.bfloat16, 256 if args.device == "cpu" else 4096, args.device)}
     flops = archlm.flops_per_token(args.seq)
     peak = rates["bfloat16" if dtype == torch.bfloat16 else "float32"] * 1e12
     rows = [
