@@ -681,3 +681,21 @@ def test_any_config_is_refused_at_construction_or_trains_with_finite_loss_and_gr
 
     check()
     assert outcomes["trained"] >= 3, outcomes  # the property must also be exercised on valid configs
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_flex_attention_matches_eager_at_inference(position):
+    """flex_attention through transformers' interface (block masks; ALiBi as its score_mod bias). torch has no flex
+    backward on CPU, so this checks the forward."""
+    torch.manual_seed(0)
+    model = ArchLMForCausalLM(tiny_config(position_embedding_type=position, num_key_value_heads=2)).eval()
+    ids = torch.randint(3, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("flex_attention")
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
