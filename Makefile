@@ -12,6 +12,9 @@ $(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt
 	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
+	# DeepSpeed ships as an sdist whose setup imports torch: built against the torch above (no build isolation, which
+	# would fetch a CUDA torch), its C++/CUDA ops left to JIT-build on first use (DS_BUILD_OPS=0).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,deepspeed]" -c constraints.txt
 	touch $@
 
 test: $(VENV)/.installed

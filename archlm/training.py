@@ -246,6 +246,23 @@ def apply_lora(model, model_args: ModelArguments):
     return get_peft_model(model, lora_config)
 
 
+def connect_deepspeed(training_args: TrainingArguments) -> None:
+    """With --deepspeed on CPU (`use_cpu`), the Trainer starts torch.distributed (gloo) but not DeepSpeed's own
+    communication layer, and ZeRO-3's `zero.Init` (which partitions the model while it is built) then reads a world
+    size of 1 and fails the "auto" batch-size check. This joins DeepSpeed to the process group already there; on
+    GPUs accelerate has done it already and this does nothing."""
+    if training_args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of the whole model, also while ZeRO-3 holds only this process's shard of each one (its full
+    size is then `ds_numel`; `numel()` is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def base_model(model) -> ArchLMForCausalLM:
     """The ArchLM model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -492,11 +509,48 @@ def save_model_folder(trainer: Trainer, tokenizer, output_dir: str, lora: bool) 
         trainer.save_model(output_dir)
 
 
+def needs_synced_generation(model) -> bool:
+    """Whether every process must take part in generation: under ZeRO-3 or FSDP each forward gathers weights
+    that are sharded across the processes, so one process generating alone would wait for the others forever."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
+
+
+def check_launch(trainer: Trainer) -> None:
+    """Refuses a launch whose sharding the Trainer's accelerator silently dropped: accelerate 1.15 turns an FSDP
+    launch (`accelerate launch` with distributed_type FSDP) into plain DDP when the processes run on CPU (its
+    MULTI_CPU mode has no FSDP), and the run would otherwise train unsharded without a word."""
+    wanted = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else None
+    wanted = "DEEPSPEED" if trainer.args.deepspeed else wanted
+    got = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    if wanted is not None and got != wanted:
+        raise ValueError(
+            f"The launcher asked for {wanted} but the Trainer runs {got} ({trainer.args.world_size} processes on "
+            f"{trainer.args.device.type}). accelerate runs FSDP only on GPUs (or other accelerators); on CPU use "
+            "DeepSpeed (--deepspeed examples/deepspeed/zero3.json) or DDP (examples/accelerate/ddp.yaml)."
+        )
+
+
+def distributed_summary(trainer: Trainer) -> dict:
+    """How the run was spread: the number of processes, accelerate's distributed type and the wrapper the
+    Trainer trained through (DistributedDataParallel, DeepSpeedEngine, an FSDP module, or the model itself when
+    nothing wrapped it). A misconfigured launcher fails silently (independent single processes), so this is logged."""
+    return {
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "wrapped_model": type(trainer.model_wrapped).__name__,
+    }
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-    """A sampled continuation of `prompt` (temperature 0.8, top-k 40), decoded with the prompt."""
+def sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0, synced_gpus: bool = False) -> str:
+    """A sampled continuation of `prompt` (temperature 0.8, top-k 40), decoded with the prompt. With sharded
+    weights (ZeRO-3, FSDP) every process must call this with `synced_gpus=True`."""
     model.eval()
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
+                            synced_gpus=synced_gpus)
     return tokenizer.decode(output[0], skip_special_tokens=True)

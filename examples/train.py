@@ -49,11 +49,16 @@ from archlm.training import (
     build_model,
     check_arguments,
     check_block_size,
+    check_launch,
     check_output_dir,
     clear_output_dir,
+    connect_deepspeed,
+    count_parameters,
+    distributed_summary,
     format_report,
     load_or_train_tokenizer,
     measure_peak_tflops,
+    needs_synced_generation,
     perplexity,
     planned_steps,
     resolve_checkpoint,
@@ -124,7 +129,7 @@ def startup_report(run: Setup, data_args: DataArguments, training_args: Training
     args, data, model = training_args, run.data, base_model(run.model)
     steps_per_epoch, total_steps = planned_steps(data.train_blocks, args)
     batch_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    trainable = count_parameters(run.model, trainable_only=True)
     if data.train_blocks is None:
         blocks, steps = "streamed", f"{total_steps:,} (--max_steps)"
     else:
@@ -136,7 +141,7 @@ def startup_report(run: Setup, data_args: DataArguments, training_args: Training
     schedule = f"; schedule {data_args.block_size_schedule}" if data_args.block_size_schedule else ""
     rows = [
         ("architecture", run.config.architecture_name),
-        ("parameters", f"{model.num_parameters():,} ({trainable:,} trainable)"),
+        ("parameters", f"{count_parameters(model):,} ({trainable:,} trainable)"),
         ("FLOPs/token", f"{model.flops_per_token(data.block_size):,.0f} (training, at {data.block_size} tokens)"),
         ("data", run.raw.description),
         ("blocks", f"{blocks} of {data.block_size} tokens{schedule}"),
@@ -156,8 +161,8 @@ def log_header(run: Setup, data_args: DataArguments, training_args: TrainingArgu
     return {
         "architecture_name": run.config.architecture_name,
         "config": run.config.to_dict(),
-        "parameters": model.num_parameters(),
-        "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "parameters": count_parameters(model),
+        "trainable_parameters": count_parameters(run.model, trainable_only=True),
         "flops_per_token": model.flops_per_token(run.data.block_size),
         "peak_tflops": peak_tflops,
         "data": run.raw.description,
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     # INFO to stdout, unless the caller (a notebook, a test runner) has set logging up already
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    connect_deepspeed(training_args)  # before the model is built: ZeRO-3 partitions it as it is created
     try:
         run = setup(model_args, data_args, run_args, training_args)
     except SETUP_ERRORS as error:
@@ -206,6 +212,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         callbacks=[throughput, training_log, *(callbacks or [])],
         block_size_schedule=run.schedule if len(run.schedule) > 1 else None,
     )
+    try:
+        check_launch(trainer)
+    except ValueError as error:
+        raise SystemExit(f"train.py: error: {error}") from None
     trainer.train(resume_from_checkpoint=run.checkpoint)
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
@@ -213,13 +223,22 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     if evals:
         logger.info("Final eval_loss %.4f, perplexity %.2f", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]))
     save_model_folder(trainer, run.tokenizer, output_dir, lora=bool(model_args.lora_r))
-    training_log.finish(training_args, trainer.state, run_summary(trainer.state, throughput, device))
+    summary = {**run_summary(trainer.state, throughput, device), **distributed_summary(trainer)}
+    training_log.finish(training_args, trainer.state, summary)
 
-    if run_args.sample_prompt and training_args.should_save:
-        text = sample(trainer.model, run.tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens, training_args.seed)
-        logger.info("Sample (prompt %r):\n%s", run_args.sample_prompt, text)
+    synced = needs_synced_generation(trainer.model_wrapped)  # sharded weights: every process generates
+    if run_args.sample_prompt and (training_args.should_save or synced):
+        text = sample(trainer.model, run.tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens,
+                      training_args.seed, synced_gpus=synced)
+        if training_args.should_save:
+            logger.info("Sample (prompt %r):\n%s", run_args.sample_prompt, text)
     folder = os.path.abspath(output_dir)
     logger.info("Model folder: %s\n  load it with AutoModelForCausalLM.from_pretrained(%r, trust_remote_code=True)", folder, folder)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave together and tear the group down: a rank that exits while gloo or DeepSpeed's shared-memory
+        # threads still run can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return output_dir
 
 

@@ -554,3 +554,18 @@ def test_compare_trains_presets_on_the_same_data_seed_and_budget(tmp_path):
     assert logs[0]["steps"][0]["num_input_tokens_seen"] == logs[1]["steps"][0]["num_input_tokens_seen"]
     table = (tmp_path / "comparison.md").read_text()
     assert "LN-GELU" in table and "RMS-SwiGLU" in table and (tmp_path / "loss_curves.png").is_file()
+
+
+def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
+    """`--report_to tensorboard` goes through transformers' own callback: the event files hold the logged loss and
+    ArchLM's throughput figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = train(*tiny("--max_steps", "3", "--report_to", "tensorboard", "--output_dir", str(tmp_path / "out")))
+    event_files = list(output.rglob("events.out.tfevents.*"))
+    assert event_files, f"no tensorboard event file under {output}"
+    accumulator = EventAccumulator(str(event_files[0].parent))
+    accumulator.Reload()
+    scalars = set(accumulator.Tags()["scalars"])
+    assert "train/loss" in scalars
+    assert any("tokens_per_second" in tag or "mfu" in tag for tag in scalars), sorted(scalars)

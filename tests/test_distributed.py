@@ -1,0 +1,254 @@
+"""examples/train.py launched on 2 processes: DeepSpeed ZeRO-2/3/3-offload through torchrun and accelerate, DDP
+through accelerate (FSDP through accelerate where a GPU is present; accelerate has no FSDP on CPU).
+
+Each run trains a tiny model for a few steps, records its world size and wrapper in training_log.json (a launcher
+misconfigured fails silently, as independent single processes), saves, and reloads in a fresh process with every
+parameter present. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu over gloo; its JIT-built ops land in
+TORCH_EXTENSIONS_DIR (default build/torch_extensions), so only the first run of a machine builds them.
+
+    .venv/bin/python -m pytest tests/test_distributed.py -q -m distributed
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TRAIN_SCRIPT = str(REPO / "examples" / "train.py")
+DEEPSPEED = REPO / "examples" / "deepspeed"
+ACCELERATE = REPO / "examples" / "accelerate"
+TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"
+TINY = [
+    "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",
+    "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0",
+    "--peak_tflops", "0.05", "--disable_tqdm", "true", "--sample_prompt", "", "--report_to", "none",
+    "--ddp_find_unused_parameters", "false", "--save_strategy", "no",
+]
+HAS_GPU = torch.cuda.device_count() >= 2
+WALL_TIMES: dict[str, float] = {}
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",  # 2 processes on 2 cores
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if HAS_GPU else "cpu"),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")),
+    }
+
+
+def run(launcher: list[str], *args: str, name: str, timeout: int = 300) -> str:
+    """Runs examples/train.py under `launcher`; fails with the end of its output unless it exits 0."""
+    start = time.perf_counter()
+    result = subprocess.run([*launcher, TRAIN_SCRIPT, *TINY, *args], cwd=REPO, env=env(), capture_output=True,
+                            text=True, timeout=timeout)
+    WALL_TIMES[name] = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    print(f"{name}: {WALL_TIMES[name]:.1f} s")
+    return output
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", str(29500 + os.getpid() % 1000)]
+
+
+def accelerate(config: str) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE / config),
+            "--main_process_port", str(29500 + os.getpid() % 1000)]
+
+
+def read_log(folder: Path) -> dict:
+    return json.loads((folder / "training_log.json").read_text())
+
+
+def check_distributed(folder: Path, distributed_type: str, wrapped_model: str) -> dict:
+    summary = read_log(folder)["summary"]
+    assert summary["world_size"] == 2, summary
+    assert summary["distributed_type"] == distributed_type, summary
+    assert wrapped_model in summary["wrapped_model"], summary
+    return summary
+
+
+RELOAD = """
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tensors = load_file(folder + "/model.safetensors")
+logits = model(torch.arange(16).unsqueeze(0)).logits
+stds = {name: tensor.float().std().item() for name, tensor in tensors.items() if tensor.dim() == 2}
+print(json.dumps({
+    "parameters": model.num_parameters(),
+    "estimate": model.config.num_parameters_estimate(),
+    "saved": sum(tensor.numel() for tensor in tensors.values()),
+    "empty": [name for name, tensor in tensors.items() if tensor.numel() == 0],
+    "missing": sorted(set(n for n, _ in model.named_parameters()) - set(tensors)),
+    "finite": bool(torch.isfinite(logits).all()),
+    "stds": stds,
+}))
+"""
+
+
+def reload(folder: Path) -> dict:
+    """Loads the folder in a fresh process (no DeepSpeed, no process group): every parameter, none empty,
+    finite logits."""
+    result = subprocess.run([sys.executable, "-c", RELOAD, str(folder)], env={**env(), "PYTHONPATH": ""},
+                            capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["parameters"] == loaded["estimate"] == loaded["saved"] > 0, loaded
+    assert loaded["empty"] == [] and loaded["missing"] == [], loaded
+    assert loaded["finite"]
+    return loaded
+
+
+def losses(folder: Path) -> list[float]:
+    return [entry["loss"] for entry in read_log(folder)["steps"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed through torchrun
+# ------------------------------------------------------------------------------------------------
+def test_zero2_trains_saves_and_reloads(tmp_path):
+    out = tmp_path / "zero2"
+    run(torchrun(), "--config_overrides", TINY_MODEL, "--max_steps", "4", "--output_dir", str(out),
+        "--deepspeed", str(DEEPSPEED / "zero2.json"), name="torchrun + zero2.json")
+    check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
+    assert len(losses(out)) == 4 and all(math.isfinite(loss) for loss in losses(out))
+    reload(out)
+
+
+def test_zero3_saves_every_parameter_generates_synced_and_resumes(tmp_path):
+    """ZeRO-3: the consolidated 16-bit gather on save writes every parameter; the end-of-run sample runs on both
+    processes with synced_gpus (one process generating alone would hang on the sharded weights); a run resumed
+    from the step-2 ZeRO checkpoint ends with the same losses as the uninterrupted one."""
+    out = tmp_path / "zero3"
+    common = ["--config_overrides", TINY_MODEL, "--max_steps", "4", "--output_dir", str(out),
+              "--deepspeed", str(DEEPSPEED / "zero3.json"), "--save_strategy", "steps", "--save_steps", "2"]
+    output = run(torchrun(), *common, "--sample_prompt", "def ", "--sample_max_new_tokens", "4",
+                 name="torchrun + zero3.json")
+    summary = check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
+    assert "Sample (prompt 'def ')" in output
+    assert read_log(out)["parameters"] > 0  # counted from ds_numel, not the empty local shards
+    reload(out)
+    assert sorted(p.name for p in (out / "checkpoint-2" / "global_step2").glob("*model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+
+    uninterrupted = losses(out)
+    run(torchrun(), *common, "--resume_from_checkpoint", str(out / "checkpoint-2"), name="torchrun + zero3.json resume")
+    resumed = losses(out)
+    assert len(resumed) == 4 and resumed[:2] == uninterrupted[:2]
+    assert resumed[2:] == pytest.approx(uninterrupted[2:], rel=1e-5)
+    assert read_log(out)["summary"]["global_step"] == summary["global_step"] == 4
+
+
+def test_zero3_applies_scaled_init_to_the_partitioned_weights(tmp_path):
+    """Under zero.Init the model is partitioned as it is built; transformers then gathers each module and runs
+    `_init_weights` on rank 0. One step at learning rate 0 saves those initial weights: o_proj/down_proj must have
+    std = initializer_range / sqrt(2 * layers) x 0.880 (a normal truncated at 2 std), the other matrices
+    initializer_range x 0.880."""
+    out = tmp_path / "init"
+    layers, std = 4, 0.02
+    run(torchrun(), "--config_overrides",
+        f"num_hidden_layers={layers},hidden_size=128,num_attention_heads=4,intermediate_size=256,init_scheme=scaled",
+        "--max_steps", "1", "--learning_rate", "0", "--output_dir", str(out),
+        "--deepspeed", str(DEEPSPEED / "zero3.json"), name="torchrun + zero3.json init")
+    stds = reload(out)["stds"]
+    truncation = 0.8796  # std of N(0, 1) truncated to [-2, 2]
+    for name, value in stds.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert value == pytest.approx(std / math.sqrt(2 * layers) * truncation, rel=0.05), name
+        elif "layers" in name:
+            assert value == pytest.approx(std * truncation, rel=0.05), name
+
+
+def test_zero3_on_two_processes_matches_one_process_at_the_same_global_batch(tmp_path):
+    """2 processes x batch 2 and 1 process x batch 4 see the same 4 blocks per step (accelerate's batch sampler
+    hands process i the i-th slice of each global batch of the same seeded permutation) from the same initial
+    weights (ZeRO-3 init runs on rank 0 in both), so their losses agree to float32 reduction-order noise:
+    relative tolerance 1e-4 over 4 steps. (A run without DeepSpeed is not compared: zero.Init initialises the
+    modules one by one, drawing the seeded random numbers in another order, so its initial weights differ.)"""
+    common = ["--config_overrides", f"{TINY_MODEL},init_scheme=scaled", "--max_steps", "4",
+              "--deepspeed", str(DEEPSPEED / "zero3.json")]
+    two, one = tmp_path / "two", tmp_path / "one"
+    run(torchrun(2), *common, "--output_dir", str(two), name="torchrun + zero3.json, 2 x 2")
+    run(torchrun(1), *common, "--output_dir", str(one), "--per_device_train_batch_size", "4",
+        name="torchrun + zero3.json, 1 x 4")
+    assert read_log(one)["summary"]["world_size"] == 1
+    check_distributed(two, "DEEPSPEED", "DeepSpeedEngine")
+    assert len(losses(two)) == len(losses(one)) == 4
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+def test_zero3_offload_trains_saves_and_reloads(tmp_path):
+    """Optimizer state and parameters offloaded to CPU; the optimizer is DeepSpeed's CPU Adam (JIT-built once)."""
+    out = tmp_path / "offload"
+    run(torchrun(), "--config_overrides", TINY_MODEL, "--max_steps", "4", "--output_dir", str(out),
+        "--deepspeed", str(DEEPSPEED / "zero3_offload.json"), name="torchrun + zero3_offload.json", timeout=600)
+    check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
+    assert losses(out)[-1] < losses(out)[0]
+    reload(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# accelerate launch
+# ------------------------------------------------------------------------------------------------
+def test_accelerate_ddp_trains_saves_and_reloads(tmp_path):
+    out = tmp_path / "ddp"
+    run(accelerate("ddp.yaml"), "--config_overrides", TINY_MODEL, "--max_steps", "4", "--output_dir", str(out),
+        name="accelerate ddp.yaml")
+    check_distributed(out, "MULTI_GPU" if HAS_GPU else "MULTI_CPU", "DistributedDataParallel")
+    reload(out)
+
+
+def test_accelerate_deepspeed_zero3_trains_saves_and_reloads(tmp_path):
+    out = tmp_path / "accelerate-zero3"
+    run(accelerate("deepspeed_zero3.yaml"), "--config_overrides", TINY_MODEL, "--max_steps", "4",
+        "--output_dir", str(out), name="accelerate deepspeed_zero3.yaml")
+    check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
+    reload(out)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="accelerate 1.15 has no FSDP on CPU (MULTI_CPU); needs 2 GPUs")
+def test_accelerate_fsdp_saves_a_full_state_dict(tmp_path):
+    out = tmp_path / "fsdp"
+    run(accelerate("fsdp.yaml"), "--config_overrides", TINY_MODEL, "--max_steps", "4", "--output_dir", str(out),
+        name="accelerate fsdp.yaml")
+    check_distributed(out, "FSDP", "FSDP")
+    reload(out)
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_ddp(tmp_path):
+    """accelerate turns an FSDP launch on CPU into DDP without a word; train.py stops with a message instead."""
+    if HAS_GPU:
+        pytest.skip("on GPUs FSDP runs (test_accelerate_fsdp_saves_a_full_state_dict)")
+    result = subprocess.run([*accelerate("fsdp.yaml"), TRAIN_SCRIPT, *TINY, "--config_overrides", TINY_MODEL,
+                             "--max_steps", "1", "--output_dir", str(tmp_path / "fsdp")],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "The launcher asked for FSDP but the Trainer runs MULTI_CPU" in result.stdout + result.stderr
+
+
+def test_no_split_modules_names_the_decoder_layer():
+    """FSDP's auto-wrap (fsdp.yaml) and accelerate's device maps shard at the decoder layer."""
+    from archlm import ArchLMConfig, ArchLMForCausalLM, parse_config_overrides
+
+    model = ArchLMForCausalLM(ArchLMConfig.from_preset("llama", vocab_size=64, **parse_config_overrides(TINY_MODEL)))
+    layer_classes = {type(layer).__name__ for layer in model.model.layers}
+    assert set(model._no_split_modules) == layer_classes == {"ArchLMDecoderLayer"}
+    assert "fsdp_transformer_layer_cls_to_wrap: ArchLMDecoderLayer" in (ACCELERATE / "fsdp.yaml").read_text()
