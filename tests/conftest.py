@@ -29,3 +29,7 @@ TINY = dict(
 def tiny_config(**overrides) -> ArchLMConfig:
     """A 2-layer, 32-wide config; any field can be overridden."""
     return ArchLMConfig(**{**TINY, **overrides})
+
+
+# --config_overrides of the tiny model the training and distributed tests train with examples/train.py
+TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed
@@ -28,7 +29,6 @@ BIN = Path(sys.executable).parent
 TRAIN_SCRIPT = str(REPO / "examples" / "train.py")
 DEEPSPEED = REPO / "examples" / "deepspeed"
 ACCELERATE = REPO / "examples" / "accelerate"
-TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"
 TINY = [
     "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",
     "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0",

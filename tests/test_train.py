@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -35,7 +36,6 @@ from archlm.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "examples" / "train.py"
-TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"
 TINY = [
     "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",
     "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "0",
