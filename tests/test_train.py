@@ -569,3 +569,18 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
     scalars = set(accumulator.Tags()["scalars"])
     assert "train/loss" in scalars
     assert any("tokens_per_second" in tag or "mfu" in tag for tag in scalars), sorted(scalars)
+
+
+def test_report_to_wandb_logs_the_run_offline(tmp_path, monkeypatch):
+    """`--report_to wandb` goes through transformers' own callback; offline mode (no network here) writes the run
+    to a local file that `wandb sync` would upload."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    train(*tiny("--max_steps", "3", "--report_to", "wandb", "--output_dir", str(tmp_path / "out")))
+    wandb.finish()  # in-process the run stays open (a script's exit closes it); closing flushes the file
+    runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    assert b"train/loss" in runs[0].read_bytes()
