@@ -1,6 +1,7 @@
 """Timing, machine and output helpers shared by the benchmark scripts (imported as `common`: the scripts run
 from this folder's parent with `python benchmarks/NAME.py`, which puts this folder on sys.path)."""
 
+import gc
 import json
 import platform
 import statistics
@@ -47,6 +48,29 @@ def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, **kwargs) -> 
         many = generate_seconds(model, ids, new_tokens, **kwargs)
         samples.append(max(many - one, 1e-9) / (new_tokens - 1) * 1000)
     return statistics.median(samples)
+
+
+def start_peak_memory(device: str) -> int:
+    """Restart the peak-memory count and return the bytes in use now (GPU: allocator; CPU: resident set, Linux)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (VmHWM) from here
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory_since(device: str, base: int) -> int:
+    """Peak bytes above `base` since `start_peak_memory`."""
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _proc_status_bytes("VmHWM")
+    return peak - base
+
+
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def write_results(output_dir: str | Path, name: str, results: dict, table: str) -> Path:

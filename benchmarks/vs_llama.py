@@ -13,16 +13,21 @@ vs_llama.json, vs_llama.md and vs_llama.png to --output_dir.
 """
 
 import argparse
-import gc
 import json
 import logging
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-from common import decode_ms_per_token, machine_description, seconds, write_results
+from common import (
+    decode_ms_per_token,
+    machine_description,
+    peak_memory_since,
+    seconds,
+    start_peak_memory,
+    write_results,
+)
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
 from archlm.convert import to_transformers
@@ -108,25 +113,11 @@ def memory_probe(args) -> None:
     model = models[args.memory_probe]
     del models
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count (VmHWM) from here
-        base = _proc_status_bytes("VmRSS")
+    base = start_peak_memory(args.device)
     measure = train_step_seconds(ids, args.device)
     measure(model)
     measure(model)  # the second step holds AdamW's state too
-    peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else _proc_status_bytes("VmHWM")
-    print(json.dumps({"peak_bytes": peak - base}))
-
-
-def _proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    print(json.dumps({"peak_bytes": peak_memory_since(args.device, base)}))
 
 
 def peak_memory(args, name: str) -> int:
