@@ -29,7 +29,6 @@ from tokenizers import ByteLevelBPETokenizer
 from archlm.data import stdlib_source_files
 from archlm.tokenization_archlm import train_tokenizer
 
-
 logger = logging.getLogger("benchmarks.tokenizer")
 
 
