@@ -10,6 +10,25 @@ from pathlib import Path
 
 import torch
 
+from archlm import ArchLMConfig
+
+
+def add_model_flags(parser, hidden=512, layers=4, heads=8, kv_heads=4, vocab=8192) -> None:
+    """The flags of the llama-preset model the speed and memory benchmarks measure."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--kv_heads", type=int, default=kv_heads)
+    parser.add_argument("--vocab", type=int, default=vocab)
+
+
+def llama_config(args, **overrides) -> ArchLMConfig:
+    """The llama preset at the sizes `add_model_flags` parsed; `overrides` win."""
+    return ArchLMConfig.from_preset(
+        "llama", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, **overrides,
+    )
+
 
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()

@@ -18,6 +18,8 @@ import sys
 
 import torch
 from common import (
+    add_model_flags,
+    llama_config,
     machine_description,
     peak_memory_since,
     seconds,
@@ -25,18 +27,14 @@ from common import (
     write_results,
 )
 
-from archlm import ArchLMConfig, ArchLMForCausalLM
+from archlm import ArchLMForCausalLM
 
 logger = logging.getLogger("benchmarks.memory")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv_heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_flags(parser)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seqs", default="256,512,1024,2048", help="sequence lengths of the eager vs sdpa sweep")
     parser.add_argument("--checkpoint_seq", type=int, default=1024, help="sequence length of the checkpointing sweep")
@@ -50,11 +48,7 @@ def parse_args(argv=None):
 def probe(args, variant: dict) -> dict:
     """One variant in this process: {"seconds": median step time, "peak_bytes": peak above the model's own}."""
     torch.manual_seed(0)
-    config = ArchLMConfig.from_preset(
-        "llama", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=max(2048, variant["seq"]),
-        use_cache=False,
-    )
+    config = llama_config(args, max_position_embeddings=max(2048, variant["seq"]), use_cache=False)
     model = ArchLMForCausalLM(config).to(args.device).train()
     model.set_attn_implementation(variant["attn"])
     if variant["every_n_layers"]:
@@ -133,9 +127,7 @@ def main(argv=None):
     checkpointing = [run_variant(args, seq=args.checkpoint_seq, attn="sdpa", every_n_layers=n) for n in (0, 2, 1)]
     logger.info("eager vs sdpa at seq %s", seqs)
     attention = [run_variant(args, seq=seq, attn=attn, every_n_layers=0) for seq in seqs for attn in ("eager", "sdpa")]
-    architecture = ArchLMConfig.from_preset(
-        "llama", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab).architecture_name
+    architecture = llama_config(args).architecture_name
     results = {"architecture": architecture, "batch": args.batch, "steps": args.steps, "machine": machine_description(),
                "checkpoint_seq": args.checkpoint_seq, "checkpointing": checkpointing, "attention": attention}
     table = markdown(results)

@@ -21,7 +21,9 @@ import sys
 
 import torch
 from common import (
+    add_model_flags,
     decode_ms_per_token,
+    llama_config,
     machine_description,
     peak_memory_since,
     seconds,
@@ -29,7 +31,7 @@ from common import (
     write_results,
 )
 
-from archlm import ArchLMConfig, ArchLMForCausalLM
+from archlm import ArchLMForCausalLM
 from archlm.convert import to_transformers
 from archlm.training import measure_peak_tflops
 
@@ -38,11 +40,7 @@ logger = logging.getLogger("benchmarks.vs_llama")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv_heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_flags(parser)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=5, help="interleaved measurement pairs per figure")
@@ -59,11 +57,7 @@ def parse_args(argv=None):
 def build_models(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     torch.manual_seed(0)
-    config = ArchLMConfig.from_preset(
-        "llama", hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=max(2048, args.seq * 2),
-        bos_token_id=1, eos_token_id=2,
-    )
+    config = llama_config(args, max_position_embeddings=max(2048, args.seq * 2), bos_token_id=1, eos_token_id=2)
     archlm = ArchLMForCausalLM(config)
     archlm.set_attn_implementation(args.attn)
     llama = to_transformers(archlm)  # same weights, logits checked equal by the converter's tests
