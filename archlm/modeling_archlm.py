@@ -439,15 +439,35 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write every Auto class into `auto_map`, not only this one, so the folder also opens as a base model or a
-        classifier with trust_remote_code."""
+        """transformers' save, made right for remote code and for sharded training:
+
+        - every Auto class goes into `auto_map`, not only this one, so the folder also opens as a base model or a
+          classifier with trust_remote_code;
+        - FSDP2's `fully_shard` swaps the model's class for `FSDP<Name>`, a subclass torch defines in its own module;
+          transformers would write that class into auto_map and copy torch's files instead of ours, and the folder
+          would not load. The save runs as our class;
+        - a gathered full state dict (FSDP, ZeRO-3) holds a tied head as a separate copy of the embedding, which
+          transformers would write twice; it is pointed back at the embedding, as in the model, and saved once.
+        """
         self.config.auto_map = {
             "AutoConfig": "configuration_archlm.ArchLMConfig",
             "AutoModel": "modeling_archlm.ArchLMModel",
             "AutoModelForCausalLM": "modeling_archlm.ArchLMForCausalLM",
             "AutoModelForSequenceClassification": "modeling_archlm.ArchLMForSequenceClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None and self.config.tie_word_embeddings:
+            for target, source in (self._tied_weights_keys or {}).items():
+                if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source]):
+                    state_dict[target] = state_dict[source]
+        wrapper = type(self)
+        if not wrapper.__name__.startswith("FSDP") or wrapper.__module__ == __name__:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = next(cls for cls in wrapper.__mro__ if cls.__module__ == __name__)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapper
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
