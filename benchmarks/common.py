@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig, StaticCache
 
 from archlm import ArchLMConfig
 
@@ -54,13 +55,46 @@ def seconds(fn, device: str = "cpu") -> float:
 
 
 def generate_seconds(model, ids, new_tokens: int, **kwargs) -> float:
+    """Greedy generation of exactly `new_tokens`; a callable `past_key_values` makes a fresh cache for this call."""
+    if callable(kwargs.get("past_key_values")):
+        kwargs["past_key_values"] = kwargs["past_key_values"]()
     return seconds(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                           pad_token_id=0, **kwargs), str(ids.device))
 
 
-def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, **kwargs) -> float:
-    """Median decode time per token with the prompt's prefill left out: (t(N tokens) - t(1 token)) / (N - 1)."""
-    generate_seconds(model, ids, 2, **kwargs)  # warm-up: allocations, static cache build
+def interleaved(models: dict, measure, pairs: int) -> dict[str, float]:
+    """Median of `measure(model)` per model, alternating which model goes first in each pair."""
+    names = list(models)
+    for name in names:
+        measure(models[name])  # warm-up
+    samples = {name: [] for name in names}
+    for pair in range(pairs):
+        for name in names if pair % 2 == 0 else names[::-1]:
+            samples[name].append(measure(models[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, compiled: bool = False, **kwargs) -> float:
+    """Median decode time per token with the prompt's prefill left out: (t(N tokens) - t(1 token)) / (N - 1).
+
+    With `cache_implementation="static"` every call gets a fresh StaticCache of the same length, so the 1-token and
+    the N-token runs have the same shapes and a compiled forward is built once. `compiled` compiles the decode steps
+    (transformers' CompileConfig, also on CPU); without it compilation is off, also on GPUs, where generate would
+    otherwise compile a static cache by itself.
+    """
+    if kwargs.get("cache_implementation") == "static":
+        kwargs.pop("cache_implementation")
+        max_cache_len = ids.shape[1] + new_tokens
+        kwargs["past_key_values"] = lambda: StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if compiled:
+            compile_config = CompileConfig(fullgraph=True)
+            compile_config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+            kwargs["compile_config"] = compile_config
+        else:
+            kwargs["disable_compile"] = True
+    elif compiled:
+        raise ValueError("compiled decoding needs cache_implementation='static'")
+    generate_seconds(model, ids, 2, **kwargs)  # warm-up: allocations, static cache build, compilation
     samples = []
     for _ in range(repeats):
         one = generate_seconds(model, ids, 1, **kwargs)

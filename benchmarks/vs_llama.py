@@ -1,21 +1,22 @@
 """ArchLM's llama preset against transformers' own LlamaForCausalLM holding the same weights, side by side.
 
-    python benchmarks/vs_llama.py                                  # ~4 minutes on 2 CPU cores
+    python benchmarks/vs_llama.py                                  # ~2 minutes on 2 CPU cores
     python benchmarks/vs_llama.py --layers 8 --pairs 7 --output_dir benchmarks/results
 
 Both models run in one process, interleaved (alternating which goes first, after a warm-up), and each
 figure is the median over --pairs pairs, so the ratios hold even when the machine's speed drifts:
-forward tokens/s, training-step tokens/s (forward + backward + AdamW), batch-1 cached decode tokens/s
-with the dynamic and the static cache, and peak memory of a training step (measured in a fresh
-process per model). MFU divides the training FLOPs (`model.flops_per_token`) by the measured dense
-matmul rate of the same machine (fp32 here; bf16 is reported, and used on a GPU). Writes
-vs_llama.json, vs_llama.md and vs_llama.png to --output_dir.
+forward tokens/s; training-step tokens/s (forward + backward + fused AdamW, the Trainer's default), eager
+and compiled (torch.compile, the Trainer's --torch_compile); batch-1 cached decode tokens/s with the
+dynamic cache, the static cache, and the static cache with the decode step compiled (transformers'
+CompileConfig, on CPU too); peak memory of a training step (measured in a fresh process per model). MFU
+divides the training FLOPs (`model.flops_per_token`) by the measured dense matmul rate of the same machine
+(fp32 here; bf16 is reported, and used on a GPU). Writes vs_llama.json, vs_llama.md and vs_llama.png to
+--output_dir.
 """
 
 import argparse
 import json
 import logging
-import statistics
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ import torch
 from common import (
     add_model_flags,
     decode_ms_per_token,
+    interleaved,
     llama_config,
     machine_description,
     peak_memory_since,
@@ -65,18 +67,6 @@ def build_models(args):
     return {"archlm": archlm.to(args.device, dtype), "llama": llama.to(args.device, dtype)}, dtype
 
 
-def interleaved(models: dict, measure, pairs: int) -> dict[str, float]:
-    """Median of `measure(model)` per model, alternating which model goes first in each pair."""
-    names = list(models)
-    for name in names:
-        measure(models[name])  # warm-up
-    samples = {name: [] for name in names}
-    for pair in range(pairs):
-        for name in names if pair % 2 == 0 else names[::-1]:
-            samples[name].append(measure(models[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def forward_seconds(ids, device):
     def measure(model):
         model.eval()
@@ -85,15 +75,18 @@ def forward_seconds(ids, device):
     return measure
 
 
-def train_step_seconds(ids, device):
-    optimizers = {}
+def train_step_seconds(ids, device, compiled: bool = False):
+    """A training step's seconds; `compiled` runs the model through torch.compile (the Trainer's --torch_compile)."""
+    optimizers, forwards = {}, {}
 
     def measure(model):
         model.train()
-        optimizer = optimizers.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-5))
+        # fused AdamW: the Trainer's default optimizer (adamw_torch_fused) since torch 2.8
+        optimizer = optimizers.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
+        forward = forwards.setdefault(id(model), torch.compile(model) if compiled else model)
 
         def step():
-            loss = model(ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -173,12 +166,17 @@ def main(argv=None):
 
     forward = interleaved(models, forward_seconds(ids, args.device), args.pairs)
     train = interleaved(models, train_step_seconds(ids, args.device), args.pairs)
+    logger.info("compiling both models' training step (torch.compile)")
+    train_compiled = interleaved(models, train_step_seconds(ids, args.device, compiled=True), args.pairs)
     for model in models.values():
         model.eval()
     with torch.no_grad():
         decode = interleaved(models, lambda m: decode_ms_per_token(m, prompt, args.decode_tokens, 1), args.pairs)
         decode_static = interleaved(models, lambda m: decode_ms_per_token(
             m, prompt, args.decode_tokens, 1, cache_implementation="static"), args.pairs)
+        logger.info("compiling both models' decode step (static cache, torch.compile)")
+        decode_compiled = interleaved(models, lambda m: decode_ms_per_token(
+            m, prompt, args.decode_tokens, 1, compiled=True, cache_implementation="static"), args.pairs)
     memory = {name: peak_memory(args, name) for name in models}
 
     flops = archlm.flops_per_token(args.seq)
@@ -186,9 +184,15 @@ def main(argv=None):
     rows = [
         {"measure": "forward tokens/s", **{n: tokens / s for n, s in forward.items()}, "higher_is_better": True},
         {"measure": "train step tokens/s", **{n: tokens / s for n, s in train.items()}, "higher_is_better": True},
+        {"measure": "train step tokens/s (compiled)", **{n: tokens / s for n, s in train_compiled.items()},
+         "higher_is_better": True},
         {"measure": "decode tokens/s (dynamic cache)", **{n: 1000 / ms for n, ms in decode.items()}, "higher_is_better": True},
         {"measure": "decode tokens/s (static cache)", **{n: 1000 / ms for n, ms in decode_static.items()}, "higher_is_better": True},
+        {"measure": "decode tokens/s (static cache, compiled)", **{n: 1000 / ms for n, ms in decode_compiled.items()},
+         "higher_is_better": True},
         {"measure": "train MFU %", **{n: 100 * tokens / s * flops / peak for n, s in train.items()}, "higher_is_better": True},
+        {"measure": "train MFU % (compiled)", **{n: 100 * tokens / s * flops / peak for n, s in train_compiled.items()},
+         "higher_is_better": True},
         {"measure": "train step peak MiB", **{n: b / 2**20 for n, b in memory.items()}, "higher_is_better": False},
     ]
     results = {

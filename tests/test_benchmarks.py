@@ -1,0 +1,66 @@
+"""benchmarks/: the scripts run end to end at a tiny size and write what docs/performance.md is built from.
+
+No timings are asserted (speed is measured, not tested); what is checked is that every figure is there, that the
+compared models hold the same weights, and that the eager floor of decode_budget.py computes ArchLM's logits.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv_heads", "2", "--vocab", "256"]
+
+
+def run_benchmark(name: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TINY, *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+
+@pytest.mark.slow
+def test_decode_budget_floor_matches_archlm_and_every_step_is_timed(tmp_path):
+    run_benchmark("decode_budget", "--steps", "4", "--rounds", "1", "--output_dir", str(tmp_path))
+    results = json.loads((tmp_path / "decode_budget.json").read_text())
+    assert results["floor_max_abs_logit_difference"] <= 1e-5
+    assert set(results["ms_per_token"]) == {
+        "matmuls only", "eager floor", "ArchLM forward", "Llama forward", "ArchLM forward, compiled",
+        "Llama forward, compiled", "ArchLM generate", "Llama generate"}
+    assert all(ms > 0 for ms in results["ms_per_token"].values())
+    assert (tmp_path / "decode_budget.png").stat().st_size > 0 and (tmp_path / "decode_budget.md").exists()
+
+
+@pytest.mark.slow
+def test_vs_llama_reports_every_row_for_both_models(tmp_path):
+    run_benchmark("vs_llama", "--seq", "32", "--batch", "2", "--pairs", "1", "--decode_prompt", "8",
+                  "--decode_tokens", "4", "--output_dir", str(tmp_path))
+    results = json.loads((tmp_path / "vs_llama.json").read_text())
+    measures = [row["measure"] for row in results["rows"]]
+    assert measures == [
+        "forward tokens/s", "train step tokens/s", "train step tokens/s (compiled)", "decode tokens/s (dynamic cache)",
+        "decode tokens/s (static cache)", "decode tokens/s (static cache, compiled)", "train MFU %",
+        "train MFU % (compiled)", "train step peak MiB"]
+    assert all(row["archlm"] > 0 and row["llama"] > 0 for row in results["rows"])
+    assert results["matmul_tflops"]["float32"] > 0
+    assert "| forward tokens/s |" in (tmp_path / "vs_llama.md").read_text()
+
+
+def test_floor_decoder_refuses_what_it_does_not_implement():
+    """The hand-written floor covers the llama preset only; anything else is refused, not silently mis-timed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from decode_budget import FloorDecoder
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from archlm import ArchLMConfig, ArchLMForCausalLM
+
+    config = ArchLMConfig.from_preset("gpt2", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      vocab_size=128, bos_token_id=1, eos_token_id=1)
+    with pytest.raises(SystemExit, match="llama preset"):
+        FloorDecoder(ArchLMForCausalLM(config), max_length=16)
+    llama = ArchLMConfig.from_preset("llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128)
+    assert FloorDecoder(ArchLMForCausalLM(llama), max_length=16).keys.shape == (1, 1, 2, 16, 16)  # accepted
