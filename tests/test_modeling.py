@@ -171,6 +171,22 @@ def test_option_grid_save_load_gives_equal_logits_and_keeps_tying(tmp_path, over
         torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_gathered_state_dict_saves_a_tied_head_once(tmp_path, tied):
+    """FSDP and ZeRO-3 hand save_pretrained a gathered state dict in which every tensor is its own copy; a tied
+    head must still be written once (and load tied), an untied one must keep its own weights."""
+    from safetensors import safe_open
+
+    model = build(tiny_config(tie_word_embeddings=tied)).eval()
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=gathered)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        assert ("lm_head.weight" in saved.keys()) == (not tied)
+    loaded = ArchLMForCausalLM.from_pretrained(tmp_path)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # attention layouts, windows, padding, masks
 # ------------------------------------------------------------------------------------------------
