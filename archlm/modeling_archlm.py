@@ -458,7 +458,10 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         state_dict = kwargs.get("state_dict")
         if state_dict is not None and self.config.tie_word_embeddings:
             for target, source in (self._tied_weights_keys or {}).items():
-                if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source]):
+                pair = state_dict.get(target), state_dict.get(source)
+                # plain tensors only: meta (offloaded) or sharded (DTensor) entries are not ours to compare
+                plain = all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" for t in pair)
+                if plain and pair[0].shape == pair[1].shape and torch.equal(*pair):
                     state_dict[target] = state_dict[source]
         wrapper = type(self)
         if not wrapper.__name__.startswith("FSDP") or wrapper.__module__ == __name__:
