@@ -170,6 +170,19 @@ def alibi_bias(slopes: torch.Tensor, batch: int, query_start: int, query_length:
     return (slopes[:, None, None] * distance).to(dtype).expand(batch, -1, -1, -1)
 
 
+def check_alibi_attention(attn_implementation: str) -> None:
+    """ALiBi needs the attention function to take its bias over every key. Flash attention takes no bias, and the
+    paged implementations of continuous batching (`paged|...`) read the keys from their own cache inside the
+    attention function, where the bias built for this call does not fit them: refuse both instead of dropping the
+    bias (wrong tokens) or failing mid-generation."""
+    if attn_implementation.startswith(("flash_attention", "paged")):
+        raise ValueError(
+            f"ALiBi adds a bias to attention scores, which attn_implementation={attn_implementation!r} cannot take "
+            "(flash attention takes no bias; continuous batching's paged attention reads keys the bias does not "
+            "cover). Use 'sdpa', 'eager' or 'flex_attention' with generate()."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention
 # ------------------------------------------------------------------------------------------------
@@ -553,8 +566,8 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching in this forward.")
             use_cache = False  # for this call only: the saved config keeps its value
-        if config.position_embedding_type == "alibi" and config._attn_implementation.startswith("flash_attention"):
-            raise ValueError("ALiBi adds a bias to attention scores, which flash attention cannot take; use 'sdpa', 'eager' or 'flex_attention'.")
+        if config.position_embedding_type == "alibi":
+            check_alibi_attention(config._attn_implementation)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
@@ -606,7 +619,8 @@ class ArchLMModel(ArchLMPreTrainedModel):
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
+            # attention functions that return no weights (sdpa, flash) leave nothing, as in transformers' models
+            attentions=tuple(a for a in all_attentions if a is not None) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -667,6 +681,13 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (generate_batch, `transformers serve`), refused up front for ALiBi: its
+        paged attention cannot take the bias, and a failure inside the batching thread would only be logged."""
+        if self.config.position_embedding_type == "alibi":
+            check_alibi_attention("paged|" + self.config._attn_implementation)
+        return super().init_continuous_batching(*args, **kwargs)
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Matmul FLOPs per token at context `seq_len`, as this architecture computes them.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import DynamicCache, pipeline
+from transformers import DynamicCache, GenerationConfig, pipeline
 
 from archlm import ArchLMForCausalLM
 from archlm.check import generate_position_ids
@@ -227,3 +227,45 @@ def test_text_generation_pipeline_generates_text():
     result = generator("def add(", max_new_tokens=5, do_sample=False)
     assert result[0]["generated_text"].startswith("def add(")
     assert len(tokenizer(result[0]["generated_text"])["input_ids"]) > len(tokenizer("def add(")["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------
+# continuous batching (generate_batch): paged attention
+# ------------------------------------------------------------------------------------------------
+def batch_generation_config(new_tokens=5):
+    # eos disabled: continuous batching has no min_new_tokens to hold it back, so both sides run the full length
+    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=-1)
+
+
+def generate_batch_tokens(model, token_lists):
+    outputs = model.generate_batch(token_lists, generation_config=batch_generation_config(), warmup=False,
+                                   progress_bar=False)
+    return [outputs[key].generated_tokens for key in sorted(outputs, key=lambda key: int(key.split("_")[-1]))]
+
+
+# ~10 s each on a CPU (the batching thread's scheduling): rope by default, the other position types with `slow`
+BATCHING_CASES = [pytest.param(case, id=name, marks=() if case == POSITION_CASES[0] else pytest.mark.slow)
+                  for case, name in zip(POSITION_CASES, POSITION_IDS) if case[0] != "alibi"]
+
+
+@pytest.mark.parametrize("case", BATCHING_CASES)
+def test_generate_batch_gives_what_generate_gives(case):
+    """transformers' continuous batching (paged attention, one packed row of several requests) must give each
+    prompt what generate gives it alone: positions restart per request, the cache is paged, not concatenated."""
+    model = position_model(case)
+    token_lists = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]]
+    expected = [model.generate(torch.tensor([tokens]), generation_config=batch_generation_config())[0, len(tokens):]
+                .tolist() for tokens in token_lists]
+    assert generate_batch_tokens(model, token_lists) == expected
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_alibi_under_continuous_batching_is_refused_before_generating(attn):
+    """Paged attention reads the keys from its own cache, where ALiBi's bias cannot follow: refused up front, not
+    silently generated without positions (eager) or failed inside the batching thread (sdpa)."""
+    model = make_model(position_embedding_type="alibi", attn_implementation=attn)
+    with pytest.raises(ValueError, match="(?i)alibi.*paged"):
+        generate_batch_tokens(model, [[5, 6, 7]])
+    model.config._attn_implementation = f"paged|{attn}"
+    with pytest.raises(ValueError, match="(?i)alibi.*paged"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))

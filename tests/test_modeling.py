@@ -190,6 +190,25 @@ def test_a_gathered_state_dict_saves_a_tied_head_once(tmp_path, tied):
 # ------------------------------------------------------------------------------------------------
 # attention layouts, windows, padding, masks
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_output_attentions_are_the_probabilities_under_eager_and_empty_under_sdpa(attn):
+    """As transformers' models: eager returns each layer's (B, nh, T, S) attention probabilities, causal and
+    summing to 1 over the keys; sdpa computes none and returns an empty tuple (not a tuple of None)."""
+    config = tiny_config(num_key_value_heads=2)
+    model = build(config).eval()
+    model.set_attn_implementation(attn)
+    with torch.no_grad():
+        attentions = model(input_ids=random_ids(2, 6), output_attentions=True).attentions
+    if attn == "sdpa":
+        assert attentions == ()
+        return
+    assert len(attentions) == config.num_hidden_layers
+    for probs in attentions:
+        assert probs.shape == (2, config.num_attention_heads, 6, 6)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, config.num_attention_heads, 6))
+        assert torch.all(probs.triu(diagonal=1) == 0)
+
+
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 @pytest.mark.parametrize("heads", [
     pytest.param(dict(num_key_value_heads=2), id="gqa"),
