@@ -23,6 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -258,6 +259,16 @@ def check_model(config_or_model, seq_len: int = 16, seed: int = 0, contracts: li
     return report
 
 
+def missing_local_folder(name: str) -> bool:
+    """Whether `name` means a folder on this machine that is not there: it is written as a path (./, /, ~) or its
+    first component is a local folder (runs/demo when runs/ exists). Caught before from_pretrained, which would
+    take it for a Hub id and retry the network for a minute before an error that never says "no such folder"."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return False
+    return name.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -275,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         if overrides:
             parser.error("--config_overrides applies to --preset or --config, not to a trained --model")
+        if missing_local_folder(args.model):
+            parser.error(f"--model {args.model!r}: no such folder")
         subject = ArchLMForCausalLM.from_pretrained(args.model)
         if args.tiny:
             parser.error("--tiny applies to --preset or --config (a trained model keeps its sizes)")

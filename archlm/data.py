@@ -36,8 +36,11 @@ from datasets import Dataset, Features, IterableDataset, Value
 
 logger = logging.getLogger(__name__)
 
-# file extension -> `datasets` builder
-FILE_BUILDERS = {"txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+# file extension -> `datasets` builder; prose, markup and source code are read as plain text
+TEXT_EXTENSIONS = ("txt", "text", "md", "markdown", "rst", "tex", "py", "pyi", "c", "h", "cc", "cpp", "hpp", "java",
+                   "js", "ts", "go", "rs", "rb", "sh", "sql", "html", "css", "yaml", "yml", "toml")
+FILE_BUILDERS = {**dict.fromkeys(TEXT_EXTENSIONS, "text"), "json": "json", "jsonl": "json", "csv": "csv",
+                 "parquet": "parquet"}
 # A stdlib folder whose name is one of these is left out of the default corpus: installed packages, tests, and
 # generated data tables (the codecs' charmaps in `encodings`, pydoc's topic texts), which are code in name only.
 STDLIB_EXCLUDED_DIRS = frozenset(
@@ -55,7 +58,8 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset (Hub name or local path)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
     train_file: list[str] | None = field(
-        default=None, metadata={"help": "Training files: .txt, .json/.jsonl, .csv or .parquet (one or more)."}
+        default=None, metadata={"help": "Training files or folders: plain text (.txt, .md, .py, ...), .json/.jsonl, .csv "
+                                        "or .parquet. A folder stands for its files of those types, recursively."}
     )
     validation_file: list[str] | None = field(
         default=None, metadata={"help": "Validation files, same formats. Default: a split carved from the training data."}
@@ -89,8 +93,9 @@ class DataArguments:
     def source_name(self) -> str:
         if self.dataset_name:
             return self.dataset_name + (f"/{self.dataset_config_name}" if self.dataset_config_name else "")
-        if self.train_file:
-            return ",".join(self.train_file)
+        if self.train_file:  # names, not paths: this lands in the training log and the model card
+            names = [Path(path).name or path for path in self.train_file]
+            return ",".join(names[:3]) + (f",... ({len(names)} paths)" if len(names) > 3 else "")
         return f"python{sysconfig.get_python_version()}-stdlib"
 
 
@@ -151,11 +156,14 @@ def check_data_arguments(args: DataArguments) -> None:
         raise ValueError("Pass either --dataset_name or --train_file, not both.")
     if args.validation_file and not (args.train_file or args.dataset_name):
         raise ValueError("--validation_file needs --train_file (or --dataset_name) for the training data.")
-    for flag, files in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
-        extensions = {file_extension(path) for path in files or []}
-        if len(extensions) > 1:
-            raise ValueError(f"{flag}: all files must have the same format, got extensions {sorted(extensions)}.")
-        for path in files or []:
+    for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
+        files = expand_data_files(paths or [], flag)
+        formats = {FILE_BUILDERS.get(file_extension(path), "?") for path in files}
+        if len(formats) > 1:
+            extensions = sorted({Path(path).suffix or "(none)" for path in files})
+            raise ValueError(f"{flag}: all files must be of one format (plain text, json, csv or parquet), got "
+                             f"extensions {extensions}.")
+        for path in files:
             check_readable_file(path, flag)
     if args.block_size is not None and args.block_size <= 0:
         raise ValueError(f"--block_size must be a positive integer, got {args.block_size}.")
@@ -165,6 +173,26 @@ def check_data_arguments(args: DataArguments) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} must be positive, got {value}.")
+
+
+def expand_data_files(paths: list[str], flag: str) -> list[str]:
+    """The files named by `paths`, a folder standing for every file below it with a supported extension (sorted;
+    hidden folders and __pycache__ skipped). Other paths pass through, to be checked one by one."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(
+            str(file) for file in Path(path).rglob("*")
+            if file.is_file() and file_extension(str(file)) in FILE_BUILDERS
+            and not any(part.startswith(".") or part == "__pycache__" for part in file.relative_to(path).parts)
+        )
+        if not found:
+            raise ValueError(f"{flag} {path!r} is a folder with no file of a supported type "
+                             f"({', '.join('.' + ext for ext in FILE_BUILDERS)}).")
+        files += found
+    return files
 
 
 def file_extension(path: str) -> str:
@@ -316,8 +344,16 @@ def _load_files(files: list[str], flag: str, args: DataArguments) -> Dataset | I
 
 
 def _load_hub_dataset(args: DataArguments) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
+    name = args.dataset_name
+    if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"--dataset_name {name!r}: no such folder.")
     try:
-        splits = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+        if os.path.isfile(os.path.join(name, "state.json")):  # one Dataset written by save_to_disk: the train split
+            splits = {"train": datasets.load_from_disk(name)}
+            if args.streaming:
+                splits = {"train": splits["train"].to_iterable_dataset()}
+        else:
+            splits = datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
     except Exception as error:  # noqa: BLE001 - offline, unknown name, bad config: one message
         raise ValueError(f"--dataset_name {args.source_name!r} could not be loaded: {error}") from error
     if "train" not in splits:
@@ -338,15 +374,16 @@ def load_raw_data(args: DataArguments) -> RawData:
         train, validation = _load_hub_dataset(args)
         description = f"dataset {args.source_name}"
     elif args.train_file:
-        train = _load_files(args.train_file, "--train_file", args)
-        description = f"{len(args.train_file)} file(s) {args.source_name}"
+        files = expand_data_files(args.train_file, "--train_file")
+        train = _load_files(files, "--train_file", args)
+        description = f"{len(files)} file(s) {args.source_name}"
     else:
         files = stdlib_source_files(args.max_corpus_mb)
         train = _text_files_dataset(files, args.streaming)
         megabytes = sum(os.path.getsize(path) for path in files) / 1e6
         description = f"default corpus: Python {sysconfig.get_python_version()} standard library, {len(files)} files, {megabytes:.1f} MB"
     if args.validation_file:
-        validation = _load_files(args.validation_file, "--validation_file", args)
+        validation = _load_files(expand_data_files(args.validation_file, "--validation_file"), "--validation_file", args)
     _check_not_empty(train, "the training data")
     if validation is not None:
         _check_not_empty(validation, "the validation data")

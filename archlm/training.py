@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
 from .modeling_archlm import ArchLMForCausalLM
@@ -107,6 +108,8 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--peak_tflops must be positive, got {run_args.peak_tflops}.")
     if model_args.model_name_or_path and not os.path.isdir(model_args.model_name_or_path):
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not a folder.")
+    if model_args.tokenizer_name and missing_local_folder(model_args.tokenizer_name):
+        raise ValueError(f"--tokenizer_name {model_args.tokenizer_name!r}: no such folder.")
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
@@ -115,13 +118,69 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     if resume is None or str(resume).lower() in ("false", "no", ""):
         return None
     if str(resume).lower() in ("true", "latest", "last"):
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {training_args.output_dir!r}.")
-        return checkpoint
-    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json).")
+        return latest_complete_checkpoint(training_args.output_dir, resume)
+    if not is_complete_checkpoint(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint folder (no readable "
+                         "trainer_state.json: not a checkpoint, or the run was stopped while saving it).")
     return resume
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """The Trainer writes trainer_state.json last, after the weights, optimizer, scheduler and RNG states: a folder
+    without a readable one was cut off while saving."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def latest_complete_checkpoint(output_dir: str, flag: str) -> str:
+    """The newest checkpoint-N in `output_dir` that was saved completely; newer, cut-off ones are named and skipped
+    (a run killed while saving leaves one behind)."""
+    steps = {}
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps[int(match.group(1))] = os.path.join(output_dir, name)
+    if not steps:
+        raise ValueError(f"--resume_from_checkpoint {flag}: no checkpoint-* folder in {output_dir!r}.")
+    incomplete = []
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            if incomplete:
+                logger.warning("Skipping incomplete checkpoint(s) %s (no readable trainer_state.json: the run stopped "
+                               "while saving); resuming from %s.", ", ".join(incomplete), steps[step])
+            return steps[step]
+        incomplete.append(steps[step])
+    raise ValueError(f"--resume_from_checkpoint {flag}: no complete checkpoint in {output_dir!r} (none of "
+                     f"{', '.join(incomplete)} has a readable trainer_state.json).")
+
+
+# config fields that do not change what a checkpoint's weights mean
+RESUME_IGNORED_FIELDS = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache",
+                         "_name_or_path", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def check_resume_config(checkpoint: str, config: ArchLMConfig) -> None:
+    """A resumed run must rebuild the checkpoint's architecture: the flags make the model, the checkpoint only
+    fills its weights, so a forgotten --preset or override would otherwise train another model (silently, when
+    the shapes happen to fit: a sliding window or rope base differ)."""
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):
+        return  # a LoRA checkpoint holds the adapter only; its base comes from --model_name_or_path
+    saved, built = ArchLMConfig.from_pretrained(checkpoint).to_dict(), config.to_dict()
+    differ = sorted(key for key in set(saved) | set(built)
+                    if key not in RESUME_IGNORED_FIELDS and saved.get(key) != built.get(key))
+    if differ:
+        shown = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, these flags {built.get(key)!r}" for key in differ[:8])
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} holds another architecture than the flags build ({shown}"
+            f"{'; ...' if len(differ) > 8 else ''}). Resume with the original run's --preset / --config_overrides "
+            "(its config.json is in the checkpoint), or start a new run in another --output_dir."
+        )
 
 
 def check_output_dir(output_dir: str, checkpoint: str | None, overwrite: bool) -> None:
@@ -216,7 +275,17 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
     """A new model from `config`, or the fine-tuned one from its folder; generation settings from the tokenizer."""
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+        except RuntimeError as error:
+            if "mismatch" not in str(error):
+                raise
+            # transformers' message is a table of tensors; the cause is the overrides
+            raise ValueError(
+                f"--config_overrides {model_args.config_overrides!r} change the shapes of the weights in "
+                f"--model_name_or_path {model_args.model_name_or_path!r}: fine-tuning keeps the architecture; "
+                "override only fields that leave the weights' shapes alone (dropout, rope scaling, window, ...)."
+            ) from None
     else:
         model = ArchLMForCausalLM._from_config(config, **kwargs)
     model.generation_config.bos_token_id = config.bos_token_id

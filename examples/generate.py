@@ -12,6 +12,7 @@ ArchLM folder whether or not archlm is installed.
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
@@ -47,6 +48,20 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return torch.float32  # bf16 matmuls are far slower than fp32 on most CPUs
 
 
+def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A model with learned positions has no position past max_position_embeddings: refuse before generating,
+    instead of failing at that token with everything generated so far lost."""
+    learned = getattr(config, "position_embedding_type", None) == "learned" or getattr(
+        config, "learned_position_embeddings", False)
+    limit = getattr(config, "max_position_embeddings", None)
+    if learned and limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise SystemExit(
+            f"error: the prompt ({prompt_tokens} tokens) + --max_new_tokens {max_new_tokens} exceed the model's "
+            f"max_position_embeddings={limit} (learned positions end there); use --max_new_tokens "
+            f"{max(limit - prompt_tokens, 0)} or less."
+        )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -56,12 +71,19 @@ def main(argv=None) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
+    # a folder that is not there would be taken for a Hub id (a minute of network retries, then no "not found");
+    # written as a path, or under a local folder (runs/x when runs/ exists), it is a missing folder. This script
+    # does not import archlm (archlm.check.missing_local_folder says the same), so it runs without it.
+    path = Path(args.model).expanduser()
+    if not path.exists() and (args.model.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())):
+        raise SystemExit(f"error: model folder {args.model!r} does not exist")
     # trust_remote_code: the folder's config.json maps AutoConfig to the remote code, which AutoTokenizer reads too
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(
         args.model, trust_remote_code=True, dtype=pick_dtype(args.dtype, args.device)
     ).to(args.device).eval()
     inputs = tokenizer(prompt, return_tensors="pt").to(args.device)
+    check_length(model.config, inputs["input_ids"].shape[1], args.max_new_tokens)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_beams == 1 else None
 
     generation_kwargs = dict(

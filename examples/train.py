@@ -47,6 +47,7 @@ from archlm.training import (
     base_model,
     build_config,
     build_model,
+    check_resume_config,
     check_arguments,
     check_block_size,
     check_launch,
@@ -116,6 +117,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     raw = load_raw_data(data_args)
     tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, raw.train, checkpoint)
     config = build_config(model_args, overrides, tokenizer)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config)
     set_seed(training_args.seed)
     model = build_model(model_args, config, tokenizer)
     if model_args.lora_r:

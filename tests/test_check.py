@@ -114,3 +114,9 @@ def test_command_rejects_overrides_on_a_trained_model(tmp_path):
     ArchLMForCausalLM(tiny_config()).save_pretrained(tmp_path)
     result = run_check("--model", str(tmp_path), "--config_overrides", "hidden_size=8")
     assert result.returncode == 2 and "config_overrides" in result.stderr
+
+
+def test_command_names_a_missing_local_folder_at_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "archlm.check", "--model", str(tmp_path / "no_such_run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no_such_run': no such folder" in result.stderr

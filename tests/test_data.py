@@ -37,6 +37,7 @@ def decode_stream(dataset, tokenizer) -> str:
 
 
 def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("utf-8"))
     return str(path)
 
@@ -215,10 +216,27 @@ def test_missing_file_is_an_error(tmp_path):
         load_raw_data(DataArguments(train_file=[str(tmp_path / "nope.txt")]))
 
 
-def test_folder_given_as_file_is_an_error(tmp_path):
+def test_folder_without_supported_files_is_an_error(tmp_path):
     (tmp_path / "dir.txt").mkdir()
-    with pytest.raises(ValueError, match="not a regular file"):
+    write(tmp_path / "dir.txt" / "notes.docx", "x")
+    with pytest.raises(ValueError, match="dir.txt' is a folder with no file of a supported type"):
         load_raw_data(DataArguments(train_file=[str(tmp_path / "dir.txt")]))
+
+
+def test_a_folder_stands_for_its_text_files_of_any_text_type(tmp_path, tokenizer):
+    """Markdown, source code and .txt are all plain text; a folder is read recursively, in path order, without
+    hidden folders or __pycache__; the description names the folder, not every path."""
+    corpus = tmp_path / "corpus"
+    write(corpus / "b.md", "# title\n")
+    write(corpus / "a.py", "print(1)\n")
+    write(corpus / "sub" / "c.txt", "plain\n")
+    write(corpus / ".git" / "HEAD.txt", "hidden\n")
+    write(corpus / "__pycache__" / "x.py", "cached\n")
+    write(corpus / "image.docx", "not text")
+    args = DataArguments(train_file=[str(corpus)])
+    raw = load_raw_data(args)
+    assert raw.train["text"] == ["print(1)\n", "# title\n", "plain\n"]
+    assert raw.description.startswith("3 file(s) corpus") and str(tmp_path) not in raw.description
 
 
 def test_unsupported_extension_is_an_error(tmp_path):
@@ -259,7 +277,7 @@ def test_non_text_column_is_an_error(tmp_path):
 
 def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path):
     txt, jsonl = write(tmp_path / "a.txt", "x"), write(tmp_path / "b.jsonl", '{"text": "x"}\n')
-    with pytest.raises(ValueError, match="same format"):
+    with pytest.raises(ValueError, match="one format.*'.jsonl', '.txt'"):
         load_raw_data(DataArguments(train_file=[txt, jsonl]))
     with pytest.raises(ValueError, match="--validation_file needs --train_file"):
         load_raw_data(DataArguments(validation_file=[txt]))
@@ -275,5 +293,12 @@ def test_dataset_name_loads_a_datasets_folder_with_its_own_validation_split(tmp_
     assert raw.train.num_rows == 15 and raw.validation.num_rows == 5
     packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
     assert decode_stream(packed.validation, tokenizer) == (SAMPLE_TEXTS[0] + EOS_TOKEN) * 5
-    with pytest.raises(ValueError, match="could not be loaded"):
+    with pytest.raises(ValueError, match="no_such_dataset': no such folder"):
         load_raw_data(DataArguments(dataset_name=str(tmp_path / "no_such_dataset")))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dataset_name_loads_a_single_dataset_saved_with_save_to_disk(tmp_path, streaming):
+    Dataset.from_dict({"text": SAMPLE_TEXTS * 3}).save_to_disk(tmp_path / "saved")
+    raw = load_raw_data(DataArguments(dataset_name=str(tmp_path / "saved"), streaming=streaming))
+    assert [record["text"] for record in raw.train] == SAMPLE_TEXTS * 3 and raw.validation is None

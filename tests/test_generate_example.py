@@ -63,3 +63,22 @@ def test_empty_prompt_is_refused(model_folder):
     model_folder, _ = model_folder
     result = run(model_folder, stdin="")
     assert result.returncode != 0 and "empty prompt" in result.stderr
+
+
+def test_a_missing_local_folder_is_named_at_once(tmp_path):
+    result = run(tmp_path / "no_such_run", "def ")
+    assert result.returncode != 0 and f"model folder '{tmp_path / 'no_such_run'}' does not exist" in result.stderr
+
+
+def test_learned_positions_refuse_a_length_past_their_table_before_generating(tmp_path):
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n" * 40], vocab_size=300)
+    config = tiny_config(vocab_size=len(tokenizer), position_embedding_type="learned", max_position_embeddings=32,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    ArchLMForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt_tokens = len(tokenizer("def add(")["input_ids"])
+    result = run(tmp_path, "def add(", "--max_new_tokens", "40")
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"use --max_new_tokens {32 - prompt_tokens} or less" in result.stderr
+    assert run(tmp_path, "def add(", "--max_new_tokens", str(32 - prompt_tokens)).returncode == 0

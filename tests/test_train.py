@@ -85,15 +85,15 @@ def one_thread():
 class Records(logging.Handler):
     """Collects what examples/train.py logs (the startup report, the sample, the folder)."""
 
-    def __init__(self):
+    def __init__(self, logger: str = "train"):
         super().__init__(level=logging.INFO)
-        self.messages = []
+        self.messages, self.logger_name = [], logger
 
     def emit(self, record):
         self.messages.append(record.getMessage())
 
     def __enter__(self):
-        self.logger = logging.getLogger("train")
+        self.logger = logging.getLogger(self.logger_name)
         self.level = self.logger.level
         self.logger.setLevel(logging.INFO)
         self.logger.addHandler(self)
@@ -254,7 +254,16 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(t
     assert (interrupted / "checkpoint-5").is_dir() and not (interrupted / "checkpoint-10").exists()
     assert not (interrupted / "model.safetensors").exists()
 
-    Path(train_script.main([*args, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"]))
+    # a run killed while saving leaves a newer checkpoint without trainer_state.json (written last): skipped
+    (interrupted / "checkpoint-10").mkdir()
+    (interrupted / "checkpoint-10" / "config.json").write_text((interrupted / "checkpoint-5" / "config.json").read_text())
+    # resuming with flags that build another architecture (a forgotten override) is refused, nothing trained
+    with pytest.raises(SystemExit, match="another architecture.*sliding_window: checkpoint None, these flags 8"):
+        train_script.main([*args, "--config_overrides", TINY_MODEL + ",sliding_window=8", "--output_dir",
+                           str(interrupted), "--resume_from_checkpoint", "latest"])
+    with Records("archlm.training") as records:
+        Path(train_script.main([*args, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"]))
+    assert "Skipping incomplete checkpoint(s)" in records.text and "checkpoint-10" in records.text
     uninterrupted = Path(train_script.main([*args, "--output_dir", str(tmp_path / "uninterrupted")]))
 
     resumed_weights, reference_weights = load_file(interrupted / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
@@ -369,7 +378,8 @@ def write_file(path: Path, content: bytes | str) -> str:
 
 BAD_INPUTS = {
     "missing file": (lambda d: ["--train_file", str(d / "missing.txt")], "does not exist"),
-    "folder as file": (lambda d: ["--train_file", str(d)], "unsupported extension|not a regular file"),
+    "folder without text files": (lambda d: ["--train_file", str(d)], "is a folder with no file of a supported type"),
+    "missing tokenizer folder": (lambda d: ["--tokenizer_name", str(d / "no_such_tok")], "no_such_tok': no such folder"),
     "non-utf8 file": (lambda d: ["--train_file", write_file(d / "latin1.txt", "caf\u00e9".encode("latin-1"))], "not UTF-8"),
     "unsupported format": (lambda d: ["--train_file", write_file(d / "data.xml", "<a/>")], "unsupported extension '.xml'"),
     "empty dataset": (lambda d: ["--train_file", write_file(d / "empty.jsonl", "")], "empty"),
@@ -416,6 +426,13 @@ def test_bad_input_is_refused_before_training_and_writes_nothing(tmp_path, case)
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"tokenizer has 300 tokens but the model's vocab_size is 100"):
         train("--tokenizer_name", str(trained[0]), "--config_overrides", TINY_MODEL + ",vocab_size=100",
+              "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_with_overrides_that_change_weight_shapes_is_refused_by_name(trained, tmp_path):
+    with pytest.raises(SystemExit, match=r"hidden_size=128.*change the shapes of the weights"):
+        train("--model_name_or_path", str(trained[0]), "--config_overrides", "hidden_size=128",
               "--output_dir", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
