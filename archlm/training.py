@@ -531,6 +531,17 @@ class TrainingLogCallback(TrainerCallback):
         self.write(args, state)
 
 
+def mean_logged_loss(steps: list[dict]) -> float:
+    """The mean training loss over every step of the run, from the logged losses (each the mean of the steps since
+    the previous log). The Trainer's own `train_loss` covers only the steps of this process: after a resume, the
+    second half of the run."""
+    total, previous = 0.0, 0
+    for entry in steps:
+        total += entry["loss"] * (entry["step"] - previous)
+        previous = entry["step"]
+    return total / previous if previous else steps[-1]["loss"]
+
+
 def run_summary(state, throughput: ThroughputCallback, device: torch.device) -> dict:
     """The numbers a comparison table needs, from the log history and the throughput callback."""
     steps = [entry for entry in state.log_history if "loss" in entry]
@@ -542,7 +553,7 @@ def run_summary(state, throughput: ThroughputCallback, device: torch.device) -> 
     summary = {
         "global_step": state.global_step,
         "tokens_seen": state.num_input_tokens_seen,
-        "train_loss": end.get("train_loss"),
+        "train_loss": mean_logged_loss(steps) if steps else end.get("train_loss"),
         "final_loss": steps[-1]["loss"] if steps else None,
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "perplexity": perplexity(evals[-1]["eval_loss"]) if evals else None,

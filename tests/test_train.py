@@ -278,6 +278,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(t
         assert resumed["loss"] == pytest.approx(reference["loss"], abs=1e-5)
         assert resumed["num_input_tokens_seen"] == reference["num_input_tokens_seen"]
     assert "the checkpoint" in resumed_log["tokenizer"]
+    # the run's mean loss covers all 12 steps, not only the 7 after the resume
+    assert resumed_log["summary"]["train_loss"] == pytest.approx(reference_log["summary"]["train_loss"], abs=1e-5)
 
 
 def test_curriculum_cuts_each_batch_into_rows_of_the_scheduled_size(tmp_path):
