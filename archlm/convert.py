@@ -8,7 +8,9 @@ and saves the ArchLM model (config with `auto_map`, safetensors, remote code, ge
 `--to-native` loads the ArchLM model saved in IN_DIR and saves it as the native transformers family that
 computes the same function (no remote code: vLLM, TGI and llama.cpp's converters load it as they load any
 Llama, Mistral, Qwen2, Qwen3 or GPT-2), after checking on a short input that both give the same logits.
-Either way the tokenizer comes along when IN_DIR has one. In Python:
+Either way the tokenizer comes along when IN_DIR has one. OUT_DIR must be new or empty, and neither IN_DIR nor a
+folder inside it: writing over a model folder would leave a mix of both models' files. `--overwrite` replaces a
+non-empty OUT_DIR (its contents are deleted once the conversion has succeeded). In Python:
 
     >>> from archlm.convert import from_transformers, to_transformers
     >>> archlm_model = from_transformers(LlamaForCausalLM.from_pretrained(path))
@@ -33,6 +35,7 @@ dropped silently, and the weights load with strict key checking. Two things carr
 import argparse
 import copy
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from .check import missing_local_folder
 from .configuration_archlm import ArchLMConfig
 from .modeling_archlm import ArchLMForCausalLM
 
@@ -594,12 +598,51 @@ def _copy_tokenizer(in_dir: Path, out_dir: Path) -> None:
         logger.info("No tokenizer files in %s; saved the model only", in_dir)
 
 
-def convert_folder(in_dir: str | Path, out_dir: str | Path) -> ArchLMForCausalLM:
-    """Load a transformers checkpoint folder, convert it and save it (with its tokenizer, if any) as ArchLM."""
+def check_output_folder(in_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Refuses, before any work, an `out_dir` that would mix the converted model's files with others: `in_dir`
+    itself, a folder inside it or holding it, a file, or (unless `overwrite`) a folder that is not empty."""
+    source, target = in_dir.resolve(), out_dir.resolve()  # so that links and `..` cannot hide that both are one folder
+    if target.is_relative_to(source) or source.is_relative_to(target):
+        where = "is" if target == source else "is inside" if target.is_relative_to(source) else "holds"
+        raise ValueError(
+            f"OUT_DIR {str(out_dir)!r} {where} IN_DIR {str(in_dir)!r}: the converted model would be written among "
+            "(or over) the input model's files. Choose an empty or new folder for OUT_DIR."
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"OUT_DIR {str(out_dir)!r} is a file, not a folder. Choose an empty or new folder for OUT_DIR.")
+    if out_dir.is_dir() and not overwrite:
+        entries = sorted(path.name for path in out_dir.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise ValueError(
+                f"OUT_DIR {str(out_dir)!r} is not empty (it holds {shown}): the converted model's files would be "
+                "mixed with these. Choose an empty or new folder for OUT_DIR, or pass --overwrite (overwrite=True in "
+                "Python) to delete its contents and replace them."
+            )
+
+
+def _clear_folder(folder: Path) -> None:
+    """Deletes what `folder` holds (for `overwrite`), keeping the folder itself (it may be a mount point or a link)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    logger.info("Deleted the previous contents of %s (overwrite)", folder)
+
+
+def convert_folder(in_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> ArchLMForCausalLM:
+    """Load a transformers checkpoint folder, convert it and save it (with its tokenizer, if any) as ArchLM into
+    `out_dir`, which must be new or empty (see `check_output_folder`); `overwrite` replaces a non-empty one."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_output_folder(in_dir, out_dir, overwrite)
     source = AutoModelForCausalLM.from_pretrained(in_dir)
     logger.info("Loaded %s from %s", type(source).__name__, in_dir)
     archlm_model = from_transformers(source)
+    if overwrite:  # only now that the conversion has succeeded
+        _clear_folder(out_dir)
     archlm_model.save_pretrained(out_dir)
     logger.info("Saved %s to %s", archlm_model.config.architecture_name, out_dir)
     _copy_tokenizer(in_dir, out_dir)
@@ -622,10 +665,12 @@ def export_logit_error(archlm_model: ArchLMForCausalLM, native: PreTrainedModel,
     return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12)).item()
 
 
-def export_folder(in_dir: str | Path, out_dir: str | Path) -> PreTrainedModel:
+def export_folder(in_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> PreTrainedModel:
     """Load the ArchLM model saved in `in_dir`, export it with `to_transformers`, check the logits agree, and save
-    the native model (config, safetensors, generation config; no remote code) and the tokenizer to `out_dir`."""
+    the native model (config, safetensors, generation config; no remote code) and the tokenizer to `out_dir`, which
+    must be new or empty (see `check_output_folder`); `overwrite` replaces a non-empty one."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    check_output_folder(in_dir, out_dir, overwrite)
     native_family(ArchLMConfig.from_pretrained(in_dir))  # refuse what has no native family before loading weights
     archlm_model = ArchLMForCausalLM.from_pretrained(in_dir)
     logger.info("Loaded %s from %s", archlm_model.config.architecture_name, in_dir)
@@ -637,6 +682,8 @@ def export_folder(in_dir: str | Path, out_dir: str | Path) -> PreTrainedModel:
             f"The {type(native).__name__} export's logits differ from the ArchLM model's by {error:.2e} (relative), "
             f"more than {tolerance:.0e}; nothing was saved. Please report this as a bug."
         )
+    if overwrite:  # only now that the export has been checked
+        _clear_folder(out_dir)
     native.save_pretrained(out_dir)
     logger.info("Saved %s to %s (max relative logit difference %.2e)", type(native).__name__, out_dir, error)
     _copy_tokenizer(in_dir, out_dir)
@@ -673,13 +720,21 @@ def main(argv: list[str] | None = None) -> None:
         help="export the ArchLM model saved in IN_DIR as its native transformers family (Llama, Mistral, Qwen2, "
              "Qwen3 or GPT-2, no remote code) into OUT_DIR",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the contents of a non-empty OUT_DIR (deleted once the conversion has succeeded); without it "
+             "OUT_DIR must be new or empty. OUT_DIR is never allowed to be IN_DIR, inside it, or hold it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    in_dir = (args.from_transformers or args.to_native)[0]
+    if missing_local_folder(in_dir):
+        parser.error(f"IN_DIR {in_dir!r}: no such folder")
     try:
         if args.from_transformers:
-            convert_folder(*args.from_transformers)
+            convert_folder(*args.from_transformers, overwrite=args.overwrite)
         else:
-            export_folder(*args.to_native)
+            export_folder(*args.to_native, overwrite=args.overwrite)
     except ValueError as error:  # a model the other side cannot express: the message lists why
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
@@ -691,6 +746,7 @@ if __name__ == "__main__":
 __all__ = [
     "FAMILIES",
     "Family",
+    "check_output_folder",
     "convert_folder",
     "export_folder",
     "from_transformers",

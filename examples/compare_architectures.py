@@ -3,16 +3,22 @@
     python examples/compare_architectures.py --presets gpt2,llama,hybrid --max_steps 200 --output_dir runs/compare \
         -- --config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4" --block_size 256
 
-With --presets, each preset is first trained by examples/train.py on the same data, seed and budget (steps,
-batch, block size); the first run's tokenizer is reused by the others, so every model sees the same tokens. Flags
-after `--` are passed on to every train.py run. Without --presets, give run folders to compare:
+With --presets, each preset is first trained by examples/train.py into OUTPUT_DIR/<preset> on the same data, seed
+and budget (steps, batch, block size); the first run's tokenizer is reused by the others, so every model sees the
+same tokens, and every run's MFU is measured against one peak TFLOP/s, measured once here before the runs (or the
+--peak_tflops given after `--`). Flags after `--` are passed on to every train.py run, except those this script sets
+per run (PER_RUN_FLAGS). What can be checked without training is checked before the first run starts: the presets,
+the train.py flags, and the run folders, which must not hold an earlier run unless --overwrite is given.
+Without --presets, give run folders to compare:
 
     python examples/compare_architectures.py runs/gpt2 runs/llama --output_dir runs/compare
 
-Writes OUTPUT_DIR/comparison.md (ranked by final eval loss) and OUTPUT_DIR/loss_curves.png, and prints the table.
+Writes OUTPUT_DIR/comparison.md (ranked by final eval loss, with the peak MFU is measured against) and
+OUTPUT_DIR/loss_curves.png, and prints the table.
 """
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -24,6 +30,18 @@ from pathlib import Path
 logger = logging.getLogger("compare_architectures")
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 COLUMNS = ("rank", "run", "architecture", "parameters", "tokens/s", "MFU", "eval loss", "perplexity")
+
+# train.py flags that this script sets for each run (or that would undo what it sets), with what to do instead.
+# Passed after `--` they would win over its own (the last flag wins), e.g. send every run to one folder.
+PER_RUN_FLAGS = {
+    "--preset": "each run's preset comes from --presets",
+    "--model_name_or_path": "every run would fine-tune that one model instead of training its preset",
+    "--output_dir": "each run goes to OUTPUT_DIR/<preset>: give OUTPUT_DIR with --output_dir before `--`",
+    "--overwrite_output_dir": "pass --overwrite before `--` to replace earlier runs",
+    "--max_steps": "pass --max_steps before `--`: it is every run's budget",
+    "--seed": "pass --seed before `--`: it is every run's seed and data seed",
+    "--data_seed": "pass --seed before `--`: it is every run's seed and data seed",
+}
 
 
 def load_run(folder: Path) -> dict:
@@ -92,21 +110,129 @@ def plot_loss_curves(runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def train_presets(presets: list[str], output_dir: Path, max_steps: int, seed: int, train_args: list[str]) -> list[Path]:
-    """Trains each preset with examples/train.py in its own process (so memory peaks are its own)."""
+def peak_note(runs: list[dict], source: str | None = None) -> str:
+    """Which peak TFLOP/s the MFU column is measured against (from each run's training_log.json), and whether that
+    makes the column comparable: MFU is tokens/s x FLOPs/token over the peak, so runs measured against different
+    peaks cannot be ranked by it."""
+    peaks = [(run["folder"].name, run.get("peak_tflops")) for run in runs]
+    distinct = {peak for _, peak in peaks}
+    if distinct == {None}:
+        return "MFU: the training logs do not record the peak TFLOP/s it was measured against."
+    if len(distinct) == 1:
+        return f"MFU: every run against the same peak, {distinct.pop():.4g} TFLOP/s ({source or 'from their training logs'})."
+    listed = ", ".join(f"{name} {_format(peak, '.4g')}" for name, peak in peaks)
+    return (f"MFU is not comparable across these runs: each was measured against its own peak TFLOP/s ({listed}); "
+            "give them one with --peak_tflops.")
+
+
+def per_run_flags_in(train_args: list[str]) -> list[str]:
+    """The PER_RUN_FLAGS among the train.py flags, also when written with dashes (--output-dir), with a value
+    (--seed=1), or abbreviated as argparse allows (--output for --output_dir)."""
+    found = []
+    for token in train_args:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = "--" + token[2:].split("=", 1)[0].replace("-", "_")
+        found += [flag for flag in PER_RUN_FLAGS if flag.startswith(name) and flag not in found]
+    return found
+
+
+def load_train_script():
+    """examples/train.py as a module, for its own flag parser."""
+    spec = importlib.util.spec_from_file_location("archlm_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_train_flags(train_command: list[str]):
+    """Parses a run's train.py flags with train.py's parser and checks them as it does before anything else, so a
+    bad flag stops the comparison before the first run rather than in it; returns (model, run, training) args."""
+    train_script = load_train_script()
+    try:
+        model_args, data_args, run_args, training_args = train_script.parse_args(train_command)
+        train_script.check_arguments(model_args, run_args, training_args, data_args.streaming)
+        train_script.check_data_arguments(data_args)
+    except train_script.SETUP_ERRORS as error:
+        raise SystemExit(f"compare_architectures.py: error: the train.py flags after `--`: {error}") from None
+    return model_args, run_args, training_args
+
+
+def shared_peak_tflops(run_args, training_args) -> tuple[float, str]:
+    """The peak every run's MFU is measured against, and where it comes from. Measured here once, on the device and
+    in the precision train.py would probe: each run measuring its own varies with what else runs at the time."""
+    if run_args.peak_tflops is not None:
+        return run_args.peak_tflops, "given with --peak_tflops"
+    import torch
+    from archlm.training import measure_peak_tflops
+
+    accelerator = None if training_args.use_cpu else torch.accelerator.current_accelerator()
+    device = accelerator or torch.device("cpu")
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    peak = measure_peak_tflops(device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probe's matrices: the runs need the memory
+    source = f"measured once by compare_architectures.py before the runs, {device.type} {str(dtype).removeprefix('torch.')}"
+    logger.info("Peak for every run's MFU: %.4g TFLOP/s (%s)", peak, source)
+    return peak, source
+
+
+def run_command(preset: str, folder: Path, max_steps: int, seed: int, overwrite: bool, train_args: list[str]) -> list[str]:
+    """One run's train.py flags: the per-run ones first, then those given after `--`."""
+    return ["--preset", preset, "--max_steps", str(max_steps), "--seed", str(seed), "--data_seed", str(seed),
+            "--output_dir", str(folder), *(["--overwrite_output_dir"] if overwrite else []), *train_args]
+
+
+def train_presets(presets: list[str], output_dir: Path, max_steps: int, seed: int, overwrite: bool,
+                  train_args: list[str], shared_tokenizer: bool) -> list[Path]:
+    """Trains each preset with examples/train.py in its own process (so memory peaks are its own). With
+    `shared_tokenizer`, the first run's tokenizer is given to the others."""
     folders, tokenizer = [], []
     for preset in presets:
         folder = output_dir / preset
-        command = [sys.executable, str(TRAIN_SCRIPT), "--preset", preset, "--max_steps", str(max_steps), "--seed", str(seed),
-                   "--data_seed", str(seed), "--output_dir", str(folder), "--overwrite_output_dir", *tokenizer, *train_args]
+        command = [sys.executable, str(TRAIN_SCRIPT),
+                   *run_command(preset, folder, max_steps, seed, overwrite, [*tokenizer, *train_args])]
         logger.info("Training %s: %s", preset, " ".join(command))
         result = subprocess.run(command)
         if result.returncode != 0:
             raise SystemExit(f"compare_architectures.py: error: training preset {preset!r} failed (exit code {result.returncode}).")
         folders.append(folder)
-        if not tokenizer and "--tokenizer_name" not in train_args:
+        if shared_tokenizer and not tokenizer:
             tokenizer = ["--tokenizer_name", str(folder)]  # the same tokens for every architecture
     return folders
+
+
+def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namespace, train_args: list[str]) -> list[str]:
+    """The checks that need no training, all before the first run: the presets, the budget, the flags after `--`,
+    and the run folders. Returns the presets."""
+    from archlm import ArchLMConfig
+
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    valid = ArchLMConfig.presets()
+    unknown = [name for name in presets if name not in valid]
+    if not presets or unknown:
+        parser.error(f"--presets {args.presets!r}: unknown preset(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                     f"valid presets: {', '.join(valid)}.")
+    repeated = sorted({name for name in presets if presets.count(name) > 1})
+    if repeated:
+        parser.error(f"--presets {args.presets!r} names {', '.join(repeated)} more than once: each preset trains once, "
+                     "into OUTPUT_DIR/<preset>.")
+    if args.max_steps <= 0:
+        parser.error(f"--max_steps must be a positive number of steps (every run's budget), got {args.max_steps}.")
+    refused = per_run_flags_in(train_args)
+    if refused:
+        reasons = "\n".join(f"  {flag}: {PER_RUN_FLAGS[flag]}" for flag in refused)
+        parser.error(f"flags after `--` that would override what this script sets for each run: "
+                     f"{', '.join(refused)}\n{reasons}")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output_dir {str(args.output_dir)!r} is a file; give a folder (new, or holding earlier runs).")
+    earlier = [folder for folder in (args.output_dir / name for name in presets)
+               if folder.exists() and (not folder.is_dir() or any(folder.iterdir()))]
+    if earlier and not args.overwrite:
+        parser.error(f"these run folders are not empty (an earlier run?): {', '.join(map(str, earlier))}. Choose "
+                     "another --output_dir, or pass --overwrite to train these presets again there (train.py's "
+                     "--overwrite_output_dir deletes the earlier model and checkpoints).")
+    return presets
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -119,26 +245,44 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--max_steps", type=int, default=200, help="Training steps of each preset (with --presets).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of every run (with --presets).")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/compare"), help="Where the table, plot and runs go.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Train a preset again whose OUTPUT_DIR/<preset> holds an earlier run (with --presets): "
+                             "train.py's --overwrite_output_dir deletes that run's model and checkpoints. Without it, "
+                             "such folders stop the comparison before anything is trained.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
     if not args.presets and not args.runs:
         parser.error("give run folders to compare, or --presets to train them first")
     if train_args and not args.presets:
         parser.error(f"flags for train.py ({' '.join(train_args)}) need --presets")
-    folders = list(args.runs)
-    if args.presets:
-        presets = [name.strip() for name in args.presets.split(",") if name.strip()]
-        folders += train_presets(presets, args.output_dir, args.max_steps, args.seed, train_args)
+    if args.overwrite and not args.presets:
+        parser.error("--overwrite replaces earlier runs of --presets: it needs --presets")
+    if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: find out before any training
+        parser.error("the loss curves need matplotlib: pip install matplotlib")
     try:
-        runs = [load_run(folder) for folder in folders]
+        runs = [load_run(folder) for folder in args.runs]  # before training, so a wrong folder costs no runs
     except ValueError as error:
         parser.error(str(error))
 
+    peak_source = None
+    if args.presets:
+        presets = check_before_training(parser, args, train_args)
+        model_args, run_args, training_args = check_train_flags(
+            run_command(presets[0], args.output_dir / presets[0], args.max_steps, args.seed, args.overwrite, train_args))
+        peak, peak_source = shared_peak_tflops(run_args, training_args)
+        if run_args.peak_tflops is None:
+            train_args = [*train_args, "--peak_tflops", repr(peak)]  # repr: every run logs exactly this value
+        folders = train_presets(presets, args.output_dir, args.max_steps, args.seed, args.overwrite, train_args,
+                                shared_tokenizer=model_args.tokenizer_name is None)
+        runs += [load_run(folder) for folder in folders]
+
     args.output_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
-    (args.output_dir / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    note = peak_note(runs, peak_source)
+    (args.output_dir / "comparison.md").write_text(f"{table}\n\n{note}\n", encoding="utf-8")
     plot_loss_curves(runs, args.output_dir / "loss_curves.png")
     print(table)
+    print(note)
     logger.info("Wrote %s and %s", args.output_dir / "comparison.md", args.output_dir / "loss_curves.png")
     return os.fspath(args.output_dir)
 

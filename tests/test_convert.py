@@ -393,6 +393,73 @@ def test_cli_refuses_a_non_exportable_folder_naming_the_fields(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was written, deleted or changed."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# id -> (direction, OUT_DIR relative to tmp_path, extra flags). IN_DIR is tmp_path / "run", a trained-run folder.
+OVERLAPPING_OUTPUTS = {
+    "to-native-into-itself": ("--to-native", "run", []),
+    "to-native-into-itself-through-dotdot": ("--to-native", "run/../run", []),
+    "to-native-into-itself-with-overwrite": ("--to-native", "run", ["--overwrite"]),
+    "to-native-inside-it": ("--to-native", "run/native", []),
+    "to-native-into-its-parent-with-overwrite": ("--to-native", ".", ["--overwrite"]),  # would delete IN_DIR
+    "from-transformers-into-itself": ("--from-transformers", "run", []),
+    "from-transformers-inside-it": ("--from-transformers", "run/archlm", ["--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAPPING_OUTPUTS))
+def test_cli_refuses_an_output_folder_that_is_inside_or_holds_the_input_before_loading_it(tmp_path, capsys, case):
+    """A trained run converted into itself became a mix of Llama config and weights and ArchLM leftovers. The input
+    here is not even exportable (hybrid): the refusal names the folders, not `norm_type`, so it came first."""
+    direction, out_dir, flags = OVERLAPPING_OUTPUTS[case]
+    run = tmp_path / "run"
+    ArchLMForCausalLM(ArchLMConfig.from_preset("hybrid", **ARCHLM_TINY)).save_pretrained(run)
+    (run / "training_log.json").write_text("{}")
+    before = folder_snapshot(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([direction, str(run), str(tmp_path / out_dir), *flags])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"OUT_DIR {str(tmp_path / out_dir)!r}" in error and f"IN_DIR {str(run)!r}" in error
+    assert "Choose an empty or new folder" in error and "norm_type" not in error
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_cli_refuses_a_non_empty_output_folder_and_overwrite_replaces_its_contents(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "native"
+    build_archlm("llama-llama3rope-gqa").save_pretrained(run)
+    out.mkdir()
+    convert_main(["--to-native", str(run), str(out)])  # an existing empty folder is fine (hub_upload uses one)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    exported = sorted(path.name for path in out.iterdir())
+
+    (out / "training_log.json").write_text("{}")  # what an earlier, different model left there
+    (out / "checkpoint-5").mkdir()
+    (out / "checkpoint-5" / "optimizer.pt").write_bytes(b"state")
+    before = folder_snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--to-native", str(run), str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"OUT_DIR {str(out)!r} is not empty" in error and "checkpoint-5" in error and "training_log.json" in error
+    assert "Choose an empty or new folder" in error and "--overwrite" in error
+    assert folder_snapshot(out) == before
+
+    convert_main(["--to-native", str(run), str(out), "--overwrite"])
+    assert sorted(path.name for path in out.iterdir()) == exported  # the leftovers are gone
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        convert_main(["--to-native", str(run), str(tmp_path / "a-file"), "--overwrite"])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 # Run in a fresh interpreter where archlm cannot be imported, as on a serving machine: each exported folder
 # must load with plain AutoModelForCausalLM (no trust_remote_code) and give the logits saved next to it.
 FRESH_PROCESS_LOAD = r"""
@@ -466,3 +533,9 @@ def test_exported_folders_load_with_plain_auto_classes_in_a_process_without_arch
         assert "auto_map" not in json.loads((Path(folder) / "config.json").read_text())
         logits = torch.load(folder + ".logits.pt")
         torch.testing.assert_close(logits[real_tokens], expected[case][real_tokens], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_names_a_missing_input_folder_at_once(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--to-native", str(tmp_path / "no_such_run"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()

@@ -525,56 +525,6 @@ def test_throughput_and_log_callbacks_report_rates_and_perplexity(tmp_path):
     assert written["status"] == "running" and written["evals"][0]["perplexity"] == pytest.approx(math.exp(2.0))
 
 
-# ------------------------------------------------------------------------------------------------
-# examples/compare_architectures.py
-# ------------------------------------------------------------------------------------------------
-def load_compare_script():
-    spec = importlib.util.spec_from_file_location("archlm_compare_script", REPO / "examples" / "compare_architectures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def fake_run(folder: Path, name: str, eval_loss: float | None) -> Path:
-    folder.mkdir(parents=True)
-    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125}
-    write_json_atomically(folder / "training_log.json", {
-        "architecture_name": name, "parameters": 1_000_000, "summary": summary,
-        "steps": [{"step": step, "loss": 5.0 - step / 10} for step in range(1, 11)],
-        "evals": [{"step": 10, "eval_loss": eval_loss}] if eval_loss is not None else [],
-    })
-    return folder
-
-
-def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
-    compare = load_compare_script()
-    runs = [fake_run(tmp_path / "gpt2", "A-arch", 3.5), fake_run(tmp_path / "llama", "B-arch", 3.0),
-            fake_run(tmp_path / "broken", "C-arch", None)]
-    output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "compare")]))
-    table = (output / "comparison.md").read_text().splitlines()
-    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | eval loss | perplexity |"
-    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 3.0000 | 20.09 |")
-    assert table[3].startswith("| 2 | gpt2 | A-arch") and table[4].startswith("| 3 | broken | C-arch") and table[4].endswith("| - | - |")
-    assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit):
-        compare.main([str(tmp_path), "--output_dir", str(tmp_path / "compare")])  # not a run folder
-
-
-@pytest.mark.slow
-def test_compare_trains_presets_on_the_same_data_seed_and_budget(tmp_path):
-    command = [sys.executable, str(REPO / "examples" / "compare_architectures.py"), "--presets", "gpt2,llama",
-               "--max_steps", "3", "--output_dir", str(tmp_path), "--",
-               *TINY, "--config_overrides", "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=2"]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    logs = [read_log(tmp_path / preset) for preset in ("gpt2", "llama")]
-    assert [log["summary"]["global_step"] for log in logs] == [3, 3]
-    assert logs[0]["config"]["vocab_size"] == logs[1]["config"]["vocab_size"] and "gpt2" in logs[1]["tokenizer"]
-    assert logs[0]["steps"][0]["num_input_tokens_seen"] == logs[1]["steps"][0]["num_input_tokens_seen"]
-    table = (tmp_path / "comparison.md").read_text()
-    assert "LN-GELU" in table and "RMS-SwiGLU" in table and (tmp_path / "loss_curves.png").is_file()
-
-
 def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
     """`--report_to tensorboard` goes through transformers' own callback: the event files hold the logged loss and
     ArchLM's throughput figures."""

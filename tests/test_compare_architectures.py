@@ -1,0 +1,154 @@
+"""examples/compare_architectures.py: the ranked table and plot, the checks made before any run starts, and one
+peak TFLOP/s for every run's MFU.
+
+The table is proven on run folders written here (training logs as train.py writes them); the refusals on real
+invocations that must stop before training anything; one slow test trains two tiny presets for real, then
+checks that a second comparison refuses their folders unless --overwrite.
+
+    .venv/bin/python -m pytest tests/test_compare_architectures.py -q
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archlm.training import write_json_atomically
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARE_SCRIPT = REPO / "examples" / "compare_architectures.py"
+# Flags for train.py after `--`: a tiny model on a slice of the standard library (as tests/test_train.py's TINY,
+# without --seed, which the comparison sets for every run itself).
+TINY_TRAIN_FLAGS = [
+    "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",
+    "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1",
+    "--disable_tqdm", "true", "--sample_prompt", "", "--report_to", "none",
+    "--config_overrides", "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=2",
+]
+
+
+def load_compare_script():
+    spec = importlib.util.spec_from_file_location("archlm_compare_script", COMPARE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_compare_script()
+
+
+def fake_run(folder: Path, name: str, eval_loss: float | None, peak_tflops: float | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125}
+    write_json_atomically(folder / "training_log.json", {
+        "architecture_name": name, "parameters": 1_000_000, "summary": summary,
+        **({"peak_tflops": peak_tflops} if peak_tflops is not None else {}),
+        "steps": [{"step": step, "loss": 5.0 - step / 10} for step in range(1, 11)],
+        "evals": [{"step": 10, "eval_loss": eval_loss}] if eval_loss is not None else [],
+    })
+    return folder
+
+
+def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
+    runs = [fake_run(tmp_path / "gpt2", "A-arch", 3.5), fake_run(tmp_path / "llama", "B-arch", 3.0),
+            fake_run(tmp_path / "broken", "C-arch", None)]
+    output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "compare")]))
+    table = (output / "comparison.md").read_text().splitlines()
+    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | eval loss | perplexity |"
+    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 3.0000 | 20.09 |")
+    assert table[3].startswith("| 2 | gpt2 | A-arch") and table[4].startswith("| 3 | broken | C-arch") and table[4].endswith("| - | - |")
+    assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--output_dir", str(tmp_path / "compare")])  # not a run folder
+
+
+# id -> (arguments, what the error must say). Each would have failed only after training a preset, or trained
+# into the wrong folder, or quietly overridden the comparison's own per-run flags.
+REFUSED_UP_FRONT = {
+    "unknown-preset-after-a-valid-one": (
+        ["--presets", "llama,lama"], "unknown preset(s) 'lama'; valid presets: gpt2, llama, mistral, qwen2, qwen3, hybrid"),
+    "preset-twice": (["--presets", "llama,gpt2,llama"], "names llama more than once"),
+    "no-steps": (["--presets", "llama", "--max_steps", "0"], "--max_steps must be a positive number of steps"),
+    "output-dir-after-separator": (["--presets", "gpt2,llama", "--", "--output_dir", "{tmp}/X"], "--output_dir: each run goes to"),
+    "output-dir-abbreviated-with-dashes": (["--presets", "gpt2,llama", "--", "--output-d={tmp}/X"], "override what this script sets for each run: --output_dir"),
+    "preset-after-separator": (["--presets", "gpt2", "--", "--preset=llama"], "--preset: each run's preset comes from --presets"),
+    "overwrite-output-dir-after-separator": (["--presets", "gpt2", "--", "--overwrite_output_dir"], "pass --overwrite before `--`"),
+    "max-steps-after-separator": (["--presets", "gpt2", "--", "--max_steps", "5"], "--max_steps: pass --max_steps before `--`"),
+    "seeds-after-separator": (["--presets", "gpt2", "--", "--seed", "1", "--data_seed", "2"], "--seed, --data_seed\n"),
+    "model-after-separator": (["--presets", "gpt2", "--", "--model_name_or_path", "{tmp}"], "would fine-tune that one model"),
+    "misspelt-train-flag": (["--presets", "gpt2,llama", "--", "--max_stepz", "3"], "the train.py flags after `--`"),
+    "bad-train-flag-value": (["--presets", "gpt2,llama", "--", "--peak_tflops", "0"], "--peak_tflops must be positive"),
+    "run-folder-that-is-not-a-run": (["--presets", "gpt2", "{tmp}"], "holds no training_log.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_UP_FRONT))
+def test_bad_arguments_are_refused_before_any_run_starts(case, tmp_path, capsys):
+    arguments, message = REFUSED_UP_FRONT[case]  # {tmp}: so that a regression writes nothing outside tmp_path
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    separator = arguments.index("--") if "--" in arguments else len(arguments)
+    arguments[separator:separator] = ["--output_dir", str(tmp_path / "compare")]
+
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(arguments)
+
+    assert exit_info.value.code != 0
+    captured = capsys.readouterr()
+    assert message in captured.err + str(exit_info.value.code), captured.err
+    assert not (tmp_path / "compare").exists()  # nothing trained, nothing written
+
+
+def test_existing_run_folders_are_refused_before_any_run_starts(tmp_path, capsys):
+    output = tmp_path / "compare"
+    (output / "gpt2" / "checkpoint-3").mkdir(parents=True)  # an earlier run, with a checkpoint
+    (output / "gpt2" / "training_log.json").write_text("{}")
+    (output / "mistral").mkdir()  # an empty folder holds no run: fine
+    fake_run(output / "llama", "earlier-llama", 2.0)
+    arguments = ["--presets", "gpt2,llama,mistral", "--output_dir", str(output), "--", *TINY_TRAIN_FLAGS, "--peak_tflops", "0.05"]
+    with pytest.raises(SystemExit):
+        compare.main(arguments)
+    error = capsys.readouterr().err
+    assert f"not empty (an earlier run?): {output / 'gpt2'}, {output / 'llama'}." in error and "--overwrite" in error
+    assert (output / "gpt2" / "checkpoint-3").is_dir() and not (output / "comparison.md").exists()
+
+
+def test_runs_measured_against_different_peaks_are_flagged_as_not_comparable(tmp_path):
+    """Each run measuring its own peak made MFU incomparable (0.095-0.317 TFLOP/s under contention)."""
+    runs = [fake_run(tmp_path / "a", "A-arch", 3.0, 0.095), fake_run(tmp_path / "b", "B-arch", 3.1, 0.317)]
+    output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "separate")]))
+    assert "MFU is not comparable across these runs: each was measured against its own peak TFLOP/s (a 0.095, b 0.317)" in (
+        output / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_trains_presets_on_the_same_data_seed_budget_and_peak(tmp_path):
+    command = [sys.executable, str(COMPARE_SCRIPT), "--presets", "gpt2,llama", "--max_steps", "3", "--seed", "0",
+               "--output_dir", str(tmp_path), "--", *TINY_TRAIN_FLAGS]
+    # One thread: on a shared 2-core machine, two OpenMP threads per process are several times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")]
+    assert [log["summary"]["global_step"] for log in logs] == [3, 3]
+    assert logs[0]["config"]["vocab_size"] == logs[1]["config"]["vocab_size"] and "gpt2" in logs[1]["tokenizer"]
+    assert logs[0]["steps"][0]["num_input_tokens_seen"] == logs[1]["steps"][0]["num_input_tokens_seen"]
+    assert logs[0]["peak_tflops"] == logs[1]["peak_tflops"] > 0  # measured once, by the comparison
+    table = (tmp_path / "comparison.md").read_text()
+    assert "LN-GELU" in table and "RMS-SwiGLU" in table and (tmp_path / "loss_curves.png").is_file()
+    assert f"every run against the same peak, {logs[0]['peak_tflops']:.4g} TFLOP/s (measured once" in table
+
+    # the same comparison again: the earlier runs are refused before anything trains ...
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "not empty (an earlier run?)" in again.stderr and "--overwrite" in again.stderr
+    assert json.loads((tmp_path / "llama" / "training_log.json").read_text()) == logs[1]
+    # ... and replaced with --overwrite; a peak given after `--` is every run's, and nothing is measured
+    replaced = subprocess.run([*command[:2], "--overwrite", *command[2:], "--peak_tflops", "0.05"], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert replaced.returncode == 0, replaced.stdout[-3000:] + replaced.stderr[-3000:]
+    logs = [json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")]
+    assert [log["peak_tflops"] for log in logs] == [0.05, 0.05]
+    assert "every run against the same peak, 0.05 TFLOP/s (given with --peak_tflops)." in (tmp_path / "comparison.md").read_text()
