@@ -1,5 +1,8 @@
 """Shared helpers for the ArchLM tests: tiny configs that build and run in milliseconds on a CPU."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
@@ -33,3 +36,11 @@ def tiny_config(**overrides) -> ArchLMConfig:
 
 # --config_overrides of the tiny model the training and distributed tests train with examples/train.py
 TINY_MODEL = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=1,intermediate_size=64"
+
+
+def load_script(path: Path, module_name: str):
+    """An example script (examples/*.py is not a package) imported as a module, to call its main() in-process."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ checks that a second comparison refuses their folders unless --overwrite.
     .venv/bin/python -m pytest tests/test_compare_architectures.py -q
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from archlm.training import write_json_atomically
 
@@ -31,14 +31,7 @@ TINY_TRAIN_FLAGS = [
 ]
 
 
-def load_compare_script():
-    spec = importlib.util.spec_from_file_location("archlm_compare_script", COMPARE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare_script()
+compare = load_script(COMPARE_SCRIPT, "archlm_compare_script")
 
 
 def fake_run(folder: Path, name: str, eval_loss: float | None, peak_tflops: float | None = None) -> Path:

@@ -6,7 +6,6 @@ streaming, json/csv/parquet inputs and LoRA train -> save -> merge work; every b
 training step with a message and nothing written.
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, load_script
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -47,14 +46,7 @@ MODEL_FILES = [
 ]
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("archlm_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = load_train_script()
+train_script = load_script(TRAIN_SCRIPT, "archlm_train_script")
 
 
 def train(*args: str, callbacks=None) -> Path:
