@@ -245,5 +245,23 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     return output_dir
 
 
+def exit_without_finalizing() -> None:
+    """Ends a multi-process run once everything is written and the process group is gone, without the
+    interpreter's finalization. There, on CPU (gloo, DeepSpeed's CPU ops), objects still referenced by the
+    communication library's C++ threads are destroyed after Python is half torn down, and a rank sometimes aborts
+    ("terminate called without an active exception", SIGABRT) — the launcher then reports a failed run although
+    every file was saved. What finalization would still do is done here first: flush the logs and the streams,
+    and close a wandb run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalizing()
