@@ -78,7 +78,8 @@ def _unsupported(config: PreTrainedConfig, field: str, value, reason: str) -> Va
 # Config mappings: one function per family, each returning an ArchLMConfig
 # ------------------------------------------------------------------------------------------------
 def _shared_fields(config: PreTrainedConfig) -> dict:
-    """Fields every supported family names the same way (GPT-2 through its `attribute_map`)."""
+    """Fields every supported family names the same way (GPT-2 through its `attribute_map`), ArchLM too: read from
+    either side, and accepted by either side's constructor."""
     return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -345,23 +346,13 @@ def _dropped_dropouts(config: ArchLMConfig, family: str) -> None:
 def _llama_like_native_fields(config: ArchLMConfig) -> dict:
     """LlamaConfig's names for what Llama, Mistral and Qwen2/3 share."""
     return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
+        **_shared_fields(config),
         intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
         hidden_act=LLAMA_ACTIVATIONS[config.hidden_act],
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
         rms_norm_eps=config.norm_eps,
         rope_parameters=copy.deepcopy(dict(config.rope_parameters)),
         attention_dropout=config.attention_dropout,
-        tie_word_embeddings=config.tie_word_embeddings,
-        use_cache=config.use_cache,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
     )
 
 
@@ -409,23 +400,13 @@ def archlm_config_to_qwen3(config: ArchLMConfig) -> Qwen3Config:
 
 def archlm_config_to_gpt2(config: ArchLMConfig) -> GPT2Config:
     return GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.max_position_embeddings,
-        n_embd=config.hidden_size,
-        n_layer=config.num_hidden_layers,
-        n_head=config.num_attention_heads,
+        **_shared_fields(config),  # GPT2Config maps hidden_size, num_hidden_layers, ... to n_embd, n_layer, ...
         n_inner=config.intermediate_size,
         activation_function=config.hidden_act,
         resid_pdrop=config.hidden_dropout,
         embd_pdrop=config.embedding_dropout,
         attn_pdrop=config.attention_dropout,
         layer_norm_epsilon=config.norm_eps,
-        initializer_range=config.initializer_range,
-        tie_word_embeddings=config.tie_word_embeddings,
-        use_cache=config.use_cache,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
     )
 
 

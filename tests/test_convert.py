@@ -153,12 +153,16 @@ def test_converted_logits_and_loss_match_transformers(case, attn_implementation,
 def test_greedy_generation_matches_transformers(case):
     """Left-padded batch, KV cache, generating past Mistral's window: the same tokens come out."""
     reference = build_reference(case)
-    ours = from_transformers(reference)
+    assert_same_greedy_generation(from_transformers(reference), reference)
+
+
+def assert_same_greedy_generation(actual_model, expected_model):
+    """Greedy generation of a left-padded batch with the KV cache: the same tokens and scores."""
     inputs = batch(left_padding=True)
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=10,
                   do_sample=False, pad_token_id=PAD, eos_token_id=None, output_scores=True,
                   return_dict_in_generate=True)
-    expected, actual = reference.generate(**kwargs), ours.generate(**kwargs)
+    expected, actual = expected_model.generate(**kwargs), actual_model.generate(**kwargs)
     assert torch.equal(actual.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(actual.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-5)
 
@@ -315,14 +319,7 @@ def test_exported_logits_match_and_the_round_trip_returns_them(case, attn_implem
 def test_exported_greedy_generation_matches_archlm(case):
     """Left-padded batch, KV cache, generating past Mistral's window: the same tokens come out."""
     ours = build_archlm(case)
-    native = to_transformers(ours)
-    inputs = batch(left_padding=True)
-    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=10,
-                  do_sample=False, pad_token_id=PAD, eos_token_id=None, output_scores=True,
-                  return_dict_in_generate=True)
-    expected, actual = ours.generate(**kwargs), native.generate(**kwargs)
-    assert torch.equal(actual.sequences, expected.sequences)
-    torch.testing.assert_close(torch.stack(actual.scores), torch.stack(expected.scores), rtol=1e-4, atol=1e-5)
+    assert_same_greedy_generation(to_transformers(ours), ours)
 
 
 def test_export_keeps_tying_dtype_and_copies_the_rope_parameters():
