@@ -3,6 +3,7 @@ from this folder's parent with `python benchmarks/NAME.py`, which puts this fold
 
 import gc
 import json
+import logging
 import platform
 import statistics
 import time
@@ -12,6 +13,8 @@ import torch
 from transformers import CompileConfig, StaticCache
 
 from archlm import ArchLMConfig
+
+logger = logging.getLogger("benchmarks")
 
 
 def add_model_flags(parser, hidden=512, layers=4, heads=8, kv_heads=4, vocab=8192) -> None:
@@ -126,9 +129,13 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def write_results(output_dir: str | Path, name: str, results: dict, table: str) -> Path:
+def write_results(output_dir: str | Path, name: str, results: dict, table: str, plot) -> Path:
+    """NAME.json, NAME.md and NAME.png (drawn by `plot(results, path)`) in `output_dir`; prints the table."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (output_dir / f"{name}.md").write_text(table + "\n")
+    plot(results, output_dir / f"{name}.png")
+    print(table)
+    logger.info("\nwrote %s/%s.{json,md,png}", output_dir, name)
     return output_dir

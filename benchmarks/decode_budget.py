@@ -182,10 +182,7 @@ def main(argv=None):
                "machine": machine_description(), "prompt": args.prompt, "steps": args.steps, "rounds": args.rounds,
                "floor_max_abs_logit_difference": floor_error, "ms_per_token": times}
     table = markdown(results)
-    output_dir = write_results(args.output_dir, "decode_budget", results, table)
-    plot(results, output_dir / "decode_budget.png")
-    print(table)
-    logger.info("\nwrote %s/decode_budget.{json,md,png}", output_dir)
+    write_results(args.output_dir, "decode_budget", results, table, plot)
 
 
 def markdown(results: dict) -> str:

@@ -131,10 +131,7 @@ def main(argv=None):
         "kv_cache": kv_cache,
     }
     table = markdown(results)
-    output_dir = write_results(args.output_dir, "generation", results, table)
-    plot(results, output_dir / "generation.png")
-    print(table)
-    logger.info("\nwrote %s/generation.{json,md,png}", output_dir)
+    write_results(args.output_dir, "generation", results, table, plot)
 
 
 if __name__ == "__main__":

@@ -131,10 +131,7 @@ def main(argv=None):
     results = {"architecture": architecture, "batch": args.batch, "steps": args.steps, "machine": machine_description(),
                "checkpoint_seq": args.checkpoint_seq, "checkpointing": checkpointing, "attention": attention}
     table = markdown(results)
-    output_dir = write_results(args.output_dir, "memory", results, table)
-    plot(results, output_dir / "memory.png")
-    print(table)
-    logger.info("\nwrote %s/memory.{json,md,png}", output_dir)
+    write_results(args.output_dir, "memory", results, table, plot)
 
 
 if __name__ == "__main__":

@@ -201,10 +201,7 @@ def main(argv=None):
         "matmul_tflops": rates, "flops_per_token": flops, "rows": rows,
     }
     table = markdown(results)
-    output_dir = write_results(args.output_dir, "vs_llama", results, table)
-    plot(results, output_dir / "vs_llama.png")
-    print(table)
-    logger.info("\nwrote %s/vs_llama.{json,md,png}", output_dir)
+    write_results(args.output_dir, "vs_llama", results, table, plot)
 
 
 if __name__ == "__main__":
