@@ -20,6 +20,9 @@ from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Keys each rope type needs beyond `rope_type` and `rope_theta`; mirrors transformers' validators,
 # which only warn (or raise a bare KeyError) where we want a named, early error.
@@ -195,6 +198,15 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
         except ValueError as error:
             raise ValueError(f"--config_overrides: the value of {key!r} {error}") from None
     return overrides
+
+
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def token_ids_fit(value, vocab_size) -> bool:
+    """Whether a special id (an int, a list of ints, or None) indexes a vocabulary of `vocab_size` rows."""
+    ids = value if isinstance(value, list) else [value]
+    return all(token_id is None or (isinstance(token_id, int) and 0 <= token_id < vocab_size) for token_id in ids)
 
 
 def _is_number(value) -> bool:
@@ -395,14 +407,13 @@ class ArchLMConfig(PreTrainedConfig):
 
     def validate_token_ids(self):
         """Special token ids must index the vocabulary (transformers only warns; a bad id crashes generate)."""
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in TOKEN_ID_FIELDS:
             value = getattr(self, name)
-            for token_id in value if isinstance(value, list) else [value]:
-                if token_id is not None and not 0 <= token_id < self.vocab_size:
-                    raise ValueError(
-                        f"`{name}`={value!r} is outside the vocabulary: ids must be in [0, {self.vocab_size - 1}] "
-                        f"(vocab_size={self.vocab_size}), or None."
-                    )
+            if not token_ids_fit(value, self.vocab_size):
+                raise ValueError(
+                    f"`{name}`={value!r} is outside the vocabulary: ids must be in [0, {self.vocab_size - 1}] "
+                    f"(vocab_size={self.vocab_size}), or None."
+                )
 
     # ----------------------------------------------------------------------------------------
     # presets and descriptions
@@ -426,7 +437,14 @@ class ArchLMConfig(PreTrainedConfig):
             hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
             listed = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
             raise ValueError(f"Unknown config field(s) {listed}; fields are: {sorted(f.name for f in dataclasses.fields(cls))}.")
-        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+        fields = {**copy.deepcopy(PRESETS[name]), **overrides}
+        # A preset's special ids belong to its family's tokenizer: with a smaller vocabulary they point nowhere, so
+        # they are dropped (ids the caller passes are kept, and validated like any field).
+        for key in TOKEN_ID_FIELDS:
+            if key not in overrides and not token_ids_fit(fields.get(key), fields.get("vocab_size", 32000)):
+                logger.info("Preset %r: dropping %s=%r, outside vocab_size=%s", name, key, fields[key], fields["vocab_size"])
+                fields[key] = None
+        return cls(**fields)
 
     @property
     def architecture_name(self) -> str:

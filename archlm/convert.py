@@ -60,7 +60,7 @@ from transformers import (
 )
 
 from .check import missing_local_folder
-from .configuration_archlm import ArchLMConfig
+from .configuration_archlm import TOKEN_ID_FIELDS, ArchLMConfig, token_ids_fit
 from .modeling_archlm import ArchLMForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,22 @@ def _shared_fields(config: PreTrainedConfig) -> dict:
         initializer_range=config.initializer_range,
         tie_word_embeddings=config.tie_word_embeddings,
         use_cache=config.use_cache,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
+        **_special_token_ids(config),
     )
+
+
+def _special_token_ids(config: PreTrainedConfig) -> dict:
+    """pad/bos/eos ids; one outside the vocabulary (transformers accepts such a config with a warning) becomes None,
+    with a warning naming it, so that any model transformers accepts converts."""
+    ids = {}
+    for field in TOKEN_ID_FIELDS:
+        value = getattr(config, field, None)
+        if not token_ids_fit(value, config.vocab_size):
+            logger.warning("%s=%r is outside the vocabulary (vocab_size=%d): converted as None", field, value,
+                           config.vocab_size)
+            value = None
+        ids[field] = value
+    return ids
 
 
 def gpt2_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:

@@ -463,3 +463,19 @@ def test_callers_rope_dict_is_not_modified():
     params = {"rope_type": "linear", "factor": 2.0}
     tiny_config(rope_parameters=params)
     assert params == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "qwen2", "qwen3"])
+def test_a_preset_with_a_smaller_vocabulary_drops_the_special_ids_that_do_not_fit(preset):
+    config = ArchLMConfig.from_preset(preset, vocab_size=8192, num_hidden_layers=1)
+    assert config.vocab_size == 8192
+    assert config.bos_token_id is None and config.eos_token_id is None
+    kept = ArchLMConfig.from_preset("llama", vocab_size=8192, num_hidden_layers=1)
+    assert (kept.bos_token_id, kept.eos_token_id) == (1, 2)  # ids that fit stay
+
+
+def test_special_ids_given_with_a_preset_are_still_validated():
+    config = ArchLMConfig.from_preset("qwen3", vocab_size=8192, num_hidden_layers=1, eos_token_id=5)
+    assert config.eos_token_id == 5 and config.bos_token_id is None
+    with pytest.raises(VALIDATION_ERRORS, match="eos_token_id"):
+        ArchLMConfig.from_preset("qwen3", vocab_size=8192, num_hidden_layers=1, eos_token_id=151645)

@@ -536,3 +536,13 @@ def test_cli_names_a_missing_input_folder_at_once(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         convert_main(["--to-native", str(tmp_path / "no_such_run"), str(tmp_path / "out")])
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_a_model_transformers_accepts_converts_with_out_of_vocabulary_special_ids_dropped(caplog):
+    source = GPT2LMHeadModel(GPT2Config(vocab_size=311, n_embd=32, n_layer=1, n_head=2, n_positions=16)).eval()
+    with caplog.at_level("WARNING", logger="archlm.convert"):
+        converted = from_transformers(source)
+    assert converted.config.bos_token_id is None and converted.config.eos_token_id is None
+    assert "bos_token_id=50256" in caplog.text and "eos_token_id=50256" in caplog.text
+    input_ids = torch.randint(0, 311, (1, 6))
+    torch.testing.assert_close(converted(input_ids).logits, source(input_ids).logits, rtol=1e-4, atol=1e-5)

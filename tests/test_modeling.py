@@ -572,7 +572,8 @@ REMOTE_SCRIPT = textwrap.dedent("""
     assert type(model).__name__ == "ArchLMForCausalLM" and type(model).__module__.startswith("transformers_modules")
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"]).logits
-    torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+    # another process may run another thread count, and so another matmul reduction order: equal to rounding
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
     generated = model.generate(expected["input_ids"], max_new_tokens=4, do_sample=False)
     assert torch.equal(generated, expected["generated"]), (generated, expected["generated"])
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
