@@ -203,21 +203,41 @@ CONTRACTS: dict[str, Callable] = {
 }
 
 
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
+PER_LAYER_KEYS = ("full_attention", "sliding_attention")  # rope_parameters nested by layer type
+
+
 def tiny_version(config: ArchLMConfig) -> ArchLMConfig:
     """The same architecture choices at a size that checks in seconds (2 layers, 64 wide, 4 heads)."""
     small = config.to_dict()
     heads = 4
     kv_heads = 1 if config.num_key_value_heads == 1 else (heads if config.num_key_value_heads == config.num_attention_heads else 2)
-    small.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                 head_dim=16, intermediate_size=128, vocab_size=min(config.vocab_size, 512))
+    # every kind of layer the model has (sliding or full, rope or not), in at least two layers: each per-layer list
+    # keeps the first layer of each kind
+    per_layer = [key for key in PER_LAYER_FIELDS if small.get(key) is not None]
+    kinds = list(zip(*(small[key] for key in per_layer)))
+    first_of_kind = {}
+    for index, kind in enumerate(kinds):
+        first_of_kind.setdefault(kind, index)
+    layers = sorted(first_of_kind.values())
+    layers += layers[-1:] * (2 - len(layers))
+    for key in per_layer:
+        small[key] = [small[key][index] for index in layers]
+    small.pop("no_rope_layer_interval", None)  # no_rope_layers, cut above, says which layers skip rope
+    small.update(hidden_size=64, num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 intermediate_size=128, vocab_size=min(config.vocab_size, 512))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         small[key] = None if small[key] is None else 0 if isinstance(small[key], int) else [0]
     if config.sliding_window is not None:
         small["sliding_window"] = 8
     small.pop("auto_map", None)
-    if small.get("rope_parameters", {}).get("rope_type") == "longrope":
-        for key in ("short_factor", "long_factor"):
-            small["rope_parameters"][key] = small["rope_parameters"][key][:1] * 8
+    small["head_dim"] = 16
+    rope = small.get("rope_parameters") or {}
+    for params in [rope[key] for key in PER_LAYER_KEYS if key in rope] or [rope]:
+        if params.get("rope_type") == "longrope":  # one factor per rotated channel pair
+            pairs = int(16 * (params.get("partial_rotary_factor") or 1.0)) // 2
+            for key in ("short_factor", "long_factor"):
+                params[key] = params[key][:1] * pairs
     return ArchLMConfig(**small)
 
 

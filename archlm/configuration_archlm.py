@@ -16,6 +16,8 @@ import json
 import math
 from typing import Any, Literal
 
+import torch
+
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
@@ -129,15 +131,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_POSITION_NAMES = {"rope": "RoPE", "alibi": "ALiBi", "learned": "Learned", "sinusoidal": "Sinusoidal", "none": "NoPE"}
-_NORM_NAMES = {"rmsnorm": "RMS", "layernorm": "LN", "layernorm_nobias": "LNNoBias"}
-# Activation families for the name: every gelu approximation is "GELU", silu/swish "SiLU".
-_ACT_NAMES = {"silu": "SiLU", "swish": "SiLU", "relu": "ReLU", "leaky_relu": "LeakyReLU", "relu2": "ReLU2"}
-_GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU"}
-
-
 # kwargs transformers accepts besides the fields (legacy rope keys, load-time options)
-_LEGACY_KWARGS = {"rope_theta", "rope_scaling", "attn_implementation", "torch_dtype", "num_labels"}
+_LEGACY_KWARGS = {"rope_theta", "rope_scaling", "partial_rotary_factor", "attn_implementation", "torch_dtype", "num_labels"}
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -213,12 +208,61 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _positive_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+# One table per enum: value -> (name tag, description). The modeling file keys its classes on the same values.
+NORM_TYPES = {
+    "rmsnorm": ("RMS", "RMSNorm, weight initialised to 1 (Llama)"),
+    "rmsnorm_unit_offset": ("RMS+1", "RMSNorm scaled by (1 + weight), weight initialised to 0 (Gemma)"),
+    "layernorm": ("LN", "LayerNorm with weight and bias (GPT-2)"),
+    "layernorm_nobias": ("LNNoBias", "LayerNorm with a weight and no bias (Cohere)"),
+    "layernorm_noaffine": ("LNNoAffine", "LayerNorm without learned parameters (OLMo)"),
+}
+NORM_POSITIONS = {
+    "pre": ("PreNorm", "x + f(norm(x)): norm before each sublayer (GPT-2, Llama)"),
+    "post": ("PostNorm", "norm(x + f(x)): norm after each residual add (original Transformer)"),
+    "sandwich": ("Sandwich", "x + norm(f(norm(x))): norm before and after each sublayer (Gemma 2/3)"),
+    "sublayer_output": ("PostSublayer", "x + norm(f(x)): norm on each sublayer's output only (OLMo 2)"),
+}
+POSITION_EMBEDDING_TYPES = {
+    "rope": ("RoPE", "rotary embedding applied to q and k in every layer (except no_rope_layers)"),
+    "alibi": ("ALiBi", "per-head linear distance penalty added to attention scores"),
+    "learned": ("Learned", "trained absolute position table added to the token embeddings"),
+    "sinusoidal": ("Sinusoidal", "fixed sin/cos absolute positions added to the token embeddings"),
+    "none": ("NoPE", "no position signal; causal masking alone"),
+}
+QK_NORM_SCOPES = {
+    "head": ("", "each head normalised over head_dim, one weight shared by the heads (Qwen3, Gemma 3)"),
+    "per_head": ("PerHead", "each head normalised over head_dim with its own weight (StableLM, Cohere)"),
+    "full": ("Full", "q and k normalised over their whole width, all heads together (OLMo 2)"),
+}
+# transformers' layer types that ArchLM layers implement
+LAYER_TYPES = ("full_attention", "sliding_attention")
+INIT_SCHEMES = {
+    "normal": "every matrix N(0, initializer_range)",
+    "scaled": "GPT-2: truncated at 2 std, residual output projections / sqrt(2 * num_hidden_layers)",
+    "magneto": "Magneto (Foundation Transformers): Xavier-normal, gain sqrt(log(2 * layers)) on v/o and the MLP; needs Sub-LN",
+}
+
+# Activation families for the name: every gelu approximation is "GELU", silu/swish "SiLU".
+_ACT_NAMES = {"silu": "SiLU", "swish": "SiLU", "relu": "ReLU", "leaky_relu": "LeakyReLU", "relu2": "ReLU2"}
+_GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU"}
+
+
+def _ratio(part: int, whole: int) -> str:
+    divisor = math.gcd(part, whole)
+    return f"{part // divisor}:{whole // divisor}"
+
+
 @strict
 class ArchLMConfig(PreTrainedConfig):
     r"""Configuration of an ArchLM decoder-only language model.
 
-    Field names follow transformers' `LlamaConfig` wherever transformers has one; the ArchLM
-    fields below choose the architecture.
+    Field names follow transformers' configs wherever transformers has one (`LlamaConfig`, and for the options
+    of other families their own names: `layer_types`, `attn_logit_softcapping`, `embedding_multiplier`, ...);
+    the ArchLM fields below choose the architecture. Every option composes with every other one.
 
     ```python
     >>> from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -252,25 +296,45 @@ class ArchLMConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048  # longest sequence (hard limit with learned positions)
     # --- components ---
     hidden_act: str = "silu"  # any key of transformers.activations.ACT2FN
-    norm_type: Literal["rmsnorm", "layernorm", "layernorm_nobias"] = "rmsnorm"  # normalisation layer
+    norm_type: Literal["rmsnorm", "rmsnorm_unit_offset", "layernorm", "layernorm_nobias", "layernorm_noaffine"] = "rmsnorm"  # see NORM_TYPES
     norm_eps: float | int = 1e-6  # epsilon of every norm
-    norm_position: Literal["pre", "post"] = "pre"  # norm before each sublayer (GPT-2/Llama) or after the residual add (original Transformer)
+    norm_position: Literal["pre", "post", "sandwich", "sublayer_output"] = "pre"  # where the block's norms sit, see NORM_POSITIONS
+    use_parallel_residual: bool = False  # attention and MLP read the same input, both outputs added to it (GPT-J, NeoX, Phi, Cohere)
+    parallel_shared_norm: bool = True  # with use_parallel_residual: one input_layernorm feeds both (GPT-J, Phi); False: the MLP has post_attention_layernorm (NeoX)
+    sub_layernorm: bool | None = None  # Sub-LN (Magneto): a norm inside each sublayer, before o_proj and down_proj; None: on with init_scheme="magneto"
     position_embedding_type: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"  # how tokens learn their position
     learned_position_embeddings: bool = False  # add learned absolute embeddings on top of rope/alibi
-    rope_parameters: RopeParameters | dict | None = None  # transformers v5 rope dict: rope_type, rope_theta, factor, ...
+    rope_parameters: RopeParameters | dict | None = None  # transformers v5 rope dict (rope_type, rope_theta, partial_rotary_factor, ...), or one dict per layer type
+    rope_interleaved: bool = False  # rotate channel pairs (0,1), (2,3), ... (GPT-J, Cohere) instead of the two halves (NeoX, Llama)
+    no_rope_layers: list[int] | None = None  # SmolLM3: per layer, 1 = rope, 0 = no position signal (NoPE); None: from no_rope_layer_interval
+    no_rope_layer_interval: int | None = None  # SmolLM3: every N-th layer skips rope; None: every layer uses rope
+    layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
     mlp_type: Literal["gated", "standard"] = "gated"  # gated: act(gate) * up (SwiGLU with silu); standard: act(up)
-    qk_norm: bool = False  # normalise q and k per head before rope (Qwen3, OLMo2)
-    sliding_window: int | None = None  # attend to at most this many previous tokens (Mistral); None: full causal
+    qk_norm: bool = False  # normalise q and k before rope (Qwen3, OLMo 2, Gemma 3, StableLM, Cohere)
+    qk_norm_scope: Literal["head", "per_head", "full"] = "head"  # see QK_NORM_SCOPES
+    qk_norm_type: Literal["rmsnorm", "rmsnorm_unit_offset", "layernorm", "layernorm_nobias", "layernorm_noaffine"] | None = None  # None: norm_type
+    clip_qkv: float | int | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after their projections (OLMo)
+    sliding_window: int | None = None  # sliding layers attend to at most this many tokens, themselves included (Mistral)
     attention_bias: bool = False  # bias on q/k/v projections
     attention_output_bias: bool | None = None  # bias on o_proj; None: same as attention_bias (Qwen2: q/k/v only)
     mlp_bias: bool = False  # bias on the MLP projections
+    lm_head_bias: bool = False  # bias on the output projection (Phi, GPT-J)
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
+    # --- scales (1.0 / None: off) ---
+    embedding_multiplier: float | int = 1.0  # token embeddings x this (Granite)
+    scale_embeddings_by_sqrt_hidden: bool = False  # token embeddings x sqrt(hidden_size), rounded to the activations' dtype (Gemma)
+    residual_multiplier: float | int = 1.0  # each sublayer's output x this before the residual add (Granite)
+    attention_multiplier: float | int | None = None  # attention score scale; None: 1/sqrt(head_dim) (Granite)
+    query_pre_attn_scalar: float | int | None = None  # attention score scale is 1/sqrt(this) (Gemma 2/3)
+    logits_scaling: float | int = 1.0  # final logits / this (Granite; Cohere's logit_scale is its inverse)
+    attn_logit_softcapping: float | int | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | int | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- regularisation and init ---
     attention_dropout: float | int = 0.0  # dropout on attention probabilities
     hidden_dropout: float | int = 0.0  # dropout on each sublayer output before the residual add
     embedding_dropout: float | int = 0.0  # dropout on the summed input embeddings
     initializer_range: float | int = 0.02  # std of the normal init
-    init_scheme: Literal["normal", "scaled"] = "normal"  # scaled: truncated at 2 std, residual outputs / sqrt(2 * layers)
+    init_scheme: Literal["normal", "scaled", "magneto"] = "normal"  # see INIT_SCHEMES
     # --- generation ---
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -291,16 +355,45 @@ class ArchLMConfig(PreTrainedConfig):
                 self.intermediate_size = 4 * self.hidden_size
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
+        if self.sub_layernorm is None:
+            self.sub_layernorm = self.init_scheme == "magneto"
+        layers = self.num_hidden_layers if isinstance(self.num_hidden_layers, int) else 0
+        if self.layer_types is None:
+            sliding = self.sliding_window is not None
+            self.layer_types = ["sliding_attention" if sliding else "full_attention"] * layers
+        if self.no_rope_layers is None and _is_number(self.no_rope_layer_interval) and self.no_rope_layer_interval > 0:
+            # SmolLM3's rule: layer i skips rope when (i + 1) is a multiple of the interval
+            self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0) for i in range(layers)]
         # Keep the caller's dict intact: transformers standardises rope_parameters in place.
         if isinstance(self.rope_parameters, dict):
             self.rope_parameters = copy.deepcopy(self.rope_parameters)
         super().__post_init__(**kwargs)
 
     # ----------------------------------------------------------------------------------------
-    # validation (run by @strict after __init__, in alphabetical order of the method names)
+    # validation: @strict runs every validate_* method after __init__. Each group of rules
+    # checks its own prerequisites first, so none relies on the order in which they run.
     # ----------------------------------------------------------------------------------------
     def validate_architecture(self):
-        """Sizes, head layout and component names."""
+        """Sizes, head layout and component names (transformers' own checks first)."""
+        super().validate_architecture()
+        self._check_sizes()
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`hidden_act`={self.hidden_act!r} is not a known activation; allowed: {sorted(ACT2FN)}."
+            )
+        if self.learned_position_embeddings and self.position_embedding_type not in ("rope", "alibi"):
+            raise ValueError(
+                "`learned_position_embeddings=True` adds learned absolute positions on top of 'rope' or 'alibi'; "
+                f"with `position_embedding_type`={self.position_embedding_type!r} use "
+                "position_embedding_type='learned' (or set learned_position_embeddings=False)."
+            )
+        if self.init_scheme == "magneto" and not self.sub_layernorm:
+            raise ValueError(
+                "`init_scheme`='magneto' is derived for Sub-LN, the extra norm inside each sublayer; it needs "
+                "`sub_layernorm=True` (or None, which turns it on), got sub_layernorm=False."
+            )
+
+    def _check_sizes(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
@@ -318,17 +411,21 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
                 f"({self.num_key_value_heads}): each key/value head serves a whole group of query heads."
             )
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(
-                f"`hidden_act`={self.hidden_act!r} is not a known activation; allowed: {sorted(ACT2FN)}."
-            )
-        if self.sliding_window is not None and self.sliding_window <= 0:
+
+    def validate_layer_type(self):
+        """transformers' check (known names, one per layer), then: only full and sliding layers, and a window for
+        the sliding ones."""
+        self._check_sizes()
+        super().validate_layer_type()
+        unsupported = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unsupported:
+            raise ValueError(f"`layer_types` holds {unsupported}; ArchLM layers are one of {list(LAYER_TYPES)}.")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(f"`sliding_window` must be a positive integer or None, got {self.sliding_window!r}.")
-        if self.learned_position_embeddings and self.position_embedding_type not in ("rope", "alibi"):
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError(
-                "`learned_position_embeddings=True` adds learned absolute positions on top of 'rope' or 'alibi'; "
-                f"with `position_embedding_type`={self.position_embedding_type!r} use "
-                "position_embedding_type='learned' (or set learned_position_embeddings=False)."
+                f"`layer_types` has sliding_attention layers ({self.layer_types}) but `sliding_window` is None: "
+                "give the window, or make every layer 'full_attention'."
             )
 
     def validate_probabilities(self):
@@ -344,24 +441,82 @@ class ArchLMConfig(PreTrainedConfig):
         if not 0 < self.initializer_range <= 1:
             raise ValueError(f"`initializer_range` is a standard deviation and must be in (0, 1], got {self.initializer_range!r}.")
 
+    def validate_scales(self):
+        """Multipliers and soft caps: finite and > 0 (a cap of 0 or a zero multiplier silences the model)."""
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier",
+                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "clip_qkv"):
+            value = getattr(self, name)
+            if value is not None and not _positive_finite(value):
+                optional = "" if name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") else " or None"
+                raise ValueError(f"`{name}` must be a finite number > 0{optional}, got {value!r}.")
+        if self.attention_multiplier is not None and self.query_pre_attn_scalar is not None:
+            raise ValueError(
+                f"`attention_multiplier`={self.attention_multiplier} and `query_pre_attn_scalar`="
+                f"{self.query_pre_attn_scalar} both set the attention score scale; give one of them."
+            )
+
+    def rope_parameters_by_layer_type(self) -> dict[str, dict]:
+        """The rope dict of each layer type present: one shared dict, or transformers' nested form (Gemma 3:
+        another rope_theta for the sliding layers)."""
+        params = self.rope_parameters or {}
+        nested = set(params) & set(LAYER_TYPES)
+        return {layer_type: (params[layer_type] if nested else params) for layer_type in dict.fromkeys(self.layer_types)}
+
     def validate_rope(self):
-        """A complete, sane `rope_parameters` for its `rope_type`; raises instead of transformers' warnings."""
+        """A complete, sane rope dict (per layer type when nested); raises instead of transformers' warnings."""
+        self._check_sizes()
         params = self.rope_parameters
+        if self.position_embedding_type != "rope":
+            for name, off in (("rope_interleaved", False), ("no_rope_layers", None)):
+                if getattr(self, name) != off and not (name == "no_rope_layers" and all(self.no_rope_layers)):
+                    raise ValueError(
+                        f"`{name}`={getattr(self, name)!r} shapes rope, but `position_embedding_type`="
+                        f"{self.position_embedding_type!r}; use position_embedding_type='rope' or leave it at {off}."
+                    )
+        if self.no_rope_layers is not None:
+            if len(self.no_rope_layers) != self.num_hidden_layers or not set(self.no_rope_layers) <= {0, 1}:
+                raise ValueError(
+                    f"`no_rope_layers` must hold one 0 (no rope) or 1 (rope) per layer ({self.num_hidden_layers}), "
+                    f"got {self.no_rope_layers}."
+                )
+        if self.no_rope_layer_interval is not None and not (
+            isinstance(self.no_rope_layer_interval, int) and self.no_rope_layer_interval > 0
+        ):
+            raise ValueError(f"`no_rope_layer_interval` must be a positive integer or None, got {self.no_rope_layer_interval!r}.")
         if not params:
             return
         if not isinstance(params, dict):
             raise ValueError(f"`rope_parameters` must be a dict, got {type(params).__name__}.")
+        nested = set(params) & set(LAYER_TYPES)
+        if nested:
+            missing = sorted(set(self.layer_types) - nested)
+            if missing or set(params) - nested:
+                raise ValueError(
+                    f"`rope_parameters` nested by layer type must have exactly one dict for each layer type in "
+                    f"`layer_types` ({sorted(set(self.layer_types))}), got keys {sorted(params)}."
+                )
+        for layer_type, layer_params in self.rope_parameters_by_layer_type().items():
+            self._check_rope_dict(layer_params, f"rope_parameters['{layer_type}']" if nested else "rope_parameters")
+        if self.position_embedding_type != "rope":
+            return  # the dict is kept but unused: transformers' even-head_dim check does not apply
+        if self.head_dim % 2:
+            raise ValueError(f"rope rotates pairs of channels, so `head_dim` must be even, got {self.head_dim}.")
+        super().validate_rope()
+
+    def _check_rope_dict(self, params, name: str):
+        if not isinstance(params, dict):
+            raise ValueError(f"`{name}` must be a dict, got {params!r}.")
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in ROPE_REQUIRED_KEYS:
-            raise ValueError(f"`rope_parameters['rope_type']`={rope_type!r} is unknown; allowed: {list(ROPE_REQUIRED_KEYS)}.")
+            raise ValueError(f"`{name}['rope_type']`={rope_type!r} is unknown; allowed: {list(ROPE_REQUIRED_KEYS)}.")
         if rope_type != "default" and self.position_embedding_type != "rope":
             raise ValueError(
-                f"`rope_parameters['rope_type']`={rope_type!r} scales rope, but `position_embedding_type`="
+                f"`{name}['rope_type']`={rope_type!r} scales rope, but `position_embedding_type`="
                 f"{self.position_embedding_type!r} does not use rope; use rope_type 'default' or position_embedding_type='rope'."
             )
         missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if params.get(key) is None]
         if missing:
-            raise ValueError(f"`rope_parameters` with rope_type={rope_type!r} needs the keys {missing}; got {params}.")
+            raise ValueError(f"`{name}` with rope_type={rope_type!r} needs the keys {missing}; got {params}.")
         # finite and > 0, or at least the bound: rope_theta < 1 overflows the frequencies, factor < 1 (which transformers
         # only warns about) can divide them by ~0, longrope divides by log(original_max_position_embeddings)
         minimum = {"rope_theta": 1, "factor": 1, "original_max_position_embeddings": 2}
@@ -372,38 +527,39 @@ class ArchLMConfig(PreTrainedConfig):
                 not _is_number(value) or not math.isfinite(value) or value <= 0 or value < minimum.get(key, 0)
             ):
                 allowed = f">= {minimum[key]}" if key in minimum else "> 0"
-                raise ValueError(f"`rope_parameters['{key}']` must be a finite number {allowed}, got {value!r}.")
+                raise ValueError(f"`{name}['{key}']` must be a finite number {allowed}, got {value!r}.")
         if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
             raise ValueError(
-                "`rope_parameters['high_freq_factor']` must be greater than `low_freq_factor`, got "
+                f"`{name}['high_freq_factor']` must be greater than `low_freq_factor`, got "
                 f"high_freq_factor={params['high_freq_factor']} and low_freq_factor={params['low_freq_factor']}."
             )
         if rope_type == "yarn" and params.get("beta_fast", 32) <= params.get("beta_slow", 1):
             raise ValueError(
-                "`rope_parameters['beta_fast']` must be greater than `beta_slow`, got "
+                f"`{name}['beta_fast']` must be greater than `beta_slow`, got "
                 f"beta_fast={params.get('beta_fast', 32)} and beta_slow={params.get('beta_slow', 1)}."
+            )
+        if self.position_embedding_type != "rope":
+            return  # kept but unused: the rotated width does not apply
+        partial = params.get("partial_rotary_factor", 1.0)
+        if partial is None:
+            partial = 1.0
+        # "proportional" rope returns frequencies for the whole head, zero past the rotated part
+        rotary_dim = self.head_dim if rope_type == "proportional" else int(self.head_dim * partial) if _is_number(partial) else 0
+        if not _is_number(partial) or not 0 < partial <= 1 or rotary_dim < 2 or rotary_dim % 2:
+            raise ValueError(
+                f"`{name}['partial_rotary_factor']`={partial!r} must be in (0, 1] and rotate an even number of "
+                f"channels: int(head_dim * factor) = int({self.head_dim} * {partial}) = {rotary_dim}."
             )
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
                 value = params[key]
-                if not isinstance(value, list) or len(value) != self.head_dim // 2 or not all(
+                if not isinstance(value, list) or len(value) != rotary_dim // 2 or not all(
                     _is_number(item) and math.isfinite(item) and item > 0 for item in value
                 ):
                     raise ValueError(
-                        f"`rope_parameters['{key}']` must be a list of {self.head_dim // 2} finite numbers > 0 "
-                        f"(head_dim / 2), got {value!r}."
+                        f"`{name}['{key}']` must be a list of {rotary_dim // 2} finite numbers > 0 "
+                        f"(rotated channels / 2), got {value!r}."
                     )
-        partial = params.get("partial_rotary_factor", 1.0)
-        if partial is not None and (not _is_number(partial) or not 0 < partial <= 1 or (partial != 1 and rope_type != "proportional")):
-            raise ValueError(
-                f"`rope_parameters['partial_rotary_factor']`={partial!r} is not supported with rope_type={rope_type!r}: "
-                "ArchLM rotates the whole head, so it must be 1.0 (or absent); only rope_type 'proportional' takes (0, 1]."
-            )
-        if self.position_embedding_type != "rope":
-            return  # the dict is kept but unused: transformers' even-head_dim check does not apply
-        if self.head_dim % 2:
-            raise ValueError(f"rope rotates pairs of channels, so `head_dim` must be even, got {self.head_dim}.")
-        super().validate_rope()
 
     def validate_token_ids(self):
         """Special token ids must index the vocabulary (transformers only warns; a bad id crashes generate)."""
@@ -414,6 +570,26 @@ class ArchLMConfig(PreTrainedConfig):
                     f"`{name}`={value!r} is outside the vocabulary: ids must be in [0, {self.vocab_size - 1}] "
                     f"(vocab_size={self.vocab_size}), or None."
                 )
+
+    # ----------------------------------------------------------------------------------------
+    # derived facts the model and the descriptions share
+    # ----------------------------------------------------------------------------------------
+    def layer_uses_rope(self, layer_idx: int) -> bool:
+        return self.position_embedding_type == "rope" and (self.no_rope_layers is None or bool(self.no_rope_layers[layer_idx]))
+
+    def rotary_dim(self, layer_type: str = "full_attention") -> int:
+        """How many channels of each head rope rotates (the first ones; partial rotary rotates fewer)."""
+        params = self.rope_parameters_by_layer_type().get(layer_type) or {}
+        if params.get("rope_type") == "proportional":  # its frequencies cover the whole head, zero past the rotated part
+            return self.head_dim
+        return int(self.head_dim * (params.get("partial_rotary_factor") or 1.0))
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on q . k before softmax."""
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     # ----------------------------------------------------------------------------------------
     # presets and descriptions
@@ -444,71 +620,92 @@ class ArchLMConfig(PreTrainedConfig):
             if key not in overrides and not token_ids_fit(fields.get(key), fields.get("vocab_size", 32000)):
                 logger.info("Preset %r: dropping %s=%r, outside vocab_size=%s", name, key, fields[key], fields["vocab_size"])
                 fields[key] = None
+        # A preset's per-layer lists follow an overridden depth (its pattern repeated), unless the caller gives them.
+        layers = fields.get("num_hidden_layers")
+        for key in ("layer_types", "no_rope_layers"):
+            pattern = fields.get(key)
+            if key not in overrides and pattern and isinstance(layers, int) and len(pattern) != layers:
+                fields[key] = [pattern[i % len(pattern)] for i in range(layers)]
         return cls(**fields)
+
+    def _name_tags(self) -> list[str]:
+        """The optional parts of `architecture_name`, each from a (condition, tag) row."""
+        sliding = self.layer_types.count("sliding_attention")
+        no_rope = self.num_hidden_layers - sum(self.no_rope_layers) if self.no_rope_layers else 0
+        scope = QK_NORM_SCOPES[self.qk_norm_scope][0]
+        rows = [
+            (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
+            (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
+            (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
+            (self.sub_layernorm, "SubLN"),
+            (self.qk_norm, f"QKNorm{scope}"),
+            (self.clip_qkv is not None, f"ClipQKV{self.clip_qkv:g}" if self.clip_qkv else ""),
+            (sliding == self.num_hidden_layers, f"SWA{self.sliding_window}"),
+            (0 < sliding < self.num_hidden_layers, f"SWA{self.sliding_window}x{_ratio(sliding, self.num_hidden_layers - sliding)}"),
+            (no_rope > 0, f"NoPE{_ratio(no_rope, self.num_hidden_layers)}"),
+            (self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None, "Softcap"),
+            (self.embedding_multiplier != 1 or self.scale_embeddings_by_sqrt_hidden, "EmbScale"),
+            (self.residual_multiplier != 1 or self.attention_multiplier is not None or self.logits_scaling != 1, "Mult"),
+            (self.lm_head_bias, "HeadBias"),
+            (self.tie_word_embeddings, "Tied"),
+        ]
+        return [tag for condition, tag in rows if condition]
 
     @property
     def architecture_name(self) -> str:
         """A short name for comparisons, e.g. `12L-12H-768D-RoPE-RMS-SwiGLU-PreNorm-GQA4`."""
-        position = _POSITION_NAMES[self.position_embedding_type]
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if self.position_embedding_type == "rope" and rope_type != "default":
-            position += f"({rope_type})"
+        position = POSITION_EMBEDDING_TYPES[self.position_embedding_type][0]
+        if self.position_embedding_type == "rope":
+            params = next(iter(self.rope_parameters_by_layer_type().values()), {}) or {}
+            details = [params.get("rope_type", "default"), f"{self.rotary_dim() / self.head_dim:.0%}", "interleaved"]
+            keep = [details[0] != "default", self.rotary_dim() != self.head_dim, self.rope_interleaved]
+            if any(keep):
+                position += "(" + ",".join(detail for detail, kept in zip(details, keep) if kept) + ")"
         if self.learned_position_embeddings:
             position += "+Learned"
         act = "GELU" if self.hidden_act.startswith("gelu") else _ACT_NAMES.get(self.hidden_act, self.hidden_act)
         mlp = _GLU_NAMES.get(act, f"{act}GLU") if self.mlp_type == "gated" else act
         parts = [
             f"{self.num_hidden_layers}L", f"{self.num_attention_heads}H", f"{self.hidden_size}D",
-            position, _NORM_NAMES[self.norm_type], mlp, "PreNorm" if self.norm_position == "pre" else "PostNorm",
+            position, NORM_TYPES[self.norm_type][0], mlp, NORM_POSITIONS[self.norm_position][0],
         ]
-        if self.num_key_value_heads == 1 and self.num_attention_heads > 1:
-            parts.append("MQA")
-        elif self.num_key_value_heads != self.num_attention_heads:
-            parts.append(f"GQA{self.num_key_value_heads}")
-        if self.qk_norm:
-            parts.append("QKNorm")
-        if self.sliding_window is not None:
-            parts.append(f"SWA{self.sliding_window}")
-        if self.tie_word_embeddings:
-            parts.append("Tied")
-        return "-".join(parts)
+        return "-".join(parts + self._name_tags())
 
     def num_parameters_estimate(self) -> int:
-        """Parameter count computed from the config alone (equals `model.num_parameters()` for the causal LM)."""
-        hidden, heads, kv_heads, head_dim = self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        norm_size = 0 if self.norm_type == "rmsnorm" or self.norm_type == "layernorm_nobias" else hidden
-        norm_params = hidden + norm_size
-        attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-        attention += (heads + 2 * kv_heads) * head_dim * self.attention_bias + hidden * self.attention_output_bias
-        if self.qk_norm:
-            attention += 2 * (head_dim + (head_dim if self.norm_type == "layernorm" else 0))
-        mlp_matrices = 3 if self.mlp_type == "gated" else 2
-        mlp = mlp_matrices * hidden * self.intermediate_size
-        mlp += ((mlp_matrices - 1) * self.intermediate_size + hidden) * self.mlp_bias
-        mlp += sum(parameter.numel() for parameter in ACT2FN[self.hidden_act].parameters())  # prelu, xielu learn theirs
-        layer = attention + mlp + 2 * norm_params
-        embeddings = self.vocab_size * hidden
-        if self.position_embedding_type == "learned" or self.learned_position_embeddings:
-            embeddings += self.max_position_embeddings * hidden
-        final_norm = norm_params if self.norm_position == "pre" else 0
-        head = 0 if self.tie_word_embeddings else self.vocab_size * hidden
-        return self.num_hidden_layers * layer + embeddings + final_norm + head
+        """Parameter count of the causal LM, counted on a model built on the meta device (no memory, no init)."""
+        from .modeling_archlm import ArchLMForCausalLM  # the modeling file imports this one: import at call time
+
+        with torch.device("meta"):
+            model = ArchLMForCausalLM(self)
+        return model.num_parameters()
 
     def summary(self) -> str:
         """A human-readable table of the architecture."""
+        sliding = self.layer_types.count("sliding_attention")
         rows = [
             ("architecture", self.architecture_name),
             ("parameters", f"{self.num_parameters_estimate():,}"),
             ("layers x hidden", f"{self.num_hidden_layers} x {self.hidden_size}"),
             ("heads (q / kv) x head_dim", f"{self.num_attention_heads} / {self.num_key_value_heads} x {self.head_dim}"),
+            ("block", ("parallel attention + MLP, " + ("one shared norm" if self.parallel_shared_norm else "a norm each"))
+             if self.use_parallel_residual else "sequential (attention, then MLP)"),
             ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),
-            ("norm", f"{self.norm_type} ({self.norm_position}-norm), eps {self.norm_eps}"),
+            ("norm", f"{self.norm_type} ({NORM_POSITIONS[self.norm_position][1]}), eps {self.norm_eps}"
+             + (", Sub-LN" if self.sub_layernorm else "")),
             ("positions", self.position_embedding_type + (" + learned" if self.learned_position_embeddings else "")),
-            ("rope", str(self.rope_parameters) if self.position_embedding_type == "rope" else "-"),
+            ("rope", (f"{self.rope_parameters}, rotary dim {self.rotary_dim()}/{self.head_dim}"
+                      + (", interleaved" if self.rope_interleaved else "")) if self.position_embedding_type == "rope" else "-"),
+            ("rope-free layers (NoPE)", str([i for i, rope in enumerate(self.no_rope_layers or []) if not rope] or "-")),
             ("max positions", str(self.max_position_embeddings)),
-            ("sliding window", str(self.sliding_window)),
-            ("qk norm", str(self.qk_norm)),
-            ("bias (qkv / out / mlp)", f"{self.attention_bias} / {self.attention_output_bias} / {self.mlp_bias}"),
+            ("attention layers", f"{sliding} sliding (window {self.sliding_window}), {self.num_hidden_layers - sliding} full"),
+            ("attention scale", f"{self.attention_scaling:.6g}" + (f", softcap {self.attn_logit_softcapping}" if self.attn_logit_softcapping else "")),
+            ("qk norm", f"{self.qk_norm_type or self.norm_type}, {self.qk_norm_scope}" if self.qk_norm else "False"),
+            ("clip qkv", str(self.clip_qkv)),
+            ("bias (qkv / out / mlp / head)", f"{self.attention_bias} / {self.attention_output_bias} / {self.mlp_bias} / {self.lm_head_bias}"),
+            ("multipliers (emb / residual / logits)", f"{self.embedding_multiplier}"
+             + (" x sqrt(hidden)" if self.scale_embeddings_by_sqrt_hidden else "")
+             + f" / {self.residual_multiplier} / 1/{self.logits_scaling}"
+             + (f", softcap {self.final_logit_softcapping}" if self.final_logit_softcapping else "")),
             ("tied embeddings", str(self.tie_word_embeddings)),
             ("dropout (attn / hidden / emb)", f"{self.attention_dropout} / {self.hidden_dropout} / {self.embedding_dropout}"),
             ("init", f"{self.init_scheme}, std {self.initializer_range}"),

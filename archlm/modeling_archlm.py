@@ -4,7 +4,7 @@ This file is remote code: it travels to the Hub with every saved model, so it im
 transformers and the config (relative import). Parameter names follow transformers' Llama, so
 PEFT, tensor-parallel plans and converters find `q_proj`, `gate_proj`, `input_layernorm`, ...
 
-Each choice is a small table at the top (`NORM_CLASSES`, `MLP_CLASSES`, `POSITION_TYPES`); the
+Each choice is a small table at the top (`NORM_CLASSES`, `MLP_CLASSES`, `MASK_FUNCTIONS`); the
 decoder layer and the model read top to bottom, with shapes noted as (B, T, C) = (batch, query
 length, hidden), nh / nkv = query / key-value heads, hd = head_dim, S = key length.
 """
@@ -42,11 +42,16 @@ logger = logging.get_logger(__name__)
 # Norms
 # ------------------------------------------------------------------------------------------------
 class ArchLMRMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as Llama does), so bf16 training matches transformers' models."""
+    """RMSNorm computed in float32. `unit_offset` (Gemma): scaled by (1 + weight), weight starting at 0, and the
+    scale applied in float32 before the cast back; otherwise (Llama) by weight after the cast.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    `shape` is the weight's shape: (C,) normalises over C; (nh, hd) gives each head its own weight (normalised
+    over hd only)."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(shape) if unit_offset else torch.ones(shape))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -54,71 +59,111 @@ class ArchLMRMSNorm(nn.Module):
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.unit_offset:
+            return (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
 
 
-class ArchLMLayerNorm(nn.LayerNorm):
-    """torch's LayerNorm, named so transformers' generic init and tooling recognise it."""
+class ArchLMLayerNorm(nn.Module):
+    """LayerNorm over the last dimension, with a weight and a bias, a weight only, or no parameters (OLMo).
+    A 2-D `shape` (nh, hd) gives each head its own parameters (StableLM, Cohere qk-norm)."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, weight: bool = True, bias: bool = True):
+        super().__init__()
+        self.normalized_shape = (shape if isinstance(shape, int) else shape[-1],)
+        self.weight = nn.Parameter(torch.ones(shape)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.weight.dim() == 1:  # torch's fused kernel (nn.LayerNorm's numerics)
+            return F.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
+        hidden_states = F.layer_norm(hidden_states, self.normalized_shape, eps=self.eps) * self.weight
+        return hidden_states if self.bias is None else hidden_states + self.bias
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.weight.shape) if self.weight is not None else self.normalized_shape
+        return f"{shape}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
 
 
 NORM_CLASSES: dict[str, Callable[..., nn.Module]] = {
     "rmsnorm": ArchLMRMSNorm,
-    "layernorm": partial(ArchLMLayerNorm, bias=True),
+    "rmsnorm_unit_offset": partial(ArchLMRMSNorm, unit_offset=True),
+    "layernorm": ArchLMLayerNorm,
     "layernorm_nobias": partial(ArchLMLayerNorm, bias=False),
+    "layernorm_noaffine": partial(ArchLMLayerNorm, weight=False, bias=False),
 }
 
 
-def make_norm(config: ArchLMConfig, size: int) -> nn.Module:
-    if config.norm_type not in NORM_CLASSES:
-        raise ValueError(f"Unknown norm_type {config.norm_type!r}; valid: {list(NORM_CLASSES)}")
-    return NORM_CLASSES[config.norm_type](size, eps=config.norm_eps)
+def make_norm(config: ArchLMConfig, shape: int | tuple[int, ...], norm_type: str | None = None) -> nn.Module:
+    norm_type = norm_type or config.norm_type
+    if norm_type not in NORM_CLASSES:
+        raise ValueError(f"Unknown norm_type {norm_type!r}; valid: {list(NORM_CLASSES)}")
+    return NORM_CLASSES[norm_type](shape, eps=config.norm_eps)
+
+
+def optional_norm(config: ArchLMConfig, present: bool, shape: int | tuple[int, ...]) -> nn.Module:
+    """A norm slot: the norm when this architecture has it, else Identity (litgpt's Block)."""
+    return make_norm(config, shape) if present else nn.Identity()
 
 
 # ------------------------------------------------------------------------------------------------
 # Positions: rope (rotates q/k), alibi (biases scores), learned / sinusoidal (added to embeddings)
 # ------------------------------------------------------------------------------------------------
-POSITION_TYPES = {
-    "rope": "rotary embedding applied to q and k in every layer",
-    "alibi": "per-head linear distance penalty added to attention scores",
-    "learned": "trained absolute position table added to the token embeddings",
-    "sinusoidal": "fixed sin/cos absolute positions added to the token embeddings",
-    "none": "no position signal (NoPE); causal masking alone",
-}
-
-
 class ArchLMRotaryEmbedding(nn.Module):
-    """cos/sin tables for rope, from transformers' ROPE_INIT_FUNCTIONS (default/linear/dynamic/yarn/longrope/llama3)."""
+    """cos/sin tables for rope, from transformers' ROPE_INIT_FUNCTIONS (default/linear/dynamic/yarn/longrope/llama3/...).
 
-    inv_freq: torch.Tensor
+    One table per layer type when `rope_parameters` is nested by layer type (Gemma 3's local rope theta), kept
+    under `{layer_type}_inv_freq` as transformers' models do so that dynamic rope updates find them. The table
+    covers the rotated channels only (`partial_rotary_factor`); `rope_interleaved` repeats each frequency for a
+    pair of neighbouring channels (GPT-J, Cohere) instead of repeating the half (Llama, NeoX)."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.config = config
-        self.rope_type = config.rope_parameters["rope_type"]
-        rope_init_fn = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self.interleaved = config.rope_interleaved
+        nested = set(config.rope_parameters) & {"full_attention", "sliding_attention"}
+        self.layer_types = sorted(nested) or [None]
+        if nested:
+            self.rope_type = {}
+        for layer_type in self.layer_types:
+            params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+            rope_type = params["rope_type"]
+            rope_init_fn = self.compute_default_rope_parameters
+            if rope_type != "default":
+                rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+            inv_freq, attention_scaling = rope_init_fn(config, None, layer_type=layer_type)
+            prefix = f"{layer_type}_" if layer_type else ""
+            if layer_type:
+                self.rope_type[layer_type] = rope_type
+            else:
+                self.rope_type = rope_type
+            self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
+            self.register_buffer(f"{prefix}original_inv_freq", inv_freq.clone(), persistent=False)
+            setattr(self, f"{prefix}attention_scaling", attention_scaling)
 
     @staticmethod
-    def compute_default_rope_parameters(config: ArchLMConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
-        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+    def compute_default_rope_parameters(config: ArchLMConfig, device=None, layer_type=None, **kwargs) -> tuple[torch.Tensor, float]:
+        params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+        base = params["rope_theta"]
+        dim = int(config.head_dim * (params.get("partial_rotary_factor") or 1.0))  # the rotated channels
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
     @torch.no_grad()
     @dynamic_rope_update  # dynamic / longrope types recompute inv_freq for long inputs
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = f"{layer_type}_" if layer_type else ""
+        inv_freq, scaling = getattr(self, f"{prefix}inv_freq"), getattr(self, f"{prefix}attention_scaling")
+        freqs = position_ids[..., None].float() * inv_freq.to(x.device)  # (B, T, rot/2)
+        # (B, T, rot): f0 f1 .. f0 f1 .. (halves) or f0 f0 f1 f1 .. (interleaved pairs)
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
@@ -127,9 +172,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the interleaved rotation of GPT-J and Cohere."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, interleaved: bool = False):
+    """Rotate the first cos.shape[-1] channels of each head (all of them unless rotary is partial); the rest pass."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot): broadcast over heads
+    rotate = rotate_pairs if interleaved else rotate_half
+    rotary_dim = cos.shape[-1]
+
+    def apply(x):
+        if rotary_dim == x.shape[-1]:
+            return (x * cos) + (rotate(x) * sin)
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat(((x_rot * cos) + (rotate(x_rot) * sin), x_pass), dim=-1)
+
+    return apply(q), apply(k)
 
 
 def sinusoidal_embeddings(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -170,16 +230,22 @@ def alibi_bias(slopes: torch.Tensor, batch: int, query_start: int, query_length:
     return (slopes[:, None, None] * distance).to(dtype).expand(batch, -1, -1, -1)
 
 
-def check_alibi_attention(attn_implementation: str) -> None:
-    """ALiBi needs the attention function to take its bias over every key. Flash attention takes no bias, and the
-    paged implementations of continuous batching (`paged|...`) read the keys from their own cache inside the
-    attention function, where the bias built for this call does not fit them: refuse both instead of dropping the
-    bias (wrong tokens) or failing mid-generation."""
-    if attn_implementation.startswith(("flash_attention", "paged")):
+def check_attention_implementation(config: ArchLMConfig, attn_implementation: str | None = None) -> None:
+    """Refuse an attention function that cannot compute this architecture, instead of dropping part of it (wrong
+    tokens) or failing mid-generation. ALiBi needs a bias over every key: flash attention takes none, and the paged
+    implementations of continuous batching (`paged|...`) read keys the bias built for this call does not cover.
+    Attention soft-capping needs the scores before softmax, which only eager and flex attention expose."""
+    attn_implementation = attn_implementation or config._attn_implementation or "eager"
+    if config.position_embedding_type == "alibi" and attn_implementation.startswith(("flash_attention", "paged")):
         raise ValueError(
             f"ALiBi adds a bias to attention scores, which attn_implementation={attn_implementation!r} cannot take "
             "(flash attention takes no bias; continuous batching's paged attention reads keys the bias does not "
             "cover). Use 'sdpa', 'eager' or 'flex_attention' with generate()."
+        )
+    if config.attn_logit_softcapping is not None and attn_implementation.split("|")[-1] not in ("eager", "flex_attention"):
+        raise ValueError(
+            f"`attn_logit_softcapping`={config.attn_logit_softcapping} caps the attention scores before softmax, "
+            f"which attn_implementation={attn_implementation!r} does not expose. Use 'eager' or 'flex_attention'."
         )
 
 
@@ -195,6 +261,7 @@ def eager_attention_forward(
     scaling: float,
     dropout: float = 0.0,
     position_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention. GQA without copying K/V: the query heads of a group share one K/V head.
@@ -206,6 +273,8 @@ def eager_attention_forward(
     groups = num_heads // num_kv_heads
     query = query.view(batch, num_kv_heads, groups, query_length, head_dim)
     scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scaling  # (B, nkv, g, T, S)
+    if softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before any bias or mask
+        scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
         scores = scores + position_bias.view(position_bias.shape[0], num_kv_heads, groups, query_length, key_length)
     if attention_mask is not None:
@@ -222,23 +291,40 @@ def eager_attention_forward(
     return output, probs.view(batch, num_heads, query_length, key_length)
 
 
+def qk_norm_shapes(config: ArchLMConfig) -> tuple:
+    """Weight shapes of q_norm and k_norm for `qk_norm_scope`: (hd,) shared by the heads, (heads, hd) one per head,
+    or (heads * hd,) over the whole projection."""
+    head_dim, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    return {
+        "head": ((head_dim,), (head_dim,)),
+        "per_head": ((heads, head_dim), (kv_heads, head_dim)),
+        "full": ((heads * head_dim,), (kv_heads * head_dim,)),
+    }[config.qk_norm_scope]
+
+
 class ArchLMAttention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA; MQA when there is one K/V head).
 
         q_proj: C -> nh * hd      k_proj, v_proj: C -> nkv * hd      o_proj: nh * hd -> C
         query heads  q0 q1 q2 q3 | q4 q5 q6 q7      (nh = 8)
         K/V heads        kv0     |     kv1          (nkv = 2, each serves a group of nh / nkv = 4)
+
+    Per layer: its type (full or sliding window) and whether it rotates q/k (NoPE layers do not). Options in the
+    order they apply: clip_qkv, q/k norm (per head or over the full width), rope (partial, interleaved), scores
+    scaled and soft-capped, Sub-LN's norm before o_proj.
     """
 
     def __init__(self, config: ArchLMConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = config.attention_scaling
         self.attention_dropout = config.attention_dropout
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        self.use_rope = config.layer_uses_rope(layer_idx)
         self.is_causal = True
         q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
@@ -246,10 +332,23 @@ class ArchLMAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
         self.o_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
+        self.v_proj.magneto_scaled = self.o_proj.magneto_scaled = True  # the value path: `magneto` init's larger gain
         if config.qk_norm:
-            # per head, over hd (Qwen3): keeps attention logits bounded without touching the residual stream
-            self.q_norm = make_norm(config, self.head_dim)
-            self.k_norm = make_norm(config, self.head_dim)
+            # keeps attention logits bounded without touching the residual stream
+            q_shape, k_shape = qk_norm_shapes(config)
+            self.q_norm = make_norm(config, q_shape, config.qk_norm_type)
+            self.k_norm = make_norm(config, k_shape, config.qk_norm_type)
+        self.sub_layernorm = optional_norm(config, config.sub_layernorm, q_size)
+
+    def score_flops(self, seq_len: int) -> float:
+        """FLOPs per token of QK^T and AV at context `seq_len`: 2 * nh * hd per key each. A causal query sees
+        (t + 1) keys, on average (seq_len + 1) / 2; in a sliding layer at most `sliding_window`."""
+        keys_seen = (seq_len + 1) / 2
+        window = self.sliding_window
+        if window is not None and window < seq_len:
+            # positions before the window is full see t+1 keys, the rest see exactly `window`
+            keys_seen = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+        return 2 * (2 * self.config.num_attention_heads * self.head_dim * keys_seen)
 
     def forward(
         self,
@@ -261,18 +360,27 @@ class ArchLMAttention(nn.Module):
         query_start: int = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        config = self.config
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)  # (B, T, heads, hd)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
-        if self.config.qk_norm:
+        query_states, key_states, value_states = (
+            self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, T, heads * hd)
+        )
+        if config.clip_qkv is not None:
+            query_states, key_states, value_states = (
+                states.clamp(-config.clip_qkv, config.clip_qkv) for states in (query_states, key_states, value_states)
+            )
+        if config.qk_norm and config.qk_norm_scope == "full":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        if config.qk_norm and config.qk_norm_scope != "full":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, heads, T, hd)
 
-        if position_embeddings is not None:
+        if self.use_rope:
             cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, config.rope_interleaved)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -281,8 +389,10 @@ class ArchLMAttention(nn.Module):
             kwargs["position_bias"] = alibi_bias(
                 alibi_slopes, input_shape[0], query_start, input_shape[-1], key_states.shape[-2], query_states.dtype
             )
+        if config.attn_logit_softcapping is not None:
+            kwargs["softcap"] = config.attn_logit_softcapping
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            config._attn_implementation, eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(
             self,
@@ -296,14 +406,15 @@ class ArchLMAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
-        return self.o_proj(attn_output), attn_weights
+        return self.o_proj(self.sub_layernorm(attn_output)), attn_weights
 
 
 # ------------------------------------------------------------------------------------------------
 # MLPs
 # ------------------------------------------------------------------------------------------------
 class ArchLMGatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu (Shazeer 2020)."""
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu (Shazeer 2020). Sub-LN normalises the
+    product before down_proj."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__()
@@ -311,10 +422,13 @@ class ArchLMGatedMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
+        for linear in (self.gate_proj, self.up_proj, self.down_proj):
+            linear.magneto_scaled = True  # `magneto` init's larger gain on the whole MLP
         self.act_fn = ACT2FN[config.hidden_act]
+        self.sub_layernorm = optional_norm(config, config.sub_layernorm, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.sub_layernorm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class ArchLMStandardMLP(nn.Module):
@@ -325,10 +439,12 @@ class ArchLMStandardMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
+        self.up_proj.magneto_scaled = self.down_proj.magneto_scaled = True  # `magneto` init's larger gain
         self.act_fn = ACT2FN[config.hidden_act]
+        self.sub_layernorm = optional_norm(config, config.sub_layernorm, config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.sub_layernorm(self.act_fn(self.up_proj(x))))
 
 
 MLP_CLASSES: dict[str, type[nn.Module]] = {"gated": ArchLMGatedMLP, "standard": ArchLMStandardMLP}
@@ -338,25 +454,47 @@ MLP_CLASSES: dict[str, type[nn.Module]] = {"gated": ArchLMGatedMLP, "standard": 
 # Decoder layer
 # ------------------------------------------------------------------------------------------------
 class ArchLMDecoderLayer(GradientCheckpointingLayer):
-    """One block. The residual path depends on `norm_position`:
+    """One block with fixed norm slots (each an Identity where `norm_position` has no norm):
 
-        pre-norm (GPT-2, Llama)                      post-norm (original Transformer)
-        x ──┬──────────────────────► + ──►           x ──┬──────────────► + ─► input_layernorm ──►
-            └► input_layernorm ► attn ┘                  └──► attn ───────┘
-        x ──┬──────────────────────────────► + ──►   x ──┬──────────────► + ─► post_attention_layernorm ──►
-            └► post_attention_layernorm ► mlp ┘          └──► mlp ────────┘
+        input_layernorm             before attention          (pre, sandwich; post: after the attention add)
+        attention_output_layernorm  on attention's output     (sandwich, sublayer_output)
+        post_attention_layernorm    before the MLP            (pre, sandwich; post: after the MLP add)
+        mlp_output_layernorm        on the MLP's output       (sandwich, sublayer_output)
 
-    `hidden_dropout` drops each sublayer's output before the residual add.
+        sequential, pre-norm (Llama)                 parallel (GPT-J, Phi: one norm; NeoX: the MLP has its own)
+        x ──┬───────────────────────────► + ──►      x ──┬────────────────────────────► + ──►
+            └► input_layernorm ► attn ────┘              ├► input_layernorm ► attn ──────┤
+        x ──┬───────────────────────────► + ──►          └► (post_attention_layernorm) ► mlp ┘
+            └► post_attention_layernorm ► mlp ┘
+
+        sandwich (Gemma 2): x + attention_output_layernorm(attn(input_layernorm(x))), likewise for the MLP
+        post (original Transformer): input_layernorm(x + attn(x)), then post_attention_layernorm(x + mlp(x))
+
+    Each sublayer's output is dropped out (`hidden_dropout`) and scaled (`residual_multiplier`) before its add.
     """
 
     def __init__(self, config: ArchLMConfig, layer_idx: int):
         super().__init__()
-        self.pre_norm = config.norm_position == "pre"
+        self.post_norm = config.norm_position == "post"
+        self.parallel = config.use_parallel_residual
+        self.shared_norm = config.use_parallel_residual and config.parallel_shared_norm
+        self.residual_multiplier = config.residual_multiplier
         self.self_attn = ArchLMAttention(config, layer_idx)
         self.mlp = MLP_CLASSES[config.mlp_type](config)
-        self.input_layernorm = make_norm(config, config.hidden_size)
-        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        hidden, position = config.hidden_size, config.norm_position
+        inputs, outputs = position in ("pre", "sandwich"), position in ("sandwich", "sublayer_output")
+        self.input_layernorm = optional_norm(config, inputs or self.post_norm, hidden)
+        self.attention_output_layernorm = optional_norm(config, outputs, hidden)
+        # a parallel post-norm block has one add, so one norm after it
+        self.post_attention_layernorm = optional_norm(
+            config, (inputs and not self.shared_norm) or (self.post_norm and not self.parallel), hidden
+        )
+        self.mlp_output_layernorm = optional_norm(config, outputs, hidden)
         self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def residual(self, sublayer_output: torch.Tensor) -> torch.Tensor:
+        sublayer_output = self.dropout(sublayer_output)
+        return sublayer_output if self.residual_multiplier == 1 else sublayer_output * self.residual_multiplier
 
     def forward(
         self,
@@ -366,22 +504,35 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attend = partial(self.self_attn, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                         past_key_values=past_key_values, **kwargs)
-        if self.pre_norm:
-            attn_output, attn_weights = attend(self.input_layernorm(hidden_states))
-            hidden_states = hidden_states + self.dropout(attn_output)
-            hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
-        else:
-            attn_output, attn_weights = attend(hidden_states)
-            hidden_states = self.input_layernorm(hidden_states + self.dropout(attn_output))
-            hidden_states = self.post_attention_layernorm(hidden_states + self.dropout(self.mlp(hidden_states)))
+        # post-norm puts its two norms after the adds; every other position normalises the sublayers' inputs
+        before_attention = hidden_states if self.post_norm else self.input_layernorm(hidden_states)
+        attn_output, attn_weights = self.self_attn(
+            before_attention, position_embeddings=position_embeddings, attention_mask=attention_mask,
+            past_key_values=past_key_values, **kwargs,
+        )
+        attn_output = self.attention_output_layernorm(attn_output)
+        if self.parallel:  # both sublayers read the block's input
+            before_mlp = before_attention if self.shared_norm else self.post_attention_layernorm(hidden_states)
+            mlp_output = self.mlp_output_layernorm(self.mlp(before_mlp))
+            hidden_states = hidden_states + self.residual(attn_output) + self.residual(mlp_output)
+            return (self.input_layernorm(hidden_states) if self.post_norm else hidden_states), attn_weights
+
+        hidden_states = hidden_states + self.residual(attn_output)
+        if self.post_norm:
+            hidden_states = self.input_layernorm(hidden_states)
+        before_mlp = hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states)
+        hidden_states = hidden_states + self.residual(self.mlp_output_layernorm(self.mlp(before_mlp)))
+        if self.post_norm:
+            hidden_states = self.post_attention_layernorm(hidden_states)
         return hidden_states, attn_weights
 
 
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
 def check_safetensors_file(path: Path) -> None:
     """Raise an OSError naming `path` unless it is a complete safetensors file: an 8-byte header length, a JSON
     header, then exactly the bytes its offsets promise. A truncated copy fails here, before any tensor is read,
@@ -421,26 +572,54 @@ class ArchLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module):
         """`normal`: N(0, initializer_range). `scaled` (GPT-2 / nanoGPT): the same, truncated at 2 std, and the
         projections that write into the residual stream (o_proj, down_proj) divided by sqrt(2 * layers), so the
-        residual variance does not grow with depth. Those projections carry `is_residual_output`, set by their block:
-        transformers skips parameter-less modules (attention, MLP) when it initialises remote code, so the rule has to
-        live on the Linear itself."""
-        std = self.config.initializer_range
-        scaled = self.config.init_scheme == "scaled"
-
-        def normal(weight: torch.Tensor, std: float):
-            if scaled:
-                init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
-            else:
-                init.normal_(weight, mean=0.0, std=std)
-
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        residual variance does not grow with depth. `magneto` (Foundation Transformers, Wang et al. 2022, for
+        Sub-LN): Xavier-normal matrices, with gain sqrt(log(2 * layers)) on v_proj, o_proj and the MLP (gain 1 on
+        q_proj and k_proj); embeddings and the head stay N(0, initializer_range). The Linears carry their role
+        (`is_residual_output`, `magneto_scaled`), set by their block: transformers skips parameter-less modules
+        (attention, MLP) when it initialises remote code, so the rule has to live on the Linear itself.
+        Norms start as the identity: weight 1 (0 for (1 + weight) RMSNorm), bias 0."""
+        config = self.config
+        std = config.initializer_range
+        scaled = config.init_scheme == "scaled"
+        if isinstance(module, nn.Linear) and config.init_scheme == "magneto" and module is not getattr(self, "lm_head", None):
+            gain = math.sqrt(math.log(2 * config.num_hidden_layers)) if getattr(module, "magneto_scaled", False) else 1.0
+            init.xavier_normal_(module.weight, gain=gain)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             if scaled and getattr(module, "is_residual_output", False):
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
-            normal(module.weight, std)
+                std = std / math.sqrt(2 * config.num_hidden_layers)
+            if scaled:
+                init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, (ArchLMRMSNorm, ArchLMLayerNorm)):
+            if module.weight is not None:
+                init.zeros_(module.weight) if getattr(module, "unit_offset", False) else init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, ArchLMRotaryEmbedding):
+            for layer_type in module.layer_types:
+                prefix = f"{layer_type}_" if layer_type else ""
+                rope_type = module.rope_type[layer_type] if layer_type else module.rope_type
+                rope_init_fn = module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+                inv_freq, _ = rope_init_fn(config, None, layer_type=layer_type)
+                init.copy_(getattr(module, f"{prefix}inv_freq"), inv_freq)
+                init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
         else:
-            super()._init_weights(module)  # norms (ones / zeros) and rope buffers
+            super()._init_weights(module)
+
+    def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
+        """sdpa by default, eager where the architecture needs what sdpa cannot do (soft-capped scores): transformers
+        falls back to eager when this raises and sdpa was not asked for, and shows the message when it was."""
+        check_attention_implementation(self.config, "sdpa")
+        return super()._sdpa_can_dispatch(is_init_check)
+
+    def _flash_attn_can_dispatch(self, flash_attn_version: int = 2, is_init_check: bool = False) -> bool:
+        check_attention_implementation(self.config, f"flash_attention_{flash_attn_version}")
+        return super()._flash_attn_can_dispatch(flash_attn_version=flash_attn_version, is_init_check=is_init_check)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -499,7 +678,7 @@ class ArchLMPreTrainedModel(PreTrainedModel):
 
 
 class ArchLMModel(ArchLMPreTrainedModel):
-    """Embeddings -> decoder layers -> final norm (pre-norm only: post-norm layers already end in a norm)."""
+    """Embeddings -> decoder layers -> final norm (not after post-norm layers, which already end in a norm)."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__(config)
@@ -509,8 +688,8 @@ class ArchLMModel(ArchLMPreTrainedModel):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList(ArchLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = make_norm(config, config.hidden_size) if config.norm_position == "pre" else nn.Identity()
-        if config.position_embedding_type == "rope":
+        self.norm = optional_norm(config, config.norm_position != "post", config.hidden_size)
+        if any(config.layer_uses_rope(i) for i in range(config.num_hidden_layers)):
             self.rotary_emb = ArchLMRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -531,7 +710,7 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if input_ids is not None and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
             raise ValueError(f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}) (vocab_size={self.config.vocab_size}).")
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             too_short = attention_mask.shape[1] < shape[1] or (past_seen == 0 and attention_mask.shape[1] != shape[1])
             if attention_mask.shape[0] != shape[0] or too_short:
                 raise ValueError(
@@ -566,8 +745,7 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching in this forward.")
             use_cache = False  # for this call only: the saved config keeps its value
-        if config.position_embedding_type == "alibi":
-            check_alibi_attention(config._attn_implementation)
+        check_attention_implementation(config)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
@@ -581,19 +759,28 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         hidden_states = inputs_embeds
+        if config.scale_embeddings_by_sqrt_hidden:  # Gemma rounds the factor to the activations' dtype first
+            hidden_states = hidden_states * torch.tensor(config.hidden_size**0.5, dtype=hidden_states.dtype)
+        if config.embedding_multiplier != 1:
+            hidden_states = hidden_states * config.embedding_multiplier
         if hasattr(self, "embed_positions"):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         if config.position_embedding_type == "sinusoidal":
             hidden_states = hidden_states + sinusoidal_embeddings(position_ids, config.hidden_size, hidden_states.dtype)
         hidden_states = self.embed_dropout(hidden_states)
 
-        mask_function = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
-        attention_mask = mask_function(
-            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids,
-        )
-        # computed once per forward and shared by every layer
-        position_embeddings = self.rotary_emb(hidden_states, position_ids) if hasattr(self, "rotary_emb") else None
+        # one mask and one rope table per layer type, computed once per forward and shared by its layers
+        mask_kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, position_ids=position_ids)
+        # (generate with a static cache hands the masks in, built per layer type from `layer_types`)
+        masks = attention_mask if isinstance(attention_mask, dict) else {}
+        rope_tables = {}
+        for layer_type in dict.fromkeys(config.layer_types):
+            if layer_type not in masks:
+                masks[layer_type] = MASK_FUNCTIONS[layer_type](**mask_kwargs)
+            if hasattr(self, "rotary_emb"):
+                table_type = layer_type if self.rotary_emb.layer_types != [None] else None
+                rope_tables[layer_type] = self.rotary_emb(hidden_states, position_ids, layer_type=table_type)
         if config.position_embedding_type == "alibi":
             kwargs.update(alibi_slopes=alibi_slopes(config.num_attention_heads, hidden_states.device), query_start=past_seen)
 
@@ -601,10 +788,11 @@ class ArchLMModel(ArchLMPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
+            layer_type = layer.self_attn.layer_type
             hidden_states, attn_weights = layer(
                 hidden_states,
-                attention_mask=attention_mask,
-                position_embeddings=position_embeddings,
+                attention_mask=masks[layer_type],
+                position_embeddings=rope_tables.get(layer_type),
                 past_key_values=past_key_values,
                 output_attentions=output_attentions,
                 **kwargs,
@@ -634,7 +822,7 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ArchLMModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def forward(
@@ -669,6 +857,11 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         # generate() asks only for the last position: skip the vocab projection of the prompt
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_kept, V)
+        if self.config.logits_scaling != 1:
+            logits = logits / self.config.logits_scaling
+        if self.config.final_logit_softcapping is not None:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
 
         loss = None
         if labels is not None:
@@ -685,30 +878,20 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' continuous batching (generate_batch, `transformers serve`), refused up front for ALiBi: its
         paged attention cannot take the bias, and a failure inside the batching thread would only be logged."""
-        if self.config.position_embedding_type == "alibi":
-            check_alibi_attention("paged|" + self.config._attn_implementation)
+        check_attention_implementation(self.config, "paged|" + self.config._attn_implementation)
         return super().init_continuous_batching(*args, **kwargs)
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """Matmul FLOPs per token at context `seq_len`, as this architecture computes them.
+        """Matmul FLOPs per token at context `seq_len`, summed over the modules that compute them.
 
-        Counted: q/k/v/o projections with their real (GQA) sizes, two or three MLP matrices, the LM head (tied
-        or not, it is a matmul), and causal attention: each query sees (t + 1) keys, on average (seq_len + 1) / 2,
-        at most `sliding_window`; QK^T and AV cost 2 * nh * hd FLOPs per key each. A training step is forward
-        plus backward, 3x forward. Norms, softmax and activations are left out (under 1% at these sizes).
-        """
-        config = self.config
-        hidden, head_dim = config.hidden_size, config.head_dim
-        q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        projection_params = hidden * (2 * q_out + 2 * kv_out)
-        mlp_params = (3 if config.mlp_type == "gated" else 2) * hidden * config.intermediate_size
-        matmul_params = config.num_hidden_layers * (projection_params + mlp_params) + hidden * config.vocab_size
-        keys_seen = (seq_len + 1) / 2
-        if config.sliding_window is not None and config.sliding_window < seq_len:
-            window = config.sliding_window
-            # positions before the window is full see t+1 keys, the rest see exactly `window`
-            keys_seen = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-        attention = config.num_hidden_layers * 2 * (2 * config.num_attention_heads * head_dim * keys_seen)
+        Each Linear costs 2 FLOPs per weight per token (q/k/v/o with their real GQA sizes, the MLP, the LM head,
+        tied or not); each attention layer adds QK^T and AV at its own reach (`ArchLMAttention.score_flops`). A
+        training step is forward plus backward, 3x forward. Norms, softmax and activations are left out (under 1%
+        at these sizes)."""
+        linears = [module for module in self.modules() if isinstance(module, nn.Linear)]
+        # ZeRO-3 leaves each rank an empty shard: DeepSpeed keeps the full size in ds_numel
+        matmul_params = sum(getattr(linear.weight, "ds_numel", linear.weight.numel()) for linear in linears)
+        attention = sum(layer.self_attn.score_flops(seq_len) for layer in self.model.layers)
         forward = 2 * matmul_params + attention
         return 3 * forward if training else forward
 

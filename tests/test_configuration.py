@@ -175,9 +175,21 @@ def test_rope_scaling_with_non_rope_position_type_is_refused(position, rope_type
 
 
 @pytest.mark.parametrize("rope_type, extra", [("linear", {"factor": 2.0}), ("default", {})])
-def test_partial_rotary_factor_is_refused_because_the_whole_head_rotates(rope_type, extra):
-    assert_refused({"rope_parameters": {"rope_type": rope_type, "partial_rotary_factor": 0.5, **extra, **ROPE}},
-                   "partial_rotary_factor", "0.5")
+@pytest.mark.parametrize("factor, rotated", [(0.5, 4), (0.25, 2), (0.3, 2), (1.0, 8)])
+def test_partial_rotary_factor_rotates_the_first_channels_of_each_head(rope_type, extra, factor, rotated):
+    config = tiny_config(rope_parameters={"rope_type": rope_type, "partial_rotary_factor": factor, **extra, **ROPE})
+    assert config.head_dim == 8 and config.rotary_dim() == rotated
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.375, 1.5, 0, -0.5])
+def test_partial_rotary_factor_that_rotates_no_or_an_odd_number_of_channels_is_refused(factor):
+    assert_refused({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": factor, **ROPE}},
+                   "partial_rotary_factor", repr(factor))
+
+
+def test_top_level_partial_rotary_factor_moves_into_rope_parameters_as_in_transformers():
+    config = tiny_config(partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", **ROPE})
+    assert config.rope_parameters["partial_rotary_factor"] == 0.5 and config.rotary_dim() == 4
 
 
 # --- probabilities, eps, ids, window ---
