@@ -35,21 +35,45 @@ dropped silently, and the weights load with strict key checking. Two things carr
 import argparse
 import copy
 import logging
+import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -57,6 +81,12 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
 )
 
 from .check import missing_local_folder
@@ -68,18 +98,293 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 
+# ------------------------------------------------------------------------------------------------
+# Weight operations: each one maps native tensors to ArchLM's and back (`to_archlm` / `to_native`).
+# Renames (`Rename`, key prefixes) come first on import and last on export; the few operations that split a fused
+# matrix or regroup heads run in between. `{i}` in a key stands for the layer index, `{h}` for the head.
+# ------------------------------------------------------------------------------------------------
+class WeightOp:
+    """A reversible operation on whole state dicts (after renaming on import, before it on export)."""
+
+    def to_archlm(self, state_dict: StateDict, config: ArchLMConfig) -> None:
+        raise NotImplementedError
+
+    def to_native(self, state_dict: StateDict, config: ArchLMConfig) -> None:
+        raise NotImplementedError
+
+
+def _layer_keys(template: str, config: ArchLMConfig) -> list[str]:
+    return [template.format(i=i) for i in range(config.num_hidden_layers)]
+
+
+@dataclass(frozen=True)
+class Transpose(WeightOp):
+    """GPT-2's Conv1D stores (in, out), the transpose of nn.Linear's (out, in)."""
+
+    pattern: str  # a regex on ArchLM keys
+
+    def to_archlm(self, state_dict, config):
+        for key in [key for key in state_dict if re.search(self.pattern, key)]:
+            state_dict[key] = state_dict[key].t()
+
+    to_native = to_archlm
+
+
+@dataclass(frozen=True)
+class SplitRows(WeightOp):
+    """One fused matrix (and bias) whose rows are parts side by side, e.g. Phi-3's qkv_proj = [q | k | v] with GQA
+    sizes, or gate_up_proj = [gate | up]. `sizes` gives each part's rows from the config."""
+
+    fused: str  # "model.layers.{i}.self_attn.qkv_proj"
+    parts: tuple[str, ...]  # ("model.layers.{i}.self_attn.q_proj", ...)
+    sizes: Callable[[ArchLMConfig], list[int]]
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                fused = self.fused.format(i=i) + suffix
+                if fused in state_dict:
+                    for part, tensor in zip(self.parts, state_dict.pop(fused).split(self.sizes(config), dim=0)):
+                        state_dict[part.format(i=i) + suffix] = tensor
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                parts = [part.format(i=i) + suffix for part in self.parts]
+                if all(part in state_dict for part in parts):
+                    state_dict[self.fused.format(i=i) + suffix] = torch.cat([state_dict.pop(part) for part in parts])
+
+
+@dataclass(frozen=True)
+class SplitHeadInterleaved(WeightOp):
+    """GPT-NeoX's query_key_value holds, per head, its q, k and v rows: (nh, 3, hd, C), not [q | k | v]."""
+
+    fused: str
+    parts: tuple[str, str, str]
+
+    def to_archlm(self, state_dict, config):
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                fused = self.fused.format(i=i) + suffix
+                if fused in state_dict:
+                    grouped = state_dict.pop(fused).reshape(heads, 3, head_dim, -1)  # (nh, 3, hd, C or 1)
+                    for j, part in enumerate(self.parts):
+                        tensor = grouped[:, j].reshape(heads * head_dim, -1)
+                        state_dict[part.format(i=i) + suffix] = tensor.squeeze(-1) if suffix == ".bias" else tensor
+
+    def to_native(self, state_dict, config):
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                parts = [part.format(i=i) + suffix for part in self.parts]
+                if all(part in state_dict for part in parts):
+                    grouped = torch.stack([state_dict.pop(part).reshape(heads, head_dim, -1) for part in parts], dim=1)
+                    fused = grouped.reshape(3 * heads * head_dim, -1)  # (nh, 3, hd, C) -> (3 nh hd, C)
+                    state_dict[self.fused.format(i=i) + suffix] = fused.squeeze(-1) if suffix == ".bias" else fused
+
+
+@dataclass(frozen=True)
+class StackHeads(WeightOp):
+    """StableLM keeps one LayerNorm per head (`q_layernorm.norms.{h}.weight`); ArchLM one (heads, hd) weight."""
+
+    per_head: str  # "model.layers.{i}.self_attn.q_layernorm.norms.{h}.weight"
+    stacked: str  # "model.layers.{i}.self_attn.q_norm.weight"
+    heads: Callable[[ArchLMConfig], int]
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            keys = [self.per_head.format(i=i, h=h) for h in range(self.heads(config))]
+            if all(key in state_dict for key in keys):
+                state_dict[self.stacked.format(i=i)] = torch.stack([state_dict.pop(key) for key in keys])
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            if self.stacked.format(i=i) in state_dict:
+                for h, row in enumerate(state_dict.pop(self.stacked.format(i=i))):
+                    state_dict[self.per_head.format(i=i, h=h)] = row
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A key prefix renamed, `{i}` standing for the layer index: Rename("transformer.h.{i}.ln_1.",
+    "model.layers.{i}.input_layernorm."). Written as templates rather than transformers' `WeightRenaming` regexes,
+    whose reverse turns a `\\1` back-reference into a pattern: a template reverses by swapping its two sides."""
+
+    native: str
+    archlm: str
+
+    @staticmethod
+    def _pattern(template: str) -> re.Pattern:
+        return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+    def apply(self, key: str, to_archlm: bool) -> str | None:
+        source, target = (self.native, self.archlm) if to_archlm else (self.archlm, self.native)
+        match = self._pattern(source).match(key)
+        if match is None:
+            return None
+        return target.format(**match.groupdict()) + key[match.end():]
+
+
+def _rename(state_dict: StateDict, renames: tuple[Rename, ...], to_archlm: bool) -> StateDict:
+    """Each key renamed by the first rename that matches it (one per key, so that renames never chain)."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        new_key = next((new for rename in renames if (new := rename.apply(key, to_archlm)) is not None), key)
+        renamed[new_key] = tensor
+    return renamed
+
+
+# ------------------------------------------------------------------------------------------------
+# Families as data
+# ------------------------------------------------------------------------------------------------
+ANY = None  # in `allows`: every value of a field the family maps
+# What an ArchLM model must be for a family to express it, unless the family fixes, maps or allows otherwise:
+# the plain Llama decoder. Facets (keys starting with "_") are derived from several fields, see `_facets`.
+NEUTRAL = {
+    "position_embedding_type": "rope", "learned_position_embeddings": False, "_partial_rotary_factor": 1.0,
+    "rope_interleaved": False, "_rope_per_layer_type": False, "_no_rope_layers": 0, "_layer_types": "full",
+    "norm_type": "rmsnorm", "norm_position": "pre", "use_parallel_residual": False, "parallel_shared_norm": True,
+    "sub_layernorm": False, "mlp_type": "gated", "hidden_act": "silu", "qk_norm": False, "qk_norm_scope": "head",
+    "qk_norm_type": None, "clip_qkv": None, "attention_bias": False, "attention_output_bias": False,
+    "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
+    "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None,
+}
+# Fields that matter only when another is on
+_RELEVANT = {
+    "parallel_shared_norm": lambda config: config.use_parallel_residual,
+    "qk_norm_scope": lambda config: config.qk_norm,
+    "qk_norm_type": lambda config: config.qk_norm,
+}
+# Dropped on export with a warning: inference is unchanged (dropout is off), training the export further is not
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout")
+
+
+def _facets(config: ArchLMConfig) -> dict:
+    """Properties spread over several fields, in the form the families' rules compare."""
+    sliding = config.layer_types.count("sliding_attention")
+    layers = config.num_hidden_layers
+    default_head_dim = config.hidden_size // config.num_attention_heads
+    first_rope = next(iter(config.rope_parameters_by_layer_type().values()), None)
+    return {
+        "_partial_rotary_factor": config.rotary_dim() / config.head_dim if config.position_embedding_type == "rope" else 1.0,
+        "_rope_per_layer_type": bool(set(config.rope_parameters or {}) & {"full_attention", "sliding_attention"}),
+        "_no_rope_layers": layers - sum(config.no_rope_layers) if config.no_rope_layers else 0,
+        "_layer_types": "full" if sliding == 0 else "sliding" if sliding == layers else "mixed",
+        "_rope_theta": (first_rope or {}).get("rope_theta"),
+        "_rope_type": (first_rope or {}).get("rope_type", "default"),
+        "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
+        "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
+        and config.head_dim == default_head_dim else "explicit",
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers model class maps onto ArchLM, and back, as data.
+
+    - `fields`: ArchLM field -> the native config's field of the same meaning, copied both ways as they are;
+    - `fixed`: the ArchLM values this family implies (an import sets them; an export requires them);
+    - `allows`: the values a family accepts beyond NEUTRAL and `fixed` (a set, or ANY);
+    - `import_fields` / `export_fields`: the few values computed from the other side's config;
+    - `refuse`: native settings ArchLM cannot compute, (field, the only value ArchLM can take, reason);
+    - `requires`: the values a family needs of a field it maps (or of a facet), e.g. Llama's silu;
+    - `renames` (native -> ArchLM key prefixes) and `operations` for the weights; `ignore`: native keys to drop.
+    Everything an ArchLM config sets that is not NEUTRAL, fixed, mapped or allowed is what the family cannot
+    express: the export lists it (every such field)."""
+
+    model_class: type[PreTrainedModel]
+    config_class: type[PreTrainedConfig]
+    fields: dict[str, str] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    allows: dict[str, Any] = field(default_factory=dict)
+    import_fields: Callable[[PreTrainedConfig], dict] = lambda native: {}
+    export_fields: Callable[[ArchLMConfig], dict] = lambda config: {}
+    requires: dict[str, set] = field(default_factory=dict)
+    refuse: tuple[tuple[str, Any, str], ...] = ()
+    renames: tuple[Rename, ...] = ()
+    operations: tuple[WeightOp, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.model_class.__name__
+
+    def mismatches(self, config: ArchLMConfig) -> list[str]:
+        """One line per ArchLM setting this family cannot express."""
+        values = {**{key: getattr(config, key) for key in NEUTRAL if not key.startswith("_")}, **_facets(config)}
+        lines = []
+        for key, neutral in NEUTRAL.items():
+            extra = self.allows.get(key, ())
+            relevant = _RELEVANT.get(key, lambda config: True)(config)
+            if extra is ANY or not relevant or (key in self.fields and key not in self.allows):
+                continue
+            expected = {self.fixed.get(key, neutral), *extra}
+            if values[key] not in expected:
+                lines.append(self._needs(key, values[key], expected))
+        for key, allowed in self.requires.items():
+            value = values[key] if key in values else getattr(config, key)
+            if value not in allowed:
+                lines.append(self._needs(key, value, allowed))
+        return lines
+
+    def _needs(self, key: str, value, allowed) -> str:
+        shown = " or ".join(repr(item) for item in sorted(allowed, key=repr))
+        return f"`{key.lstrip('_')}`={value!r}: {self.name} needs {shown}"
+
+    def to_archlm_config(self, native: PreTrainedConfig) -> ArchLMConfig:
+        for native_field, supported, reason in self.refuse:
+            if getattr(native, native_field, supported) != supported:
+                raise _unsupported(native, native_field, getattr(native, native_field), reason)
+        fields = {**_shared_fields(native), **self.fixed}
+        fields.update({ours: getattr(native, theirs) for ours, theirs in self.fields.items()})
+        fields.update(self.import_fields(native))
+        config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
+        # What the family cannot express on export, it does not compute either: a native setting read into ArchLM
+        # that this class ignores (Llama's partial_rotary_factor) would change the logits silently.
+        mismatches = self.mismatches(config)
+        if mismatches:
+            listed = "\n".join(f"  - {line}" for line in mismatches)
+            raise ValueError(f"Cannot convert this {native.model_type} model: {self.name} does not compute what its "
+                             f"config sets, so ArchLM has no equivalent for:\n{listed}")
+        return config
+
+    def to_native_config(self, config: ArchLMConfig) -> PreTrainedConfig:
+        for name in DROPPED_ON_EXPORT:
+            if getattr(config, name) and name not in self.fields:
+                logger.warning(
+                    "%s has no `%s`; exporting without it (%s=%s). Inference logits are unchanged (dropout is off in "
+                    "eval), but training the exported model further runs without this dropout.",
+                    self.name, name, name, getattr(config, name),
+                )
+        fields = {**_shared_fields(config), **{theirs: copy.deepcopy(getattr(config, ours)) for ours, theirs in self.fields.items()}}
+        return self.config_class(**{**fields, **self.export_fields(config)})
+
+    def state_dict_to_archlm(self, model: PreTrainedModel, config: ArchLMConfig) -> StateDict:
+        state_dict = {key: value for key, value in model.state_dict().items()
+                      if not any(re.search(pattern, key) for pattern in self.ignore)}
+        state_dict = _rename(state_dict, self.renames, to_archlm=True)
+        for operation in self.operations:
+            operation.to_archlm(state_dict, config)
+        return {key: value.contiguous() for key, value in state_dict.items()}
+
+    def state_dict_to_native(self, model: ArchLMForCausalLM) -> StateDict:
+        state_dict = dict(model.state_dict())
+        for operation in reversed(self.operations):
+            operation.to_native(state_dict, model.config)
+        return {key: value.contiguous() for key, value in _rename(state_dict, self.renames, to_archlm=False).items()}
+
+
 def _unsupported(config: PreTrainedConfig, field: str, value, reason: str) -> ValueError:
     return ValueError(
         f"Cannot convert this {config.model_type} model: `{field}`={value!r} {reason}; ArchLM has no equivalent."
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Config mappings: one function per family, each returning an ArchLMConfig
-# ------------------------------------------------------------------------------------------------
 def _shared_fields(config: PreTrainedConfig) -> dict:
-    """Fields every supported family names the same way (GPT-2 through its `attribute_map`), ArchLM too: read from
-    either side, and accepted by either side's constructor."""
+    """Fields every family names the same way (GPT-2 and GPT-J through their `attribute_map`), ArchLM too: read
+    from either side, and accepted by either side's constructor."""
     return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -97,405 +402,335 @@ def _special_token_ids(config: PreTrainedConfig) -> dict:
     """pad/bos/eos ids; one outside the vocabulary (transformers accepts such a config with a warning) becomes None,
     with a warning naming it, so that any model transformers accepts converts."""
     ids = {}
-    for field in TOKEN_ID_FIELDS:
-        value = getattr(config, field, None)
+    for name in TOKEN_ID_FIELDS:
+        value = getattr(config, name, None)
         if not token_ids_fit(value, config.vocab_size):
-            logger.warning("%s=%r is outside the vocabulary (vocab_size=%d): converted as None", field, value,
+            logger.warning("%s=%r is outside the vocabulary (vocab_size=%d): converted as None", name, value,
                            config.vocab_size)
             value = None
-        ids[field] = value
+        ids[name] = value
     return ids
 
 
-def gpt2_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:
-    """GPT-2: learned positions, pre-norm LayerNorm, standard GELU MLP, biases everywhere."""
-    for field, supported, reason in (
-        ("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
-        ("scale_attn_by_inverse_layer_idx", False, "scales attention scores by 1/(layer_idx + 1) per layer"),
-        ("reorder_and_upcast_attn", False, "computes attention with a reordered, upcast kernel"),
-        ("add_cross_attention", False, "adds cross-attention to an encoder"),
-    ):
-        if getattr(config, field) != supported:
-            raise _unsupported(config, field, getattr(config, field), reason)
-    return ArchLMConfig(
-        **_shared_fields(config),
-        intermediate_size=config.n_inner or 4 * config.hidden_size,
-        hidden_act=config.activation_function,
-        norm_type="layernorm",
-        norm_eps=config.layer_norm_epsilon,
-        norm_position="pre",
-        position_embedding_type="learned",
-        mlp_type="standard",
-        attention_bias=True,
-        attention_output_bias=True,
-        mlp_bias=True,
-        attention_dropout=config.attn_pdrop,
-        hidden_dropout=config.resid_pdrop,
-        embedding_dropout=config.embd_pdrop,
-        init_scheme="scaled",
-    )
+def _rope_dict(native: PreTrainedConfig) -> dict:
+    return copy.deepcopy(dict(native.rope_parameters or {}))
 
 
-def _rope_parameters(config: PreTrainedConfig) -> dict:
-    """The source's (already standardised) v5 `rope_parameters`, if it is one rope over the whole head."""
-    params = copy.deepcopy(dict(config.rope_parameters or {}))
-    if any(isinstance(value, dict) for value in params.values()):
-        raise _unsupported(config, "rope_parameters", params, "sets a different rope per layer type")
-    partial_rotary_factor = params.get("partial_rotary_factor", 1.0)
-    if partial_rotary_factor != 1.0:
-        raise _unsupported(config, "partial_rotary_factor", partial_rotary_factor, "rotates only part of each head")
-    return params
+def _head_dim(native: PreTrainedConfig) -> int:
+    # Mistral reads `head_dim` with `or`, Llama/Qwen with getattr: both fall back to hidden / heads
+    return getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
 
 
-def _uniform_sliding_window(config: PreTrainedConfig) -> int | None:
-    """Qwen2/3 pick full or sliding attention per layer (`layer_types`, derived from `use_sliding_window` and
-    `max_window_layers`); ArchLM applies one choice to every layer, so the layers must agree."""
-    layer_types = list(config.layer_types or ["full_attention"] * config.num_hidden_layers)
-    if set(layer_types) == {"full_attention"}:
-        return None
-    if set(layer_types) == {"sliding_attention"}:
-        return config.sliding_window
-    raise _unsupported(
-        config, "layer_types", layer_types,
-        f"is not all 'full_attention' or all 'sliding_attention' (use_sliding_window={config.use_sliding_window}, "
-        f"max_window_layers={config.max_window_layers})",
-    )
+def _any_bias(config: ArchLMConfig) -> bool:
+    """One native flag for q/k/v/o: a bias the ArchLM model lacks is exported as zeros (the same function)."""
+    return config.attention_bias or config.attention_output_bias
 
 
-def _llama_like_config(config: PreTrainedConfig, **family_fields) -> ArchLMConfig:
-    """What Llama, Mistral and Qwen2/3 share: rope, pre-norm RMSNorm, SwiGLU, GQA, no dropout but attention's."""
-    fields = dict(
-        **_shared_fields(config),
-        intermediate_size=config.intermediate_size,
-        num_key_value_heads=config.num_key_value_heads,
-        # Mistral reads `head_dim` with `or`, Llama/Qwen with getattr: both fall back to hidden / heads
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        hidden_act=config.hidden_act,
-        norm_type="rmsnorm",
-        norm_eps=config.rms_norm_eps,
-        norm_position="pre",
-        position_embedding_type="rope",
-        rope_parameters=_rope_parameters(config),
-        mlp_type="gated",
-        attention_dropout=config.attention_dropout or 0.0,  # Llama allows None
-        hidden_dropout=0.0,
-        embedding_dropout=0.0,
-    )
-    return ArchLMConfig(**{**fields, **family_fields})
+def _qwen_layer_fields(config: ArchLMConfig) -> dict:
+    """Qwen2/3 and SmolLM3 choose full or sliding attention per layer through `layer_types`."""
+    sliding = "sliding_attention" in config.layer_types
+    return dict(use_sliding_window=sliding, sliding_window=config.sliding_window, layer_types=list(config.layer_types))
 
 
-def llama_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:
-    # `pretraining_tp` is not refused: transformers 5 ignores it (it only sliced the same matmuls), so the
-    # source computes exactly what ArchLM computes.
-    return _llama_like_config(
-        config,
-        attention_bias=config.attention_bias,
-        attention_output_bias=config.attention_bias,  # Llama's attention_bias covers o_proj too
-        mlp_bias=config.mlp_bias,
-    )
+def _gemma_scale(config: ArchLMConfig) -> dict:
+    """Gemma 2/3 always scale scores by query_pre_attn_scalar**-0.5; ArchLM's None means head_dim."""
+    return dict(query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
 
 
-def mistral_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:
-    # MistralModel applies `sliding_window` to every layer (it ignores `layer_types`), as ArchLM does.
-    return _llama_like_config(config, sliding_window=config.sliding_window)
+def _rope_per_layer_type(config: ArchLMConfig) -> dict:
+    """Gemma 3 reads one rope dict per layer type, for both types."""
+    by_type = config.rope_parameters_by_layer_type()
+    shared = next(iter(by_type.values()))
+    return {layer_type: copy.deepcopy(by_type.get(layer_type, shared)) for layer_type in ("full_attention", "sliding_attention")}
 
 
-def qwen2_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:
-    return _llama_like_config(
-        config,
-        attention_bias=True,  # Qwen2 always has q/k/v bias ...
-        attention_output_bias=False,  # ... and never an o_proj bias
-        sliding_window=_uniform_sliding_window(config),
-    )
+def _window_of_every_layer(config: ArchLMConfig) -> dict:
+    """Families whose one `sliding_window` applies to every layer."""
+    return dict(sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None)
 
 
-def qwen3_config_to_archlm(config: PreTrainedConfig) -> ArchLMConfig:
-    return _llama_like_config(
-        config,
-        attention_bias=config.attention_bias,
-        attention_output_bias=config.attention_bias,
-        qk_norm=True,  # RMSNorm over head_dim on q and k, before rope
-        sliding_window=_uniform_sliding_window(config),
-    )
+def _phi3_original_length(config: ArchLMConfig) -> dict:
+    """Phi-3's top-level original_max_position_embeddings overrides the one in rope_parameters: keep them equal."""
+    original = (config.rope_parameters or {}).get("original_max_position_embeddings")
+    return dict(original_max_position_embeddings=original or config.max_position_embeddings)
 
 
-# ------------------------------------------------------------------------------------------------
-# State-dict mappings: source model -> ArchLM parameter names
-# ------------------------------------------------------------------------------------------------
-def llama_like_state_dict_to_archlm(model: PreTrainedModel) -> StateDict:
-    """Llama, Mistral and Qwen2/3 keys carry over one to one: ArchLM uses Llama's parameter names
-    (`model.layers.{i}.self_attn.q_proj`, `...mlp.gate_proj`, `...input_layernorm`, `model.norm`, `lm_head`,
-    and Qwen3's `self_attn.q_norm` / `k_norm`). Strict loading then proves both sides hold the same keys."""
-    return dict(model.state_dict())
+LLAMA_ACTIVATIONS = {"silu", "swish"}  # what serving engines run for the Llama-like families (ACT2FN's swish is SiLU)
+GPT2_ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh"}  # Gemma rewrites plain "gelu" to the tanh approximation
+_LLAMA_FIELDS = dict(intermediate_size="intermediate_size", num_key_value_heads="num_key_value_heads",
+                     hidden_act="hidden_act", rope_parameters="rope_parameters", attention_dropout="attention_dropout")
+_PARTIAL_ROPE = {"_partial_rotary_factor": ANY}
+# Gemma 2/3 and OLMo 2 call the norm on the attention output post_attention_layernorm, Llama the one before the MLP
+_SANDWICH_NORMS = (
+    Rename("model.layers.{i}.post_attention_layernorm.", "model.layers.{i}.attention_output_layernorm."),
+    Rename("model.layers.{i}.pre_feedforward_layernorm.", "model.layers.{i}.post_attention_layernorm."),
+    Rename("model.layers.{i}.post_feedforward_layernorm.", "model.layers.{i}.mlp_output_layernorm."),
+)
 
 
-def gpt2_state_dict_to_archlm(model: PreTrainedModel) -> StateDict:
-    """GPT-2's names mapped to ArchLM's. Its Conv1D stores weights as (in, out), the transpose of nn.Linear's
-    (out, in), and `c_attn` holds q, k and v side by side: (C, 3C) -> transpose -> (3C, C) -> 3 x (C, C)."""
-    source = dict(model.state_dict())
-    hidden = model.config.hidden_size
-
-    def take(key: str) -> torch.Tensor:
-        return source.pop(key)
-
-    target = {
-        "model.embed_tokens.weight": take("transformer.wte.weight"),
-        "model.embed_positions.weight": take("transformer.wpe.weight"),
-        "model.norm.weight": take("transformer.ln_f.weight"),
-        "model.norm.bias": take("transformer.ln_f.bias"),
-        "lm_head.weight": take("lm_head.weight"),
-    }
-    for i in range(model.config.num_hidden_layers):
-        src, dst = f"transformer.h.{i}.", f"model.layers.{i}."
-        q, k, v = take(src + "attn.c_attn.weight").t().split(hidden, dim=0)  # (3C, C) -> 3 x (C, C)
-        q_bias, k_bias, v_bias = take(src + "attn.c_attn.bias").split(hidden, dim=0)
-        target.update({
-            dst + "self_attn.q_proj.weight": q, dst + "self_attn.q_proj.bias": q_bias,
-            dst + "self_attn.k_proj.weight": k, dst + "self_attn.k_proj.bias": k_bias,
-            dst + "self_attn.v_proj.weight": v, dst + "self_attn.v_proj.bias": v_bias,
-            dst + "self_attn.o_proj.weight": take(src + "attn.c_proj.weight").t(),
-            dst + "self_attn.o_proj.bias": take(src + "attn.c_proj.bias"),
-            dst + "mlp.up_proj.weight": take(src + "mlp.c_fc.weight").t(),
-            dst + "mlp.up_proj.bias": take(src + "mlp.c_fc.bias"),
-            dst + "mlp.down_proj.weight": take(src + "mlp.c_proj.weight").t(),
-            dst + "mlp.down_proj.bias": take(src + "mlp.c_proj.bias"),
-        })
-        for norm_src, norm_dst in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
-            target[dst + norm_dst + ".weight"] = take(f"{src}{norm_src}.weight")
-            target[dst + norm_dst + ".bias"] = take(f"{src}{norm_src}.bias")
-    if source:
-        raise ValueError(f"GPT-2 parameters with no ArchLM counterpart: {sorted(source)}.")
-    return {key: value.contiguous() for key, value in target.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# The way back: what each family cannot express, and ArchLM -> family config mappings
-# ------------------------------------------------------------------------------------------------
-# Activations the serving engines run for each family (vLLM's Llama MLP refuses anything but silu; llama.cpp's
-# GPT-2 graph uses gelu). transformers itself would take any ACT2FN key, but then the export would not serve.
-LLAMA_ACTIVATIONS = {"silu": "silu", "swish": "silu"}  # ACT2FN's "swish" is SiLU
-GPT2_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
-def _requirements(config: ArchLMConfig, family: str, rules) -> list[str]:
-    """One line per broken rule: (field, holds, what the family does instead)."""
-    return [f"`{field}`={getattr(config, field)!r}: {family} {instead}" for field, holds, instead in rules if not holds]
-
-
-def _llama_like_mismatches(config: ArchLMConfig, family: str) -> list[str]:
-    """What Llama, Mistral and Qwen2/3 all require: rope over the whole head, pre-norm RMSNorm, SwiGLU."""
-    return _requirements(config, family, [
-        ("position_embedding_type", config.position_embedding_type == "rope", "encodes positions with rope only"),
-        ("learned_position_embeddings", not config.learned_position_embeddings, "has no learned absolute positions"),
-        ("norm_type", config.norm_type == "rmsnorm", "normalises with RMSNorm"),
-        ("norm_position", config.norm_position == "pre", "is pre-norm"),
-        ("mlp_type", config.mlp_type == "gated", "has a gated MLP (SwiGLU)"),
-        ("hidden_act", config.hidden_act in LLAMA_ACTIVATIONS, "gates its MLP with silu (what serving engines run)"),
-    ])
-
-
-def llama_mismatches(config: ArchLMConfig) -> list[str]:
-    # any mix of attention biases exports: Llama's `attention_bias` covers q/k/v/o, the missing ones as zeros
-    return _llama_like_mismatches(config, "LlamaForCausalLM") + _requirements(config, "LlamaForCausalLM", [
-        ("qk_norm", not config.qk_norm, "has no q/k norm (Qwen3 has)"),
-        ("sliding_window", config.sliding_window is None, "attends to the full context (Mistral slides)"),
-    ])
-
-
-def mistral_mismatches(config: ArchLMConfig) -> list[str]:
-    return _llama_like_mismatches(config, "MistralForCausalLM") + _requirements(config, "MistralForCausalLM", [
-        ("qk_norm", not config.qk_norm, "has no q/k norm"),
-        ("attention_bias", not config.attention_bias, "has no bias on q/k/v"),
-        ("attention_output_bias", not config.attention_output_bias, "has no bias on o_proj"),
-        ("mlp_bias", not config.mlp_bias, "has no MLP bias"),
-    ])
-
-
-def qwen2_mismatches(config: ArchLMConfig) -> list[str]:
-    default_head_dim = config.hidden_size // config.num_attention_heads
-    return _llama_like_mismatches(config, "Qwen2ForCausalLM") + _requirements(config, "Qwen2ForCausalLM", [
-        ("qk_norm", not config.qk_norm, "has no q/k norm (Qwen3 has)"),
-        ("attention_output_bias", not config.attention_output_bias, "has no bias on o_proj"),
-        ("mlp_bias", not config.mlp_bias, "has no MLP bias"),
-        ("head_dim", config.head_dim == default_head_dim, f"has no head_dim field: heads are hidden_size / "
-                                                          f"num_attention_heads = {default_head_dim} wide"),
-    ])
-
-
-def qwen3_mismatches(config: ArchLMConfig) -> list[str]:
-    return _llama_like_mismatches(config, "Qwen3ForCausalLM") + _requirements(config, "Qwen3ForCausalLM", [
-        ("mlp_bias", not config.mlp_bias, "has no MLP bias"),
-    ])
-
-
-def gpt2_mismatches(config: ArchLMConfig) -> list[str]:
-    family = "GPT2LMHeadModel"
-    return _requirements(config, family, [
-        ("position_embedding_type", config.position_embedding_type == "learned", "has learned absolute positions only"),
-        ("norm_type", config.norm_type in ("layernorm", "layernorm_nobias"), "normalises with LayerNorm"),
-        ("norm_position", config.norm_position == "pre", "is pre-norm"),
-        ("mlp_type", config.mlp_type == "standard", "has a standard (ungated) MLP"),
-        ("hidden_act", config.hidden_act in GPT2_ACTIVATIONS, f"uses a GELU, one of {list(GPT2_ACTIVATIONS)}"),
-        ("qk_norm", not config.qk_norm, "has no q/k norm"),
-        ("sliding_window", config.sliding_window is None, "attends to the full context"),
-        ("num_key_value_heads", config.num_key_value_heads == config.num_attention_heads,
-         f"has one key/value head per query head ({config.num_attention_heads}), no GQA"),
-        ("head_dim", config.head_dim * config.num_attention_heads == config.hidden_size,
-         "splits hidden_size evenly into the heads (head_dim = hidden_size / num_attention_heads)"),
-    ])
-
-
-def _dropped_dropouts(config: ArchLMConfig, family: str) -> None:
-    for field in ("hidden_dropout", "embedding_dropout"):
-        if getattr(config, field):
-            logger.warning(
-                "%s has no `%s`; exporting without it (%s=%s). Inference logits are unchanged (dropout is off in "
-                "eval), but training the exported model further runs without this dropout.",
-                family, field, field, getattr(config, field),
-            )
-
-
-def _llama_like_native_fields(config: ArchLMConfig) -> dict:
-    """LlamaConfig's names for what Llama, Mistral and Qwen2/3 share."""
-    return dict(
-        **_shared_fields(config),
-        intermediate_size=config.intermediate_size,
-        num_key_value_heads=config.num_key_value_heads,
-        hidden_act=LLAMA_ACTIVATIONS[config.hidden_act],
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=copy.deepcopy(dict(config.rope_parameters)),
-        attention_dropout=config.attention_dropout,
-    )
-
-
-def _qwen_sliding_fields(config: ArchLMConfig) -> dict:
-    """Qwen2/3 choose full or sliding attention per layer; ArchLM's one window applies to every layer."""
-    sliding = config.sliding_window is not None
-    return dict(
-        use_sliding_window=sliding,
-        sliding_window=config.sliding_window,
-        max_window_layers=0,  # layers from 0 on slide (when use_sliding_window)
-        layer_types=["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers,
-    )
-
-
-def archlm_config_to_llama(config: ArchLMConfig) -> LlamaConfig:
-    _dropped_dropouts(config, "LlamaForCausalLM")
-    return LlamaConfig(
-        **_llama_like_native_fields(config),
-        head_dim=config.head_dim,
-        attention_bias=config.attention_bias or config.attention_output_bias,  # one flag for q/k/v/o
-        mlp_bias=config.mlp_bias,
-    )
-
-
-def archlm_config_to_mistral(config: ArchLMConfig) -> MistralConfig:
-    _dropped_dropouts(config, "MistralForCausalLM")
-    return MistralConfig(**_llama_like_native_fields(config), head_dim=config.head_dim,
-                         sliding_window=config.sliding_window)
-
-
-def archlm_config_to_qwen2(config: ArchLMConfig) -> Qwen2Config:
-    _dropped_dropouts(config, "Qwen2ForCausalLM")  # q/k/v bias is built in: nothing to set
-    return Qwen2Config(**_llama_like_native_fields(config), **_qwen_sliding_fields(config))
-
-
-def archlm_config_to_qwen3(config: ArchLMConfig) -> Qwen3Config:
-    _dropped_dropouts(config, "Qwen3ForCausalLM")
-    return Qwen3Config(
-        **_llama_like_native_fields(config),
-        **_qwen_sliding_fields(config),
-        head_dim=config.head_dim,
-        attention_bias=config.attention_bias or config.attention_output_bias,  # one flag for q/k/v/o
-    )
-
-
-def archlm_config_to_gpt2(config: ArchLMConfig) -> GPT2Config:
-    return GPT2Config(
-        **_shared_fields(config),  # GPT2Config maps hidden_size, num_hidden_layers, ... to n_embd, n_layer, ...
-        n_inner=config.intermediate_size,
-        activation_function=config.hidden_act,
-        resid_pdrop=config.hidden_dropout,
-        embd_pdrop=config.embedding_dropout,
-        attn_pdrop=config.attention_dropout,
-        layer_norm_epsilon=config.norm_eps,
-    )
-
-
-def archlm_state_dict_to_llama_like(model: ArchLMForCausalLM) -> StateDict:
-    """The inverse of `llama_like_state_dict_to_archlm`: the same names. Biases the family has and the model
-    lacks are filled with zeros by `to_transformers`."""
-    return dict(model.state_dict())
-
-
-def archlm_state_dict_to_gpt2(model: ArchLMForCausalLM) -> StateDict:
-    """The inverse of `gpt2_state_dict_to_archlm`: q, k, v side by side in `c_attn`, 3 x (C, C) -> (3C, C) ->
-    transpose -> (C, 3C), every Linear weight transposed into Conv1D's (in, out). A bias or LayerNorm bias the
-    model lacks (attention_bias=False, norm_type="layernorm_nobias") becomes zeros, which computes the same."""
-    source = dict(model.state_dict())
-
-    def take(key: str, size: int | None = None) -> torch.Tensor:
-        if key not in source and size is not None:  # a bias this model does not have
-            return torch.zeros(size, dtype=model.dtype, device=model.device)
-        return source.pop(key)
-
-    config = model.config
-    hidden, inner = config.hidden_size, config.intermediate_size
-    target = {
-        "transformer.wte.weight": take("model.embed_tokens.weight"),
-        "transformer.wpe.weight": take("model.embed_positions.weight"),
-        "transformer.ln_f.weight": take("model.norm.weight"),
-        "transformer.ln_f.bias": take("model.norm.bias", hidden),
-        "lm_head.weight": take("lm_head.weight"),
-    }
-    for i in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
-        qkv = [take(f"{src}self_attn.{name}_proj.weight") for name in "qkv"]
-        qkv_bias = [take(f"{src}self_attn.{name}_proj.bias", hidden) for name in "qkv"]
-        target.update({
-            dst + "attn.c_attn.weight": torch.cat(qkv, dim=0).t(),  # 3 x (C, C) -> (3C, C) -> (C, 3C)
-            dst + "attn.c_attn.bias": torch.cat(qkv_bias, dim=0),
-            dst + "attn.c_proj.weight": take(src + "self_attn.o_proj.weight").t(),
-            dst + "attn.c_proj.bias": take(src + "self_attn.o_proj.bias", hidden),
-            dst + "mlp.c_fc.weight": take(src + "mlp.up_proj.weight").t(),
-            dst + "mlp.c_fc.bias": take(src + "mlp.up_proj.bias", inner),
-            dst + "mlp.c_proj.weight": take(src + "mlp.down_proj.weight").t(),
-            dst + "mlp.c_proj.bias": take(src + "mlp.down_proj.bias", hidden),
-        })
-        for norm_src, norm_dst in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            target[f"{dst}{norm_dst}.weight"] = take(f"{src}{norm_src}.weight")
-            target[f"{dst}{norm_dst}.bias"] = take(f"{src}{norm_src}.bias", hidden)
-    if source:
-        raise ValueError(f"ArchLM parameters with no GPT-2 counterpart: {sorted(source)}.")
-    return {key: value.contiguous() for key, value in target.items()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Families and the public entry points
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Family:
-    """How one transformers model class maps onto ArchLM, and back."""
-
-    config_to_archlm: Callable[[PreTrainedConfig], ArchLMConfig]
-    state_dict_to_archlm: Callable[[PreTrainedModel], StateDict]
-    archlm_mismatches: Callable[[ArchLMConfig], list[str]]  # what an ArchLM config sets that the family cannot
-    config_from_archlm: Callable[[ArchLMConfig], PreTrainedConfig]
-    state_dict_from_archlm: Callable[[ArchLMForCausalLM], StateDict]
-
-
-FAMILIES: dict[type[PreTrainedModel], Family] = {
-    GPT2LMHeadModel: Family(gpt2_config_to_archlm, gpt2_state_dict_to_archlm,
-                            gpt2_mismatches, archlm_config_to_gpt2, archlm_state_dict_to_gpt2),
-    LlamaForCausalLM: Family(llama_config_to_archlm, llama_like_state_dict_to_archlm,
-                             llama_mismatches, archlm_config_to_llama, archlm_state_dict_to_llama_like),
-    MistralForCausalLM: Family(mistral_config_to_archlm, llama_like_state_dict_to_archlm,
-                               mistral_mismatches, archlm_config_to_mistral, archlm_state_dict_to_llama_like),
-    Qwen2ForCausalLM: Family(qwen2_config_to_archlm, llama_like_state_dict_to_archlm,
-                             qwen2_mismatches, archlm_config_to_qwen2, archlm_state_dict_to_llama_like),
-    Qwen3ForCausalLM: Family(qwen3_config_to_archlm, llama_like_state_dict_to_archlm,
-                             qwen3_mismatches, archlm_config_to_qwen3, archlm_state_dict_to_llama_like),
-}
+FAMILY_LIST = [
+    Family(
+        GPT2LMHeadModel, GPT2Config,
+        fields=dict(intermediate_size="n_inner", hidden_act="activation_function", norm_eps="layer_norm_epsilon",
+                    attention_dropout="attn_pdrop", hidden_dropout="resid_pdrop", embedding_dropout="embd_pdrop"),
+        fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard", attention_bias=True,
+                   attention_output_bias=True, mlp_bias=True, init_scheme="scaled"),
+        allows={"norm_type": {"layernorm_nobias"}, "attention_bias": {False}, "attention_output_bias": {False},
+                "mlp_bias": {False}},
+        requires={"hidden_act": GPT2_ACTIVATIONS, "_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(intermediate_size=native.n_inner or 4 * native.hidden_size),
+        refuse=(("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
+                ("scale_attn_by_inverse_layer_idx", False, "scales attention scores by 1/(layer_idx + 1) per layer"),
+                ("reorder_and_upcast_attn", False, "computes attention with a reordered, upcast kernel"),
+                ("add_cross_attention", False, "adds cross-attention to an encoder")),
+        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
+                 Rename("transformer.ln_f.", "model.norm."),
+                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
+                 Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
+                 Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        operations=(Transpose(r"(self_attn\.(qkv|o_proj)|mlp\.(up|down)_proj)\.weight$"),
+                    SplitRows("model.layers.{i}.self_attn.qkv", tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"),
+                              lambda config: [config.hidden_size] * 3)),
+        ignore=(r"\.attn\.(masked_)?bias$",),
+    ),
+    Family(
+        Qwen3ForCausalLM, Qwen3Config,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    layer_types="layer_types", sliding_window="sliding_window"),
+        fixed=dict(qk_norm=True),  # RMSNorm over head_dim on q and k, before rope
+        allows={"attention_output_bias": ANY, "_layer_types": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(_qwen_layer_fields(config), attention_bias=_any_bias(config), hidden_act="silu"),
+    ),
+    Family(
+        Qwen2ForCausalLM, Qwen2Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", layer_types="layer_types", sliding_window="sliding_window"),
+        fixed=dict(attention_bias=True, attention_output_bias=False),  # q/k/v bias, never one on o_proj
+        allows={"_layer_types": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        export_fields=lambda config: dict(_qwen_layer_fields(config), hidden_act="silu"),
+    ),
+    Family(
+        LlamaForCausalLM, LlamaConfig,
+        # `pretraining_tp` is not refused: transformers 5 ignores it (it only sliced the same matmuls)
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+    ),
+    Family(
+        MistralForCausalLM, MistralConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", sliding_window="sliding_window"),
+        allows={"_layer_types": {"sliding"}},  # MistralModel slides in every layer (it ignores layer_types)
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(head_dim=_head_dim(native)),
+        export_fields=lambda config: dict(hidden_act="silu", **_window_of_every_layer(config)),
+    ),
+    Family(
+        GemmaForCausalLM, GemmaConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias"),
+        fixed=dict(norm_type="rmsnorm_unit_offset", scale_embeddings_by_sqrt_hidden=True, hidden_act="gelu_pytorch_tanh"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": GEMMA_ACTIVATIONS},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config)),
+    ),
+    Family(
+        Gemma2ForCausalLM, Gemma2Config,
+        fields=dict(_LLAMA_FIELDS, hidden_act="hidden_activation", head_dim="head_dim", norm_eps="rms_norm_eps",
+                    attention_bias="attention_bias", layer_types="layer_types", sliding_window="sliding_window",
+                    query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcapping",
+                    final_logit_softcapping="final_logit_softcapping"),
+        fixed=dict(norm_type="rmsnorm_unit_offset", norm_position="sandwich", scale_embeddings_by_sqrt_hidden=True,
+                   hidden_act="gelu_pytorch_tanh"),
+        allows={"attention_output_bias": ANY, "_layer_types": ANY},
+        requires={"hidden_act": GEMMA_ACTIVATIONS},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), **_gemma_scale(config)),
+        renames=_SANDWICH_NORMS,
+    ),
+    Family(
+        Gemma3ForCausalLM, Gemma3TextConfig,
+        fields=dict(_LLAMA_FIELDS, hidden_act="hidden_activation", head_dim="head_dim", norm_eps="rms_norm_eps",
+                    attention_bias="attention_bias", layer_types="layer_types", sliding_window="sliding_window",
+                    query_pre_attn_scalar="query_pre_attn_scalar", final_logit_softcapping="final_logit_softcapping"),
+        fixed=dict(norm_type="rmsnorm_unit_offset", norm_position="sandwich", scale_embeddings_by_sqrt_hidden=True,
+                   qk_norm=True, hidden_act="gelu_pytorch_tanh"),
+        allows={"attention_output_bias": ANY, "_rope_per_layer_type": ANY, "_layer_types": ANY},
+        requires={"hidden_act": GEMMA_ACTIVATIONS},
+        # Gemma 3 keeps attn_logit_softcapping in its config but never passes it to attention: ArchLM leaves it off
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, attn_logit_softcapping=None),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), rope_parameters=_rope_per_layer_type(config),
+                                          **_gemma_scale(config)),
+        renames=_SANDWICH_NORMS,
+    ),
+    Family(
+        SmolLM3ForCausalLM, SmolLM3Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
+                    layer_types="layer_types", sliding_window="sliding_window", no_rope_layers="no_rope_layers"),
+        allows={"attention_output_bias": ANY, "_no_rope_layers": ANY, "_layer_types": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(_qwen_layer_fields(config), attention_bias=_any_bias(config),
+                                          no_rope_layers=list(config.no_rope_layers or [1] * config.num_hidden_layers),
+                                          hidden_act="silu"),
+    ),
+    Family(
+        GraniteForCausalLM, GraniteConfig,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
+                    embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                    attention_multiplier="attention_multiplier", logits_scaling="logits_scaling"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        # Granite's attention_multiplier is the whole score scale (its default 1.0 is no 1/sqrt(head_dim))
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), attention_multiplier=config.attention_scaling,
+                                          hidden_act="silu"),
+    ),
+    Family(
+        OlmoForCausalLM, OlmoConfig,
+        fields=dict(_LLAMA_FIELDS, attention_bias="attention_bias", clip_qkv="clip_qkv"),
+        fixed=dict(norm_type="layernorm_noaffine", norm_eps=1e-5),  # OLMo's LayerNorm has no parameters, eps 1e-5
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "norm_eps": {1e-5}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+    ),
+    Family(
+        Olmo2ForCausalLM, Olmo2Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias"),
+        fixed=dict(norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+        renames=_SANDWICH_NORMS,
+    ),
+    Family(
+        CohereForCausalLM, CohereConfig,
+        fields=dict(_LLAMA_FIELDS, norm_eps="layer_norm_eps", attention_bias="attention_bias", qk_norm="use_qk_norm"),
+        fixed=dict(norm_type="layernorm_nobias", use_parallel_residual=True, rope_interleaved=True,
+                   qk_norm_scope="per_head"),
+        allows={"attention_output_bias": ANY, "logits_scaling": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        # Cohere multiplies the logits by logit_scale, ArchLM divides by logits_scaling
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, logits_scaling=1 / native.logit_scale),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), logit_scale=1 / config.logits_scaling,
+                                          hidden_act="silu"),
+    ),
+    Family(
+        StableLmForCausalLM, StableLmConfig,
+        fields=dict(_LLAMA_FIELDS, norm_eps="layer_norm_eps", attention_bias="use_qkv_bias", qk_norm="qk_layernorm",
+                    use_parallel_residual="use_parallel_residual", hidden_dropout="hidden_dropout"),
+        fixed=dict(norm_type="layernorm", qk_norm_scope="per_head", qk_norm_type="layernorm_nobias"),
+        allows={"_partial_rotary_factor": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        export_fields=lambda config: dict(hidden_act="silu"),
+        operations=(
+            StackHeads("model.layers.{i}.self_attn.q_layernorm.norms.{h}.weight", "model.layers.{i}.self_attn.q_norm.weight",
+                       lambda config: config.num_attention_heads),
+            StackHeads("model.layers.{i}.self_attn.k_layernorm.norms.{h}.weight", "model.layers.{i}.self_attn.k_norm.weight",
+                       lambda config: config.num_key_value_heads),
+        ),
+    ),
+    Family(
+        Starcoder2ForCausalLM, Starcoder2Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="norm_epsilon", sliding_window="sliding_window",
+                    hidden_dropout="residual_dropout", embedding_dropout="embedding_dropout"),
+        fixed=dict(norm_type="layernorm", mlp_type="standard", hidden_act="gelu_pytorch_tanh"),
+        # `use_bias` covers q/k/v/o and the MLP; the biases the ArchLM model lacks are exported as zeros
+        allows={"attention_bias": ANY, "attention_output_bias": ANY, "mlp_bias": ANY, "_layer_types": {"sliding"}},
+        requires={"_head_dim": {"default"}},
+        import_fields=lambda native: dict(attention_bias=native.use_bias, attention_output_bias=native.use_bias,
+                                          mlp_bias=native.use_bias),
+        export_fields=lambda config: dict(use_bias=_any_bias(config) or config.mlp_bias, **_window_of_every_layer(config)),
+        renames=(Rename("model.layers.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("model.layers.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+    ),
+    Family(
+        PhiForCausalLM, PhiConfig,
+        fields=dict(_LLAMA_FIELDS, norm_eps="layer_norm_eps", qk_norm="qk_layernorm", hidden_dropout="resid_pdrop",
+                    embedding_dropout="embd_pdrop"),
+        fixed=dict(norm_type="layernorm", use_parallel_residual=True, mlp_type="standard", hidden_act="gelu_new",
+                   attention_bias=True, attention_output_bias=True, mlp_bias=True, lm_head_bias=True),
+        # every Linear has a bias, and the norms: those the ArchLM model lacks are exported as zeros
+        allows={"attention_bias": {False}, "attention_output_bias": {False}, "mlp_bias": {False},
+                "lm_head_bias": {False}, "norm_type": {"layernorm_nobias"}, "_partial_rotary_factor": ANY},
+        requires={"_head_dim": {"default"}},
+        renames=(Rename("model.final_layernorm.", "model.norm."),
+                 Rename("model.layers.{i}.self_attn.dense.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("model.layers.{i}.self_attn.q_layernorm.", "model.layers.{i}.self_attn.q_norm."),
+                 Rename("model.layers.{i}.self_attn.k_layernorm.", "model.layers.{i}.self_attn.k_norm."),
+                 Rename("model.layers.{i}.mlp.fc1.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("model.layers.{i}.mlp.fc2.", "model.layers.{i}.mlp.down_proj.")),
+    ),
+    Family(
+        Phi3ForCausalLM, Phi3Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", sliding_window="sliding_window", hidden_dropout="resid_pdrop"),
+        allows={"_partial_rotary_factor": ANY, "_layer_types": {"sliding"}},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        export_fields=lambda config: dict(hidden_act="silu", **_window_of_every_layer(config), **_phi3_original_length(config)),
+        operations=(
+            SplitRows("model.layers.{i}.self_attn.qkv_proj", tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"),
+                      lambda config: [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2),
+            SplitRows("model.layers.{i}.mlp.gate_up_proj", ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+                      lambda config: [config.intermediate_size] * 2),
+        ),
+    ),
+    Family(
+        GPTNeoXForCausalLM, GPTNeoXConfig,
+        fields=dict(intermediate_size="intermediate_size", hidden_act="hidden_act", rope_parameters="rope_parameters",
+                    attention_dropout="attention_dropout", norm_eps="layer_norm_eps", attention_bias="attention_bias",
+                    use_parallel_residual="use_parallel_residual", hidden_dropout="hidden_dropout"),
+        fixed=dict(norm_type="layernorm", mlp_type="standard", mlp_bias=True, parallel_shared_norm=False,
+                   hidden_act="gelu"),
+        allows={"attention_output_bias": ANY, "mlp_bias": {False}, "norm_type": {"layernorm_nobias"},
+                "_partial_rotary_factor": ANY},
+        requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
+        # NeoX's hidden_dropout drops the embeddings too
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, embedding_dropout=native.hidden_dropout),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config)),
+        renames=(Rename("gpt_neox.embed_in.", "model.embed_tokens."), Rename("gpt_neox.final_layer_norm.", "model.norm."),
+                 Rename("gpt_neox.layers.{i}.attention.dense.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("gpt_neox.layers.{i}.attention.query_key_value.", "model.layers.{i}.self_attn.query_key_value."),
+                 Rename("gpt_neox.layers.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj."),
+                 Rename("gpt_neox.layers.", "model.layers.")),
+        operations=(SplitHeadInterleaved("model.layers.{i}.self_attn.query_key_value",
+                                         tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
+        ignore=(r"\.attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"),
+    ),
+    Family(
+        GPTJForCausalLM, GPTJConfig,
+        fields=dict(intermediate_size="n_inner", hidden_act="activation_function", norm_eps="layer_norm_epsilon",
+                    attention_dropout="attn_pdrop", hidden_dropout="resid_pdrop", embedding_dropout="embd_pdrop"),
+        fixed=dict(norm_type="layernorm", use_parallel_residual=True, mlp_type="standard", rope_interleaved=True,
+                   mlp_bias=True, lm_head_bias=True, hidden_act="gelu_new"),
+        allows={"mlp_bias": {False}, "lm_head_bias": {False}, "norm_type": {"layernorm_nobias"}, "_partial_rotary_factor": ANY},
+        # GPT-J's rope is the default one with theta 10000, its sin/cos table hard-coded
+        requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}, "_rope_type": {"default"}, "_rope_theta": {10000.0}},
+        import_fields=lambda native: dict(
+            intermediate_size=native.n_inner or 4 * native.hidden_size,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "partial_rotary_factor": native.rotary_dim / (native.hidden_size // native.num_attention_heads)}),
+        export_fields=lambda config: dict(rotary_dim=config.rotary_dim()),
+        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.ln_f.", "model.norm."),
+                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+                 Rename("transformer.h.{i}.attn.out_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.attn.", "model.layers.{i}.self_attn."),
+                 Rename("transformer.h.{i}.mlp.fc_in.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("transformer.h.{i}.mlp.fc_out.", "model.layers.{i}.mlp.down_proj.")),
+        ignore=(r"\.attn\.(masked_)?bias$", r"embed_positions$"),
+    ),
+]
+FAMILIES: dict[type[PreTrainedModel], Family] = {family.model_class: family for family in FAMILY_LIST}
 
 
 def _family_of(model: PreTrainedModel) -> Family:
@@ -520,53 +755,42 @@ def _load_like(target: PreTrainedModel, source: PreTrainedModel, state_dict: Sta
 
 
 def from_transformers(model: PreTrainedModel) -> ArchLMForCausalLM:
-    """An `ArchLMForCausalLM` computing the same logits as `model` (a GPT-2, Llama, Mistral, Qwen2 or Qwen3
-    causal LM), on the same device, in the same dtype, with the same attention implementation, train/eval
-    mode and generation config."""
+    """An `ArchLMForCausalLM` computing the same logits as `model` (any class in `FAMILIES`), on the same device,
+    in the same dtype, with the same attention implementation, train/eval mode and generation config."""
     family = _family_of(model)
-    config = family.config_to_archlm(model.config)
-    state_dict = family.state_dict_to_archlm(model)
+    config = family.to_archlm_config(model.config)
+    state_dict = family.state_dict_to_archlm(model, config)
     return _load_like(ArchLMForCausalLM(config), model, state_dict)
 
 
 def native_family(config: ArchLMConfig) -> type[PreTrainedModel]:
-    """The transformers class an ArchLM config exports to, or a `ValueError` listing every field it cannot
-    express. The family follows the features: learned positions -> GPT-2; otherwise qk-norm -> Qwen3, bias on
-    q/k/v but not o -> Qwen2, a sliding window -> Mistral, else Llama."""
-    if config.position_embedding_type == "learned":
-        target = GPT2LMHeadModel
-    elif config.qk_norm:
-        target = Qwen3ForCausalLM
-    elif config.attention_bias and not config.attention_output_bias:
-        target = Qwen2ForCausalLM
-    elif config.sliding_window is not None:
-        target = MistralForCausalLM
-    else:
-        target = LlamaForCausalLM
-    mismatches = FAMILIES[target].archlm_mismatches(config)
-    if mismatches:
-        listed = "\n".join(f"  - {line}" for line in mismatches)
-        raise ValueError(
-            f"Cannot export this ArchLM model ({config.architecture_name}) to a native transformers family. The "
-            f"nearest is {target.__name__}, which has no equivalent for:\n{listed}\n"
-            "Share it with its remote code instead (trust_remote_code=True)."
-        )
-    return target
+    """The transformers class an ArchLM config exports to: the first family in `FAMILY_LIST` that can express
+    every setting (the more specific families come first: Qwen3 before Qwen2 before Mistral before Llama). Where
+    none can, a `ValueError` lists what the nearest family (the fewest mismatches) has no equivalent for."""
+    mismatches = {family.model_class: family.mismatches(config) for family in FAMILY_LIST}
+    for target, lines in mismatches.items():
+        if not lines:
+            return target
+    target = min(mismatches, key=lambda model_class: len(mismatches[model_class]))
+    listed = "\n".join(f"  - {line}" for line in mismatches[target])
+    raise ValueError(
+        f"Cannot export this ArchLM model ({config.architecture_name}) to a native transformers family. The "
+        f"nearest is {target.__name__}, which has no equivalent for:\n{listed}\n"
+        "Share it with its remote code instead (trust_remote_code=True)."
+    )
 
 
 def to_transformers(model: ArchLMForCausalLM) -> PreTrainedModel:
-    """The native transformers model (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-    `Qwen3ForCausalLM` or `GPT2LMHeadModel`, see `native_family`) that computes the same logits as `model`,
-    on the same device, in the same dtype, with the same attention implementation, train/eval mode and
-    generation config. It loads, and serves, without remote code."""
+    """The native transformers model (see `native_family`) that computes the same logits as `model`, on the same
+    device, in the same dtype, with the same attention implementation, train/eval mode and generation config. It
+    loads, and serves, without remote code. A bias the native class has and the ArchLM model lacks is zeros."""
     if not isinstance(model, ArchLMForCausalLM):
         raise ValueError(f"to_transformers exports an ArchLMForCausalLM, got {type(model).__name__}.")
-    target_class = native_family(model.config)
-    family = FAMILIES[target_class]
-    target = target_class(family.config_from_archlm(model.config))
-    state_dict = family.state_dict_from_archlm(model)
+    family = FAMILIES[native_family(model.config)]
+    target = family.model_class(family.to_native_config(model.config))
+    state_dict = family.state_dict_to_native(model)
     for key, value in target.state_dict().items():
-        if key not in state_dict and key.endswith(".bias"):  # a bias the ArchLM model does not have
+        if key not in state_dict and key.endswith(".bias"):
             state_dict[key] = torch.zeros_like(value, dtype=model.dtype, device=model.device)
     return _load_like(target, model, state_dict)
 

@@ -31,6 +31,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3ForCausalLM,
+    Starcoder2ForCausalLM,
 )
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -65,6 +67,10 @@ CASES = {
         **TINY, num_key_value_heads=4, use_sliding_window=True, sliding_window=5, max_window_layers=0)),
     "qwen3-qknorm-headdim32-gqa": (Qwen3ForCausalLM, lambda: Qwen3Config(
         **TINY, num_key_value_heads=2, head_dim=32)),
+    "qwen2-fullthensliding4": (Qwen2ForCausalLM, lambda: Qwen2Config(  # layer 0 full, layer 1 sliding
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3-slidingthenfull4": (Qwen3ForCausalLM, lambda: Qwen3Config(
+        **TINY, num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     "gpt2-learnedpos-layernorm-gelunew-tied": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, activation_function="gelu_new",
         pad_token_id=PAD, bos_token_id=1, eos_token_id=2)),
@@ -207,9 +213,6 @@ UNSUPPORTED = {
     "gpt2-scale_attn_by_inverse_layer_idx": (GPT2LMHeadModel, GPT2Config, dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt2-reorder_and_upcast_attn": (GPT2LMHeadModel, GPT2Config, dict(reorder_and_upcast_attn=True)),
     "gpt2-scale_attn_weights": (GPT2LMHeadModel, GPT2Config, dict(scale_attn_weights=False)),
-    "qwen2-layer_types": (Qwen2ForCausalLM, Qwen2Config, dict(  # layer 0 full, layer 1 sliding
-        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "qwen3-layer_types": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=["full_attention", "sliding_attention"])),
     "llama-partial_rotary_factor": (LlamaForCausalLM, LlamaConfig, dict(
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
 }
@@ -279,6 +282,9 @@ EXPORT_CASES = {
         "qwen3", **ARCHLM_TINY, head_dim=16, attention_bias=True, sliding_window=4)),
     "gpt2-preset-tied": (GPT2LMHeadModel, lambda: ArchLMConfig.from_preset(
         "gpt2", **dict(TINY, tie_word_embeddings=True))),
+    "starcoder2-hybrid-preset": (Starcoder2ForCausalLM, lambda: ArchLMConfig.from_preset("hybrid", **ARCHLM_TINY)),
+    "smollm3-slidingwindow-biases": (SmolLM3ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "mistral", **ARCHLM_TINY, sliding_window=4, attention_bias=True, mlp_bias=True)),
     "gpt2-nobias-layernormnobias-untied-zerofilled": (GPT2LMHeadModel, lambda: ArchLMConfig.from_preset(
         "gpt2", **ARCHLM_TINY, attention_bias=False, mlp_bias=False, norm_type="layernorm_nobias")),
 }
@@ -349,17 +355,15 @@ def test_export_drops_hidden_and_embedding_dropout_with_a_warning(caplog):
 
 # id -> (preset, overrides, the class named as nearest, every field that must be named)
 NON_EXPORTABLE = {
-    "hybrid-preset": ("hybrid", {}, "LlamaForCausalLM", ["norm_type", "mlp_type", "hidden_act"]),
     "alibi-postnorm-geglu": ("llama", dict(position_embedding_type="alibi", norm_position="post", hidden_act="gelu"),
                              "LlamaForCausalLM", ["position_embedding_type", "norm_position", "hidden_act"]),
     "rope-plus-learned-positions": ("llama", dict(learned_position_embeddings=True), "LlamaForCausalLM",
                                     ["learned_position_embeddings"]),
     "learned-positions-llama-blocks": ("llama", dict(position_embedding_type="learned", num_key_value_heads=2),
-                                       "GPT2LMHeadModel", ["norm_type", "mlp_type", "hidden_act", "num_key_value_heads"]),
-    "sliding-window-with-biases": ("mistral", dict(attention_bias=True, mlp_bias=True), "MistralForCausalLM",
-                                   ["attention_bias", "attention_output_bias", "mlp_bias"]),
-    "qkv-bias-with-head-dim-and-mlp-bias": ("qwen2", dict(head_dim=32, mlp_bias=True), "Qwen2ForCausalLM",
-                                            ["head_dim", "mlp_bias"]),
+                                       "LlamaForCausalLM", ["position_embedding_type"]),
+    "sandwich-norms-on-plain-rmsnorm": ("llama", dict(norm_position="sandwich"), "LlamaForCausalLM", ["norm_position"]),
+    "parallel-softcap-subln": ("llama", dict(use_parallel_residual=True, attn_logit_softcapping=30.0, init_scheme="magneto"),
+                               "LlamaForCausalLM", ["use_parallel_residual", "sub_layernorm", "attn_logit_softcapping"]),
     "qk-norm-with-layernorm-and-mlp-bias": ("qwen3", dict(norm_type="layernorm", mlp_bias=True), "Qwen3ForCausalLM",
                                             ["norm_type", "mlp_bias"]),
 }
@@ -382,11 +386,12 @@ def test_export_refuses_what_is_not_a_causal_lm():
 
 
 def test_cli_refuses_a_non_exportable_folder_naming_the_fields(tmp_path, capsys):
-    ArchLMForCausalLM(ArchLMConfig.from_preset("hybrid", **ARCHLM_TINY)).save_pretrained(tmp_path / "hybrid")
+    config = ArchLMConfig.from_preset("llama", **ARCHLM_TINY, norm_position="sandwich")
+    ArchLMForCausalLM(config).save_pretrained(tmp_path / "sandwich")
     with pytest.raises(SystemExit) as exit_info:
-        convert_main(["--to-native", str(tmp_path / "hybrid"), str(tmp_path / "out")])
+        convert_main(["--to-native", str(tmp_path / "sandwich"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "`norm_type`='layernorm'" in capsys.readouterr().err
+    assert "`norm_position`='sandwich'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
