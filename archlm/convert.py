@@ -426,6 +426,15 @@ def _any_bias(config: ArchLMConfig) -> bool:
     return config.attention_bias or config.attention_output_bias
 
 
+def _native_layer_types(native: PreTrainedConfig) -> dict:
+    """A native `layer_types` as the model runs it: with no window (Qwen without use_sliding_window), a layer
+    called sliding attends to everything."""
+    layer_types = list(native.layer_types or ["full_attention"] * native.num_hidden_layers)
+    if native.sliding_window is None:
+        layer_types = ["full_attention"] * len(layer_types)
+    return dict(layer_types=layer_types)
+
+
 def _qwen_layer_fields(config: ArchLMConfig) -> dict:
     """Qwen2/3 and SmolLM3 choose full or sliding attention per layer through `layer_types`."""
     sliding = "sliding_attention" in config.layer_types
@@ -504,7 +513,8 @@ FAMILY_LIST = [
         fixed=dict(qk_norm=True),  # RMSNorm over head_dim on q and k, before rope
         allows={"attention_output_bias": ANY, "_layer_types": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS},
-        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        import_fields=lambda native: dict(_native_layer_types(native), head_dim=_head_dim(native),
+                                          attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(_qwen_layer_fields(config), attention_bias=_any_bias(config), hidden_act="silu"),
     ),
     Family(
@@ -513,6 +523,7 @@ FAMILY_LIST = [
         fixed=dict(attention_bias=True, attention_output_bias=False),  # q/k/v bias, never one on o_proj
         allows={"_layer_types": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=_native_layer_types,
         export_fields=lambda config: dict(_qwen_layer_fields(config), hidden_act="silu"),
     ),
     Family(
@@ -577,7 +588,7 @@ FAMILY_LIST = [
                     layer_types="layer_types", sliding_window="sliding_window", no_rope_layers="no_rope_layers"),
         allows={"attention_output_bias": ANY, "_no_rope_layers": ANY, "_layer_types": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        import_fields=lambda native: dict(_native_layer_types(native), attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(_qwen_layer_fields(config), attention_bias=_any_bias(config),
                                           no_rope_layers=list(config.no_rope_layers or [1] * config.num_hidden_layers),
                                           hidden_act="silu"),

@@ -70,7 +70,8 @@ CASES = {
     "qwen2-fullthensliding4": (Qwen2ForCausalLM, lambda: Qwen2Config(  # layer 0 full, layer 1 sliding
         **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3-slidingthenfull4": (Qwen3ForCausalLM, lambda: Qwen3Config(
-        **TINY, num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+        **TINY, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
     "gpt2-learnedpos-layernorm-gelunew-tied": (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, activation_function="gelu_new",
         pad_token_id=PAD, bos_token_id=1, eos_token_id=2)),
