@@ -335,6 +335,8 @@ class ArchLMConfig(PreTrainedConfig):
     embedding_dropout: float | int = 0.0  # dropout on the summed input embeddings
     initializer_range: float | int = 0.02  # std of the normal init
     init_scheme: Literal["normal", "scaled", "magneto"] = "normal"  # see INIT_SCHEMES
+    # --- provenance ---
+    converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
     # --- generation ---
     use_cache: bool = True
     pad_token_id: int | None = None

@@ -339,7 +339,7 @@ class Family:
                 raise _unsupported(native, native_field, getattr(native, native_field), reason)
         fields = {**_shared_fields(native), **self.fixed}
         fields.update({ours: getattr(native, theirs) for ours, theirs in self.fields.items()})
-        fields.update(self.import_fields(native))
+        fields.update(self.import_fields(native), converted_from=self.name)
         config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
         # What the family cannot express on export, it does not compute either: a native setting read into ArchLM
         # that this class ignores (Llama's partial_rotary_factor) would change the logits silently.
@@ -640,7 +640,8 @@ FAMILY_LIST = [
         StableLmForCausalLM, StableLmConfig,
         fields=dict(_LLAMA_FIELDS, norm_eps="layer_norm_eps", attention_bias="use_qkv_bias", qk_norm="qk_layernorm",
                     use_parallel_residual="use_parallel_residual", hidden_dropout="hidden_dropout"),
-        fixed=dict(norm_type="layernorm", qk_norm_scope="per_head", qk_norm_type="layernorm_nobias"),
+        fixed=dict(norm_type="layernorm", attention_output_bias=False, qk_norm_scope="per_head",
+                   qk_norm_type="layernorm_nobias"),  # use_qkv_bias: never a bias on o_proj
         allows={"_partial_rotary_factor": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
         export_fields=lambda config: dict(hidden_act="silu"),
@@ -775,12 +776,14 @@ def from_transformers(model: PreTrainedModel) -> ArchLMForCausalLM:
 
 
 def native_family(config: ArchLMConfig) -> type[PreTrainedModel]:
-    """The transformers class an ArchLM config exports to: the first family in `FAMILY_LIST` that can express
-    every setting (the more specific families come first: Qwen3 before Qwen2 before Mistral before Llama). Where
-    none can, a `ValueError` lists what the nearest family (the fewest mismatches) has no equivalent for."""
+    """The transformers class an ArchLM config exports to: the class it was converted from (`converted_from`) when
+    that class still expresses every setting, else the first family in `FAMILY_LIST` that does (the more specific
+    families come first: Qwen3 before Qwen2 before Llama before Mistral). Where none can, a `ValueError` lists what
+    the nearest family (the fewest mismatches) has no equivalent for."""
     mismatches = {family.model_class: family.mismatches(config) for family in FAMILY_LIST}
-    for target, lines in mismatches.items():
-        if not lines:
+    preferred = [cls for cls in mismatches if cls.__name__ == config.converted_from]
+    for target in preferred + list(mismatches):
+        if not mismatches[target]:
             return target
     target = min(mismatches, key=lambda model_class: len(mismatches[model_class]))
     listed = "\n".join(f"  - {line}" for line in mismatches[target])

@@ -249,6 +249,19 @@ def check_attention_implementation(config: ArchLMConfig, attn_implementation: st
         )
 
 
+def check_flex_attention_on_cpu(config: ArchLMConfig, device: torch.device) -> None:
+    """torch's compiled CPU flex_attention kernel (inductor's micro-GEMM tail for q.k^T) reads and writes past the
+    end of a key block when head_dim is 8 or 16 on CPUs without AVX512: garbage or NaN logits that change from run
+    to run. Refused there instead of returning them."""
+    if (config._attn_implementation == "flex_attention" and device.type == "cpu" and config.head_dim in (8, 16)
+            and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+        raise ValueError(
+            f"attn_implementation='flex_attention' on this CPU ({torch.backends.cpu.get_cpu_capability()}) computes "
+            f"wrong attention for head_dim={config.head_dim} (a torch inductor kernel bug for head_dim 8 and 16 "
+            "without AVX512). Use 'sdpa' or 'eager', or a head_dim of 32 or more."
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention
 # ------------------------------------------------------------------------------------------------
@@ -746,6 +759,7 @@ class ArchLMModel(ArchLMPreTrainedModel):
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching in this forward.")
             use_cache = False  # for this call only: the saved config keeps its value
         check_attention_implementation(config)
+        check_flex_attention_on_cpu(config, (input_ids if input_ids is not None else inputs_embeds).device)
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)

@@ -724,7 +724,8 @@ def test_flex_attention_matches_eager_at_inference(position):
     """flex_attention through transformers' interface (block masks; ALiBi as its score_mod bias). torch has no flex
     backward on CPU, so this checks the forward."""
     torch.manual_seed(0)
-    model = ArchLMForCausalLM(tiny_config(position_embedding_type=position, num_key_value_heads=2)).eval()
+    # head_dim 32: torch's CPU flex kernel is wrong for head_dim 8 and 16 without AVX512 (refused, tested below)
+    model = ArchLMForCausalLM(tiny_config(position_embedding_type=position, num_key_value_heads=2, head_dim=32)).eval()
     ids = torch.randint(3, 64, (2, 8))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -735,3 +736,19 @@ def test_flex_attention_matches_eager_at_inference(position):
         got = model(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+def test_flex_attention_with_a_head_dim_the_cpu_kernel_gets_wrong_is_refused_or_right():
+    """Without AVX512 torch's CPU flex kernel is wrong for head_dim 8 and 16: refused there; with AVX512 it runs
+    and equals eager."""
+    torch.manual_seed(0)
+    model = ArchLMForCausalLM(tiny_config(head_dim=8)).eval()
+    ids = torch.randint(3, 64, (1, 8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.set_attn_implementation("flex_attention")
+        if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        else:
+            with pytest.raises(ValueError, match="head_dim=8"):
+                model(ids)

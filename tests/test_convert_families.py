@@ -1,0 +1,138 @@
+"""Every family in `archlm.convert.FAMILY_LIST`, from a tiny random model of transformers' own class: converted
+logits and loss equal the reference (eager and sdpa where the class has it, left-padded with generate's position
+ids), the export lands back on the same class with equal logits, and the mapped config fields survive the trip.
+
+The five original families have their cases in test_convert.py; this module holds one or more per family added
+since, and checks that every registered family has a case somewhere."""
+
+import pytest
+import torch
+from test_convert import CASES, PARITY_ERRORS, TINY, VOCAB, batch, max_relative_error, randomised
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
+)
+
+from archlm.convert import FAMILIES, from_transformers, to_transformers
+
+GQA = dict(TINY, num_key_value_heads=2)
+SLIDING_THEN_FULL = ["sliding_attention", "full_attention"]
+
+# id -> (class, config, attention implementations the class has). The id names the features the case proves.
+FAMILY_CASES = {
+    "gemma-unitoffsetnorm-embscale-headdim32": (GemmaForCausalLM, lambda: GemmaConfig(**GQA, head_dim=32), ("eager", "sdpa")),
+    "gemma2-sandwich-softcaps-slidingthenfull": (Gemma2ForCausalLM, lambda: Gemma2Config(
+        **GQA, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, layer_types=SLIDING_THEN_FULL,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0), ("eager",)),
+    "gemma3-qknorm-localrope-linearglobal": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(
+        **GQA, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, layer_types=SLIDING_THEN_FULL,
+        final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}),
+        ("eager", "sdpa")),
+    "smollm3-nope-every2nd-sliding": (SmolLM3ForCausalLM, lambda: SmolLM3Config(
+        **GQA, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4), ("eager", "sdpa")),
+    "granite-multipliers-bias": (GraniteForCausalLM, lambda: GraniteConfig(
+        **GQA, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
+        attention_bias=True), ("eager", "sdpa")),
+    "olmo-noaffinenorm-clipqkv": (OlmoForCausalLM, lambda: OlmoConfig(**GQA, clip_qkv=0.5), ("eager", "sdpa")),
+    "olmo2-sublayeroutputnorms-fullwidthqknorm": (Olmo2ForCausalLM, lambda: Olmo2Config(**GQA), ("eager", "sdpa")),
+    "cohere-parallel-interleavedrope-perheadqknorm-logitscale": (CohereForCausalLM, lambda: CohereConfig(
+        **GQA, use_qk_norm=True, logit_scale=0.125), ("eager", "sdpa")),
+    "stablelm-parallel-perheadqknorm-partialrope-qkvbias": (StableLmForCausalLM, lambda: StableLmConfig(
+        **GQA, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True, partial_rotary_factor=0.5),
+        ("eager", "sdpa")),
+    "stablelm-sequential-defaultpartialrope": (StableLmForCausalLM, lambda: StableLmConfig(**GQA), ("eager", "sdpa")),
+    "starcoder2-standardmlp-bias-sliding4": (Starcoder2ForCausalLM, lambda: Starcoder2Config(
+        **GQA, sliding_window=4), ("eager", "sdpa")),
+    "phi-parallel-qklayernorm-partialrope-headbias": (PhiForCausalLM, lambda: PhiConfig(
+        **GQA, qk_layernorm=True, partial_rotary_factor=0.5), ("eager", "sdpa")),
+    "phi3-fusedqkv-gateup-sliding5": (Phi3ForCausalLM, lambda: Phi3Config(**GQA, sliding_window=5), ("eager", "sdpa")),
+    "phi3-longrope-partial": (Phi3ForCausalLM, lambda: Phi3Config(
+        **dict(TINY, max_position_embeddings=64), partial_rotary_factor=0.5, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 2.5],
+                         "long_factor": [3.0, 4.0, 5.0, 6.0]}), ("eager", "sdpa")),
+    "gpt_neox-parallel-twonorms-interleavedqkv-rotary25": (GPTNeoXForCausalLM, lambda: GPTNeoXConfig(
+        **TINY, rotary_pct=0.25, use_parallel_residual=True), ("eager", "sdpa")),
+    "gpt_neox-sequential-rotary50": (GPTNeoXForCausalLM, lambda: GPTNeoXConfig(
+        **TINY, rotary_pct=0.5, use_parallel_residual=False), ("eager", "sdpa")),
+    "gptj-parallel-interleavedrope-rotarydim8-headbias": (GPTJForCausalLM, lambda: GPTJConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2), ("eager",)),
+}
+PARAMETERS = [(case, implementation) for case, (_, _, implementations) in FAMILY_CASES.items()
+              for implementation in implementations]
+
+
+def build(case: str, attn_implementation: str):
+    model_class, make_config, _ = FAMILY_CASES[case]
+    torch.manual_seed(0)
+    model = randomised(model_class._from_config(make_config(), attn_implementation=attn_implementation))
+    return model
+
+
+def test_every_registered_family_has_a_parity_case():
+    covered = {model_class for model_class, *_ in [*CASES.values(), *FAMILY_CASES.values()]}
+    assert set(FAMILIES) <= covered, sorted(cls.__name__ for cls in set(FAMILIES) - covered)
+
+
+@pytest.mark.parametrize("left_padding", [False, True], ids=["nopad", "leftpad"])
+@pytest.mark.parametrize("case, attn_implementation", PARAMETERS)
+def test_family_converts_with_equal_logits_and_loss(case, attn_implementation, left_padding):
+    reference = build(case, attn_implementation)
+    ours = from_transformers(reference)
+    assert ours.config._attn_implementation == attn_implementation
+    inputs = batch(left_padding)
+    with torch.no_grad():
+        expected, actual = reference(**inputs), ours(**inputs)
+    real_tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    PARITY_ERRORS[f"{case}-{attn_implementation}-{'leftpad' if left_padding else 'nopad'}"] = max_relative_error(
+        actual.logits[real_tokens], expected.logits[real_tokens])
+    torch.testing.assert_close(actual.logits[real_tokens], expected.logits[real_tokens], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_exports_back_to_its_class_with_equal_logits_and_config(case):
+    attn_implementation = FAMILY_CASES[case][2][0]
+    reference = build(case, attn_implementation)
+    ours = from_transformers(reference)
+    native = to_transformers(ours)
+    assert type(native) is type(reference)
+    family = FAMILIES[type(reference)]
+    for native_field in family.fields.values():
+        expected = getattr(reference.config, native_field)
+        if expected is not None:  # None: the native default (GPT-J's n_inner = 4 x hidden), exported as its value
+            assert getattr(native.config, native_field) == expected, native_field
+    inputs = batch(left_padding=True)
+    with torch.no_grad():
+        expected, exported = reference(**inputs), native(**inputs)
+    real_tokens = inputs["attention_mask"].bool()
+    PARITY_ERRORS[f"export-{case}"] = max_relative_error(exported.logits[real_tokens], expected.logits[real_tokens])
+    torch.testing.assert_close(exported.logits[real_tokens], expected.logits[real_tokens], rtol=1e-4, atol=1e-5)
