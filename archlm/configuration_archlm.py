@@ -55,6 +55,29 @@ _LLAMA_LIKE = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+_GEMMA_LIKE = dict(
+    _LLAMA_LIKE,
+    vocab_size=256000,
+    hidden_act="gelu_pytorch_tanh",
+    norm_type="rmsnorm_unit_offset",
+    norm_eps=1e-6,
+    scale_embeddings_by_sqrt_hidden=True,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+# GPT-NeoX-style blocks: LayerNorm with bias, an ungated MLP, biases on every projection, one K/V head per head.
+_PARALLEL_LAYERNORM = dict(
+    _LLAMA_LIKE,
+    vocab_size=50304,
+    num_key_value_heads=None,
+    norm_type="layernorm",
+    mlp_type="standard",
+    attention_bias=True,
+    mlp_bias=True,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (124M): learned positions, LayerNorm, GELU MLP, biases everywhere, tied head.
     "gpt2": dict(
@@ -112,6 +135,72 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
+    # Gemma: (1 + w) RMSNorm, embeddings x sqrt(hidden), GeGLU (tanh GELU), tied head.
+    "gemma": dict(_GEMMA_LIKE),
+    # Gemma 2: Gemma with sandwich norms, sliding and full layers alternating, soft-capped scores and logits.
+    "gemma2": dict(
+        _GEMMA_LIKE,
+        norm_position="sandwich",
+        sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"],
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
+    # Gemma 3: sandwich norms, q/k norm, five sliding layers (local rope theta 1e4) for one full layer (1e6).
+    "gemma3": dict(
+        _GEMMA_LIKE,
+        norm_position="sandwich",
+        qk_norm=True,
+        sliding_window=512,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    ),
+    # OLMo: LayerNorm without parameters (eps 1e-5), SwiGLU, no biases.
+    "olmo": dict(_LLAMA_LIKE, vocab_size=50304, norm_type="layernorm_noaffine", norm_eps=1e-5,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None,
+                 eos_token_id=50279, pad_token_id=1),
+    # OLMo 2: norms on the sublayers' outputs only, q/k RMSNorm over their full width.
+    "olmo2": dict(_LLAMA_LIKE, vocab_size=100352, norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full",
+                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=None,
+                  eos_token_id=100257, pad_token_id=100277),
+    # Pythia (GPT-NeoX): attention and MLP in parallel with a norm each, a quarter of each head rotated, GELU MLP.
+    "pythia": dict(_PARALLEL_LAYERNORM, use_parallel_residual=True, parallel_shared_norm=False, hidden_act="gelu",
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                   bos_token_id=0, eos_token_id=0),
+    # Phi-2: parallel block with one shared LayerNorm, half of each head rotated, biases everywhere (lm_head too).
+    "phi2": dict(_PARALLEL_LAYERNORM, vocab_size=51200, use_parallel_residual=True, hidden_act="gelu_new",
+                 lm_head_bias=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                 bos_token_id=50256, eos_token_id=50256),
+    # GPT-J: Phi-2's block without attention biases, interleaved rotary on a quarter of each head.
+    "gptj": dict(_PARALLEL_LAYERNORM, vocab_size=50400, use_parallel_residual=True, hidden_act="gelu_new",
+                 attention_bias=False, lm_head_bias=True, rope_interleaved=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                 bos_token_id=50256, eos_token_id=50256),
+    # Cohere (Command R): parallel block, bias-free LayerNorm, interleaved rotary, logits / 16, tied head.
+    "cohere": dict(_LLAMA_LIKE, vocab_size=256000, norm_type="layernorm_nobias", use_parallel_residual=True,
+                   rope_interleaved=True, logits_scaling=16.0, tie_word_embeddings=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                   pad_token_id=0, bos_token_id=5, eos_token_id=255001),
+    # StableLM 2: LayerNorm, a quarter of each head rotated, q/k/v bias, SwiGLU.
+    "stablelm": dict(_LLAMA_LIKE, vocab_size=100352, norm_type="layernorm", attention_bias=True,
+                     attention_output_bias=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                     bos_token_id=100257, eos_token_id=100257),
+    # StarCoder 2: LayerNorm, tanh-GELU MLP, biases everywhere, a sliding window in every layer, tied head.
+    "starcoder2": dict(_PARALLEL_LAYERNORM, vocab_size=49152, hidden_act="gelu_pytorch_tanh", sliding_window=1024,
+                       tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       bos_token_id=0, eos_token_id=0),
+    # Granite: Llama with muP-style multipliers on embeddings, residual branches, attention scores and logits.
+    "granite": dict(_LLAMA_LIKE, vocab_size=49155, embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                    pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    # SmolLM3: Llama whose every fourth layer has no rope (NoPE), tied head.
+    "smollm3": dict(_LLAMA_LIKE, vocab_size=128256, no_rope_layer_interval=4, tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 2000000.0},
+                    pad_token_id=128004, bos_token_id=128000, eos_token_id=128001),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(
         vocab_size=32000,

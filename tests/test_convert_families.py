@@ -39,6 +39,7 @@ from transformers import (
     Starcoder2ForCausalLM,
 )
 
+from archlm import ArchLMConfig, ArchLMForCausalLM
 from archlm.convert import FAMILIES, from_transformers, to_transformers
 
 GQA = dict(TINY, num_key_value_heads=2)
@@ -136,3 +137,33 @@ def test_family_exports_back_to_its_class_with_equal_logits_and_config(case):
     real_tokens = inputs["attention_mask"].bool()
     PARITY_ERRORS[f"export-{case}"] = max_relative_error(exported.logits[real_tokens], expected.logits[real_tokens])
     torch.testing.assert_close(exported.logits[real_tokens], expected.logits[real_tokens], rtol=1e-4, atol=1e-5)
+
+
+# the preset named after a family is that family's architecture: it exports to the family's class
+PRESET_FAMILIES = {
+    "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM", "olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM",
+    "pythia": "GPTNeoXForCausalLM", "phi2": "PhiForCausalLM", "gptj": "GPTJForCausalLM", "cohere": "CohereForCausalLM",
+    "stablelm": "StableLmForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "granite": "GraniteForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_FAMILIES))
+def test_a_family_preset_exports_to_its_family_with_equal_logits(preset):
+    config = ArchLMConfig.from_preset(preset, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                      num_hidden_layers=4, vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ours = randomised(ArchLMForCausalLM(config))
+    native = to_transformers(ours)
+    assert type(native).__name__ == PRESET_FAMILIES[preset]
+    inputs = batch(left_padding=True)
+    real_tokens = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected, exported = ours(**inputs).logits[real_tokens], native(**inputs).logits[real_tokens]
+    torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_preset_but_the_hybrid_is_a_family():
+    assert set(ArchLMConfig.presets()) - set(PRESET_FAMILIES) == {"hybrid"}
