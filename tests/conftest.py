@@ -44,3 +44,59 @@ def load_script(path: Path, module_name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Every architecture option added for the modern families, each combined with a rotating base of the older ones
+# (positions, norm position, heads, MLP, tying), so that each meets many others. id -> overrides of tiny_config.
+SLIDING_THEN_FULL = ["sliding_attention", "full_attention"]
+LOCAL_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+              "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+HALF_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+NEW_OPTIONS = {
+    "parallel-shared-norm": dict(use_parallel_residual=True),
+    "parallel-two-norms": dict(use_parallel_residual=True, parallel_shared_norm=False),
+    "parallel-postnorm": dict(use_parallel_residual=True, norm_position="post"),
+    "sandwich": dict(norm_position="sandwich"),
+    "sublayer-output-norms": dict(norm_position="sublayer_output"),
+    "unit-offset-rmsnorm": dict(norm_type="rmsnorm_unit_offset"),
+    "noaffine-layernorm": dict(norm_type="layernorm_noaffine"),
+    "softcaps": dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "granite-multipliers": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                logits_scaling=2.0),
+    "sqrt-embedding-query-scalar": dict(scale_embeddings_by_sqrt_hidden=True, query_pre_attn_scalar=12),
+    "sliding-then-full": dict(layer_types=SLIDING_THEN_FULL, sliding_window=3),
+    "nope-second-layer": dict(no_rope_layers=[1, 0]),
+    "local-rope-theta": dict(layer_types=SLIDING_THEN_FULL, sliding_window=3, rope_parameters=LOCAL_ROPE),
+    "partial-rotary": dict(rope_parameters=HALF_ROPE),
+    "interleaved-rotary": dict(rope_interleaved=True),
+    "interleaved-partial-rotary": dict(rope_interleaved=True, rope_parameters=HALF_ROPE),
+    "qknorm-full-width": dict(qk_norm=True, qk_norm_scope="full"),
+    "qknorm-per-head-layernorm": dict(qk_norm=True, qk_norm_scope="per_head", qk_norm_type="layernorm_nobias"),
+    "clip-qkv": dict(clip_qkv=0.5),
+    "lm-head-bias": dict(lm_head_bias=True),
+    "subln-magneto": dict(init_scheme="magneto"),
+    "gemma2-like-on-alibi-parallel": dict(position_embedding_type="alibi", use_parallel_residual=True,
+                                          norm_position="sandwich", norm_type="rmsnorm_unit_offset",
+                                          attn_logit_softcapping=2.0, layer_types=SLIDING_THEN_FULL, sliding_window=3),
+}
+_BASES = [
+    dict(num_key_value_heads=2, tie_word_embeddings=True),
+    dict(position_embedding_type="alibi", mlp_type="standard", hidden_act="gelu_new", tie_word_embeddings=False),
+    dict(norm_type="layernorm", num_key_value_heads=1, attention_bias=True, tie_word_embeddings=True),
+    dict(position_embedding_type="learned", mlp_bias=True, tie_word_embeddings=False),
+    dict(norm_position="post", qk_norm=True, num_key_value_heads=2, tie_word_embeddings=False),
+]
+_ROPE_ONLY = ("rope_parameters", "rope_interleaved", "no_rope_layers")
+
+
+def new_option_configs() -> dict[str, dict]:
+    """NEW_OPTIONS, each over a base (a rope base where the option shapes rope; the option wins over its base)."""
+    configs = {}
+    for index, (name, option) in enumerate(NEW_OPTIONS.items()):
+        base = dict(_BASES[index % len(_BASES)])
+        if any(key in option for key in _ROPE_ONLY) or "position_embedding_type" in option:
+            base.pop("position_embedding_type", None)
+        if "norm_position" in option or "norm_type" in option:
+            base.pop("norm_position", None)
+        configs[name] = {**base, **option}
+    return configs

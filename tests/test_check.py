@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import new_option_configs, tiny_config
 
 import archlm
 from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -21,6 +21,15 @@ from archlm.check import CONTRACTS, check_model, tiny_version
     dict(sliding_window=4, attention_bias=True, attention_output_bias=False, hidden_dropout=0.1, attention_dropout=0.1),
 ], ids=["rope", "alibi-gqa-layernorm", "learned-gpt2like", "sinusoidal-postnorm-qknorm-mqa", "swa-bias-dropout"])
 def test_conforming_architectures_pass_every_contract(overrides):
+    report = check_model(tiny_config(**overrides), verbose=False)
+    assert [result.name for result in report.results] == list(CONTRACTS)
+    assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("overrides", list(new_option_configs().values()), ids=list(new_option_configs()))
+def test_every_new_architecture_option_passes_every_contract(overrides):
+    """cache == full forward, static == dynamic generation, eager == sdpa, checkpointing, save/load, left padding
+    == each prompt alone (logits and generated tokens), fully masked rows: for each option over a base."""
     report = check_model(tiny_config(**overrides), verbose=False)
     assert [result.name for result in report.results] == list(CONTRACTS)
     assert report.passed, report.table()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
+from archlm import ArchLMConfig
 from archlm.training import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
 # into the wrong folder, or quietly overridden the comparison's own per-run flags.
 REFUSED_UP_FRONT = {
     "unknown-preset-after-a-valid-one": (
-        ["--presets", "llama,lama"], "unknown preset(s) 'lama'; valid presets: gpt2, llama, mistral, qwen2, qwen3, hybrid"),
+        ["--presets", "llama,lama"], f"unknown preset(s) 'lama'; valid presets: {', '.join(ArchLMConfig.presets())}"),
     "preset-twice": (["--presets", "llama,gpt2,llama"], "names llama more than once"),
     "no-steps": (["--presets", "llama", "--max_steps", "0"], "--max_steps must be a positive number of steps"),
     "output-dir-after-separator": (["--presets", "gpt2,llama", "--", "--output_dir", "{tmp}/X"], "--output_dir: each run goes to"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, VALIDATION_ERRORS, tiny_config
+from conftest import TINY, VALIDATION_ERRORS, new_option_configs, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
@@ -104,7 +104,8 @@ def _option_grid():
     return grid
 
 
-OPTION_GRID = _option_grid()
+OPTION_GRID = _option_grid() + [pytest.param({"tie_word_embeddings": False, **overrides}, id=name)
+                                 for name, overrides in new_option_configs().items()]
 
 
 @pytest.mark.parametrize("overrides", OPTION_GRID)
@@ -135,6 +136,11 @@ def test_option_grid_eager_equals_sdpa_with_left_padding(overrides):
     model = build(tiny_config(**overrides)).eval()
     input_ids, attention_mask, position_ids = left_padded_batch()
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if overrides.get("attn_logit_softcapping"):  # sdpa cannot cap the scores: refused, never silently uncapped
+        assert model.config._attn_implementation == "eager"  # what transformers picks when sdpa is refused
+        with pytest.raises(ValueError, match="attn_logit_softcapping.*'eager' or 'flex_attention'"):
+            logits_of(model, "sdpa", **inputs)
+        return
     eager, sdpa = logits_of(model, "eager", **inputs), logits_of(model, "sdpa", **inputs)
     real = attention_mask.bool()
     torch.testing.assert_close(eager[real], sdpa[real], atol=1e-5, rtol=1e-5)
@@ -160,10 +166,11 @@ def test_option_grid_save_load_gives_equal_logits_and_keeps_tying(tmp_path, over
     model = build(tiny_config(**overrides)).eval()
     input_ids, attention_mask, position_ids = left_padded_batch()
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    expected = logits_of(model, "sdpa", **inputs)
+    implementation = model.config._attn_implementation  # eager where sdpa cannot compute the architecture
+    expected = logits_of(model, implementation, **inputs)
     model.save_pretrained(tmp_path)
     loaded = ArchLMForCausalLM.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(logits_of(loaded, "sdpa", **inputs), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits_of(loaded, implementation, **inputs), expected, atol=0, rtol=0)
     if overrides["tie_word_embeddings"]:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     else:
@@ -652,19 +659,43 @@ def config_kwargs(draw):
 
     probability = st.floats(-0.5, 1.5)
     position = pick(st.sampled_from(["rope", "alibi", "learned", "sinusoidal", "none"]), st.just("xpos"))
+    layers = pick(st.integers(1, 3), st.integers(-1, 3))
+    per_layer = max(layers, 0) + draw(st.sampled_from([0] * 15 + [1]))  # now and then one entry too many
+    scale = pick(st.sampled_from([1.0, 0.5, 3.0]), st.floats(-1.0, 5.0))
+    optional_scale = pick(st.one_of(st.none(), st.floats(0.1, 50.0)), st.floats(-1.0, 5.0))
+    norm_types = ["rmsnorm", "rmsnorm_unit_offset", "layernorm", "layernorm_nobias", "layernorm_noaffine"]
     return dict(
+        use_parallel_residual=draw(st.booleans()),
+        parallel_shared_norm=draw(st.booleans()),
+        sub_layernorm=draw(st.one_of(st.none(), st.booleans())),
+        layer_types=pick(st.none(), st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
+                                             min_size=per_layer, max_size=per_layer)),
+        no_rope_layers=pick(st.none(), st.lists(st.sampled_from([0, 1]), min_size=per_layer, max_size=per_layer)),
+        rope_interleaved=draw(st.booleans()),
+        qk_norm_scope=pick(st.sampled_from(["head", "per_head", "full"]), st.just("token")),
+        qk_norm_type=pick(st.sampled_from([None, *norm_types]), st.just("groupnorm")),
+        clip_qkv=optional_scale,
+        lm_head_bias=draw(st.booleans()),
+        embedding_multiplier=scale,
+        scale_embeddings_by_sqrt_hidden=draw(st.booleans()),
+        residual_multiplier=pick(st.sampled_from([1.0, 0.5]), st.floats(-1.0, 5.0)),
+        attention_multiplier=pick(st.one_of(st.none(), st.floats(0.05, 1.0)), st.floats(-1.0, 5.0)),
+        query_pre_attn_scalar=pick(st.none(), st.floats(-1.0, 64.0)),
+        logits_scaling=pick(st.sampled_from([1.0, 4.0]), st.floats(-1.0, 5.0)),
+        attn_logit_softcapping=optional_scale,
+        final_logit_softcapping=optional_scale,
         vocab_size=pick(st.sampled_from([80, 96]), SIZES),
         hidden_size=pick(st.sampled_from([8, 16, 24, 32]), SIZES),
         intermediate_size=pick(st.one_of(st.none(), st.integers(1, 70)), st.one_of(st.none(), SIZES)),
-        num_hidden_layers=pick(st.integers(1, 3), st.integers(-1, 3)),
+        num_hidden_layers=layers,
         num_attention_heads=pick(st.sampled_from([1, 2, 4]), st.integers(-1, 8)),
         num_key_value_heads=pick(st.one_of(st.none(), st.just(1)), st.one_of(st.none(), st.integers(-1, 8))),
         head_dim=pick(st.one_of(st.none(), st.sampled_from([2, 4, 6])), st.one_of(st.none(), st.integers(-1, 12))),
         max_position_embeddings=pick(st.sampled_from([8, 64]), SIZES),
         hidden_act=pick(st.sampled_from(sorted(ACT2FN)), st.sampled_from(["swiglu", "GELU", ""])),
-        norm_type=pick(st.sampled_from(["rmsnorm", "layernorm", "layernorm_nobias"]), st.just("batchnorm")),
+        norm_type=pick(st.sampled_from(norm_types), st.just("batchnorm")),
         norm_eps=pick(st.just(1e-5), st.floats(-1e-3, 1e-1)),
-        norm_position=pick(st.sampled_from(["pre", "post"]), st.just("sandwich")),
+        norm_position=pick(st.sampled_from(["pre", "post", "sandwich", "sublayer_output"]), st.just("peri")),
         position_embedding_type=position,
         learned_position_embeddings=draw(st.booleans()) if position in ("rope", "alibi") else pick(
             st.just(False), st.just(True)),
@@ -680,7 +711,7 @@ def config_kwargs(draw):
         hidden_dropout=pick(st.sampled_from([0.0, 0.5]), probability),
         embedding_dropout=pick(st.sampled_from([0.0, 0.5]), probability),
         initializer_range=pick(st.just(0.02), st.floats(-0.01, 0.5)),
-        init_scheme=pick(st.sampled_from(["normal", "scaled"]), st.just("xavier")),
+        init_scheme=pick(st.sampled_from(["normal", "scaled", "magneto"]), st.just("xavier")),
         pad_token_id=pick(st.sampled_from([None, 0]), TOKEN_ID),
         bos_token_id=pick(st.sampled_from([None, 1]), TOKEN_ID),
         eos_token_id=pick(st.sampled_from([None, 2, [2, 3]]), st.one_of(TOKEN_ID, st.lists(st.integers(-2, 75), max_size=3))),
@@ -699,7 +730,12 @@ def test_any_config_is_refused_at_construction_or_trains_with_finite_loss_and_gr
             outcomes["refused"] += 1
             return
         model = build(config).train()
-        model.set_attn_implementation(attn_implementation)
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except ValueError:  # refused up front: sdpa cannot cap attention scores
+            assert config.attn_logit_softcapping is not None and attn_implementation == "sdpa"
+            outcomes["refused"] += 1
+            return
         length = min(6, config.max_position_embeddings)
         input_ids = torch.randint(0, config.vocab_size, (2, length))
         attention_mask = torch.ones_like(input_ids)
