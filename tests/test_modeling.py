@@ -621,6 +621,50 @@ def test_saved_folder_loads_as_remote_code_without_archlm_installed(tmp_path):
     assert "REMOTE OK" in result.stdout
 
 
+EVERY_PRESET_REMOTE_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["archlm"] = None  # as on a machine without archlm
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    expected = torch.load(sys.argv[1])
+    for folder, case in expected.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            logits = model(input_ids=case["input_ids"]).logits
+        # another process may run another thread count: equal to rounding
+        torch.testing.assert_close(logits, case["logits"], atol=1e-5, rtol=1e-5, msg=folder)
+        generated = model.generate(case["input_ids"], max_new_tokens=3, do_sample=False)
+        assert torch.equal(generated, case["generated"]), folder
+    print("REMOTE OK", len(expected))
+""")
+
+
+def test_a_saved_model_of_every_preset_loads_as_remote_code_without_archlm(tmp_path):
+    """Every family's architecture (sandwich and sublayer-output norms, parallel blocks, soft-capping, per-layer
+    types and rope, NoPE layers, interleaved and partial rotary, multipliers, ...) runs from the saved remote code."""
+    expected = {}
+    for preset in ArchLMConfig.presets():
+        config = ArchLMConfig.from_preset(preset, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                          num_attention_heads=4, num_hidden_layers=4, max_position_embeddings=64)
+        model = build(config).eval()
+        folder = str(tmp_path / preset)
+        model.save_pretrained(folder)
+        input_ids = random_ids(1, 6)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits
+        generated = model.generate(input_ids, max_new_tokens=3, do_sample=False)
+        expected[folder] = {"input_ids": input_ids, "logits": logits, "generated": generated}
+    torch.save(expected, tmp_path / "expected.pt")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", EVERY_PRESET_REMOTE_SCRIPT, str(tmp_path / "expected.pt")],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert f"REMOTE OK {len(ArchLMConfig.presets())}" in result.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # property: a config is refused at construction, or it trains
 # ------------------------------------------------------------------------------------------------
