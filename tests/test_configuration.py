@@ -491,3 +491,82 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     assert config.eos_token_id == 5 and config.bos_token_id is None
     with pytest.raises(VALIDATION_ERRORS, match="eos_token_id"):
         ArchLMConfig.from_preset("qwen3", vocab_size=8192, num_hidden_layers=1, eos_token_id=151645)
+
+
+# --- the options of the modern families ---
+@pytest.mark.parametrize("overrides, fragments", [
+    (dict(layer_types=["full_attention", "sliding_attention"]), ["sliding_window", "sliding_attention"]),
+    (dict(layer_types=["full_attention"]), ["num_hidden_layers", "layer_types"]),
+    (dict(layer_types=["full_attention", "chunked_attention"], sliding_window=4), ["layer_types", "chunked_attention"]),
+    (dict(no_rope_layers=[1, 2]), ["no_rope_layers", "[1, 2]"]),
+    (dict(no_rope_layers=[1]), ["no_rope_layers", "one 0 (no rope) or 1 (rope) per layer"]),
+    (dict(no_rope_layers=[1, 0], position_embedding_type="alibi"), ["no_rope_layers", "alibi"]),
+    (dict(rope_interleaved=True, position_embedding_type="learned"), ["rope_interleaved", "learned"]),
+    (dict(no_rope_layer_interval=0), ["no_rope_layer_interval", "0"]),
+    (dict(attn_logit_softcapping=0.0), ["attn_logit_softcapping", "0.0"]),
+    (dict(final_logit_softcapping=-1.0), ["final_logit_softcapping", "-1.0"]),
+    (dict(clip_qkv=float("inf")), ["clip_qkv", "inf"]),
+    (dict(embedding_multiplier=0.0), ["embedding_multiplier", "0.0"]),
+    (dict(residual_multiplier=float("nan")), ["residual_multiplier", "nan"]),
+    (dict(logits_scaling=-2.0), ["logits_scaling", "-2.0"]),
+    (dict(attention_multiplier=0.5, query_pre_attn_scalar=16), ["attention_multiplier", "query_pre_attn_scalar"]),
+    (dict(init_scheme="magneto", sub_layernorm=False), ["init_scheme", "magneto", "sub_layernorm"]),
+    (dict(norm_position="peri"), ["norm_position", "peri"]),
+    (dict(qk_norm_scope="token"), ["qk_norm_scope", "token"]),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=4,
+          layer_types=["full_attention", "sliding_attention"]), ["rope_parameters", "sliding_attention"]),
+    (dict(rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e4}}), ["full_attention", "factor"]),
+])
+def test_bad_values_of_the_new_options_are_refused_naming_the_field(overrides, fragments):
+    assert_refused(overrides, *fragments)
+
+
+def test_derived_per_layer_fields():
+    assert tiny_config().layer_types == ["full_attention"] * 2
+    assert tiny_config(sliding_window=4).layer_types == ["sliding_attention"] * 2
+    config = tiny_config(num_hidden_layers=8, no_rope_layer_interval=4)
+    assert config.no_rope_layers == [1, 1, 1, 0, 1, 1, 1, 0]  # SmolLM3's rule: every 4th layer has no rope
+    assert not config.layer_uses_rope(3) and config.layer_uses_rope(4)
+    assert tiny_config(init_scheme="magneto").sub_layernorm is True
+    assert tiny_config(query_pre_attn_scalar=16).attention_scaling == 16**-0.5
+    assert tiny_config(attention_multiplier=0.25).attention_scaling == 0.25
+
+
+@pytest.mark.parametrize("layers, expected", [(12, (["sliding_attention"] * 5 + ["full_attention"]) * 2),
+                                              (3, ["sliding_attention"] * 3)])
+def test_a_preset_layer_pattern_follows_an_overridden_depth(layers, expected):
+    config = ArchLMConfig.from_preset("gemma3", num_hidden_layers=layers, hidden_size=64, num_attention_heads=4,
+                                      vocab_size=512)
+    assert config.layer_types == expected
+
+
+@pytest.mark.parametrize("overrides, tag", [
+    (dict(use_parallel_residual=True), "-Parallel"),
+    (dict(use_parallel_residual=True, parallel_shared_norm=False), "-Parallel2Norm"),
+    (dict(norm_position="sandwich"), "-Sandwich"),
+    (dict(norm_position="sublayer_output"), "-PostSublayer"),
+    (dict(attn_logit_softcapping=50.0), "-Softcap"),
+    (dict(final_logit_softcapping=30.0), "-Softcap"),
+    (dict(num_hidden_layers=4, sliding_window=512, layer_types=["sliding_attention", "full_attention"] * 2), "-SWA512x1:1"),
+    (dict(num_hidden_layers=6, sliding_window=8, layer_types=["sliding_attention"] * 5 + ["full_attention"]), "-SWA8x5:1"),
+    (dict(num_hidden_layers=8, no_rope_layer_interval=4), "-NoPE1:4"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}), "-RoPE(25%)-"),
+    (dict(rope_interleaved=True), "-RoPE(interleaved)-"),
+    (dict(norm_type="rmsnorm_unit_offset"), "-RMS+1-"),
+    (dict(norm_type="layernorm_noaffine"), "-LNNoAffine-"),
+    (dict(qk_norm=True, qk_norm_scope="full"), "-QKNormFull"),
+    (dict(clip_qkv=8.0), "-ClipQKV8"),
+    (dict(init_scheme="magneto"), "-SubLN"),
+    (dict(scale_embeddings_by_sqrt_hidden=True), "-EmbScale"),
+    (dict(residual_multiplier=0.22), "-Mult"),
+    (dict(lm_head_bias=True), "-HeadBias"),
+])
+def test_architecture_name_shows_the_new_parts(overrides, tag):
+    assert tag in tiny_config(**overrides).architecture_name
+
+
+def test_summary_has_a_row_for_each_new_part():
+    summary = ArchLMConfig.from_preset("gemma3", num_hidden_layers=6).summary()
+    for row in ("block", "attention layers", "attention scale", "rope-free layers", "multipliers", "qk norm"):
+        assert row in summary, row
+    assert "5 sliding (window 512), 1 full" in summary

@@ -832,3 +832,35 @@ def test_flex_attention_with_a_head_dim_the_cpu_kernel_gets_wrong_is_refused_or_
         else:
             with pytest.raises(ValueError, match="head_dim=8"):
                 model(ids)
+
+
+def test_magneto_init_is_xavier_normal_with_the_depth_gain_on_the_value_path_and_mlp():
+    """Foundation Transformers (Magneto), decoder-only: gain sqrt(log(2N)) on v_proj, o_proj and the MLP, 1 on q/k."""
+    config = tiny_config(init_scheme="magneto", num_hidden_layers=6, hidden_size=256, intermediate_size=512,
+                         num_attention_heads=8)
+    model = build(config)
+    gain = math.sqrt(math.log(2 * 6))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.sub_layernorm, torch.nn.Module) and hasattr(layer.self_attn.sub_layernorm, "weight")
+    assert hasattr(layer.mlp.sub_layernorm, "weight")  # Sub-LN: a norm inside each sublayer
+    for linear, expected_gain in [(layer.self_attn.q_proj, 1.0), (layer.self_attn.k_proj, 1.0),
+                                  (layer.self_attn.v_proj, gain), (layer.self_attn.o_proj, gain),
+                                  (layer.mlp.gate_proj, gain), (layer.mlp.up_proj, gain), (layer.mlp.down_proj, gain)]:
+        fan_out, fan_in = linear.weight.shape
+        expected = expected_gain * math.sqrt(2.0 / (fan_in + fan_out))
+        assert linear.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+
+
+@pytest.mark.parametrize("norm_type, weight", [("rmsnorm", 1.0), ("rmsnorm_unit_offset", 0.0)])
+def test_norms_start_as_the_identity_scale(norm_type, weight):
+    """(1 + w) RMSNorm starts at w = 0, as Gemma's; plain RMSNorm at w = 1: both scale by 1."""
+    model = build(tiny_config(norm_type=norm_type, qk_norm=True))
+    norms = [module for name, module in model.named_modules() if name.endswith(("layernorm", "norm"))
+             and hasattr(module, "weight")]
+    assert norms and all(torch.equal(norm.weight, torch.full_like(norm.weight, weight)) for norm in norms)
+
+
+def test_layernorm_noaffine_has_no_parameters():
+    model = build(tiny_config(norm_type="layernorm_noaffine"))
+    assert not [name for name, _ in model.named_parameters() if "norm" in name]
