@@ -44,20 +44,14 @@ from transformers import GenerationConfig
 import archlm
 from archlm import ArchLMConfig
 from archlm.convert import TOKENIZER_PROBE, export_folder, native_family
+from archlm.modeling_archlm import AUTO_MAP, check_safetensors_file
+from archlm.tokenization_archlm import TOKENIZER_FILES, VOCABULARY_FILES
 
 logger = logging.getLogger("hub_upload")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_PICKLES = ("training_args.bin",)  # the Trainer's arguments, not weights: never staged
 REMOTE_CODE_FILES = ("configuration_archlm.py", "modeling_archlm.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_archlm.ArchLMConfig",
-    "AutoModel": "modeling_archlm.ArchLMModel",
-    "AutoModelForCausalLM": "modeling_archlm.ArchLMForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_archlm.ArchLMForSequenceClassification",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 TRAINING_LOG = "training_log.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 LOAD_CHECK_TIMEOUT_S = 1800
@@ -103,21 +97,11 @@ class Refused(Exception):
 # 1. Checks before anything is written
 # ------------------------------------------------------------------------------------------------
 def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file (8-byte header length, JSON header, then exactly the data the
-    header's offsets describe), or None."""
-    size = path.stat().st_size
+    """Why `path` is not a complete safetensors file (the loader's own check, see `check_safetensors_file`), or None."""
     try:
-        with open(path, "rb") as file:
-            header_length = int.from_bytes(file.read(8), "little")
-            if size < 8 or 8 + header_length > size:
-                return f"{path.name} is truncated or not a safetensors file ({size:,} bytes)"
-            header = json.loads(file.read(header_length))
-        data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as error:
-        return f"{path.name} is not a valid safetensors file (unreadable header: {error})"
-    if size != 8 + header_length + data_end:
-        return (f"{path.name} is truncated or corrupt: its header describes {8 + header_length + data_end:,} bytes, "
-                f"the file has {size:,}")
+        check_safetensors_file(path)
+    except OSError as error:
+        return str(error)
     return None
 
 
@@ -168,7 +152,7 @@ def check_folder(model_dir: Path) -> ArchLMConfig:
                         "save with `model.save_pretrained(MODEL_DIR)` and remove them")
     weight_files(model_dir, problems)
 
-    has_vocabulary = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    has_vocabulary = any((model_dir / name).is_file() for name in VOCABULARY_FILES)
     if not (model_dir / "tokenizer_config.json").is_file() or not has_vocabulary:
         problems.append("no tokenizer (tokenizer.json and tokenizer_config.json): save it into the folder with "
                         "`tokenizer.save_pretrained(MODEL_DIR)`")

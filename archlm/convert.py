@@ -92,6 +92,7 @@ from transformers import (
 from .check import missing_local_folder
 from .configuration_archlm import TOKEN_ID_FIELDS, ArchLMConfig, token_ids_fit
 from .modeling_archlm import ArchLMForCausalLM
+from .tokenization_archlm import VOCABULARY_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -812,7 +813,6 @@ def to_transformers(model: ArchLMForCausalLM) -> PreTrainedModel:
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 # A folder export is checked before it is written: both models on a short random batch, max |difference| over
@@ -822,7 +822,7 @@ HALF_PRECISION_TOLERANCE = 2e-2
 
 
 def _copy_tokenizer(in_dir: Path, out_dir: Path) -> None:
-    if any((in_dir / name).exists() for name in _TOKENIZER_FILES):
+    if any((in_dir / name).exists() for name in VOCABULARY_FILES):
         AutoTokenizer.from_pretrained(in_dir).save_pretrained(out_dir)
         logger.info("Copied the tokenizer")
     else:

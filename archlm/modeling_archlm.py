@@ -568,6 +568,15 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
+# Every Auto class a saved folder opens with (trust_remote_code=True)
+AUTO_MAP = {
+    "AutoConfig": "configuration_archlm.ArchLMConfig",
+    "AutoModel": "modeling_archlm.ArchLMModel",
+    "AutoModelForCausalLM": "modeling_archlm.ArchLMForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_archlm.ArchLMForSequenceClassification",
+}
+
+
 class ArchLMPreTrainedModel(PreTrainedModel):
     config_class = ArchLMConfig
     config: ArchLMConfig
@@ -654,12 +663,7 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         - a gathered full state dict (FSDP, ZeRO-3) holds a tied head as a separate copy of the embedding, which
           transformers would write twice; it is pointed back at the embedding, as in the model, and saved once.
         """
-        self.config.auto_map = {
-            "AutoConfig": "configuration_archlm.ArchLMConfig",
-            "AutoModel": "modeling_archlm.ArchLMModel",
-            "AutoModelForCausalLM": "modeling_archlm.ArchLMForCausalLM",
-            "AutoModelForSequenceClassification": "modeling_archlm.ArchLMForSequenceClassification",
-        }
+        self.config.auto_map = dict(AUTO_MAP)
         state_dict = kwargs.get("state_dict")
         if state_dict is not None and self.config.tie_word_embeddings:
             for target, source in (self._tied_weights_keys or {}).items():

@@ -59,6 +59,11 @@ from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
+# The files a saved tokenizer may consist of, and those of them that hold a vocabulary (one is needed to load it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 PAD_TOKEN = "<|pad|>"
 PAD_TOKEN_ID = 0
 EOS_TOKEN = "<|endoftext|>"
