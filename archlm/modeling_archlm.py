@@ -23,12 +23,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
-)
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
@@ -914,56 +910,17 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         return 3 * forward if training else forward
 
 
-class ArchLMForSequenceClassification(ArchLMPreTrainedModel):
-    """Classifies a sequence from the hidden state of its last non-padding token (as transformers' Llama does)."""
+class ArchLMForSequenceClassification(GenericForSequenceClassification, ArchLMPreTrainedModel):
+    """transformers' sequence classifier (as Llama's): the score of the last non-padding token, left or right
+    padding alike. The base model is built here rather than through `AutoModel.from_config`, which remote code could
+    not resolve without the in-process Auto registration."""
 
     def __init__(self, config: ArchLMConfig):
-        super().__init__(config)
+        ArchLMPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = ArchLMModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
-        )
-        logits = self.score(outputs.last_hidden_state)  # (B, T, num_labels)
-        batch_size = logits.shape[0]
-        pad_token_id = self.config.pad_token_id
-        if pad_token_id is None and batch_size != 1:
-            raise ValueError("Classifying a batch of more than one sequence needs `pad_token_id` in the config.")
-        if pad_token_id is None or input_ids is None:
-            last_token = torch.full((batch_size,), -1, device=logits.device)
-        else:
-            # rightmost non-pad token, so left and right padding both work
-            non_pad = (input_ids != pad_token_id).to(logits.device, torch.int32)
-            last_token = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
-        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_token]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        output = SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled_logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-        )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [
