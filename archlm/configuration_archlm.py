@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import logging
+from transformers.utils.type_validators import interval
 
 logger = logging.get_logger(__name__)
 
@@ -297,6 +298,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# dropout rates: transformers' interval validator on the field, [0, 1)
+_DROPOUT = interval(min=0.0, max=1.0, exclude_max=True)
+
+
 def _positive_finite(value) -> bool:
     return _is_number(value) and math.isfinite(value) and value > 0
 
@@ -419,10 +424,11 @@ class ArchLMConfig(PreTrainedConfig):
     attn_logit_softcapping: float | int | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | int | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- regularisation and init ---
-    attention_dropout: float | int = 0.0  # dropout on attention probabilities
-    hidden_dropout: float | int = 0.0  # dropout on each sublayer output before the residual add
-    embedding_dropout: float | int = 0.0  # dropout on the summed input embeddings
-    initializer_range: float | int = 0.02  # std of the normal init
+    attention_dropout: float | int = _DROPOUT(default=0.0)  # dropout on attention probabilities
+    hidden_dropout: float | int = _DROPOUT(default=0.0)  # dropout on each sublayer output before the residual add
+    embedding_dropout: float | int = _DROPOUT(default=0.0)  # dropout on the summed input embeddings
+    # transformers' LlamaConfig bounds it to [0, 1]; above 1 the logits of a fresh model overflow, 0 is no init
+    initializer_range: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.02)  # std of the normal init
     init_scheme: Literal["normal", "scaled", "magneto"] = "normal"  # see INIT_SCHEMES
     # --- provenance ---
     converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
@@ -519,18 +525,11 @@ class ArchLMConfig(PreTrainedConfig):
                 "give the window, or make every layer 'full_attention'."
             )
 
-    def validate_probabilities(self):
-        """Dropout rates in [0, 1); finite epsilon (not below 1e-12) and positive, finite init range."""
-        for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` is a probability and must be in [0, 1), got {value!r}.")
-        # below ~1e-20 float32 norms of a (near-)zero vector, e.g. after dropout, give inf/NaN gradients
+    def validate_norm_eps(self):
+        """A finite epsilon, not below 1e-12: below ~1e-20 float32 norms of a (near-)zero vector, e.g. after dropout,
+        give inf/NaN gradients."""
         if not (1e-12 <= self.norm_eps and math.isfinite(self.norm_eps)):
             raise ValueError(f"`norm_eps` must be a finite number >= 1e-12, got {self.norm_eps!r}.")
-        # transformers' LlamaConfig bounds it to [0, 1]; above 1 the logits of a fresh model overflow
-        if not 0 < self.initializer_range <= 1:
-            raise ValueError(f"`initializer_range` is a standard deviation and must be in (0, 1], got {self.initializer_range!r}.")
 
     def validate_scales(self):
         """Multipliers and soft caps: finite and > 0 (a cap of 0 or a zero multiplier silences the model)."""
