@@ -306,7 +306,8 @@ def _positive_finite(value) -> bool:
     return _is_number(value) and math.isfinite(value) and value > 0
 
 
-# One table per enum: value -> (name tag, description). The modeling file keys its classes on the same values.
+# One table per enum: value -> (name tag, description); the field's Literal type is built from its keys, and the
+# modeling file keys its classes (NORM_CLASSES, ...) on the same values.
 NORM_TYPES = {
     "rmsnorm": ("RMS", "RMSNorm, weight initialised to 1 (Llama)"),
     "rmsnorm_unit_offset": ("RMS+1", "RMSNorm scaled by (1 + weight), weight initialised to 0 (Gemma)"),
@@ -390,13 +391,13 @@ class ArchLMConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048  # longest sequence (hard limit with learned positions)
     # --- components ---
     hidden_act: str = "silu"  # any key of transformers.activations.ACT2FN
-    norm_type: Literal["rmsnorm", "rmsnorm_unit_offset", "layernorm", "layernorm_nobias", "layernorm_noaffine"] = "rmsnorm"  # see NORM_TYPES
+    norm_type: Literal[tuple(NORM_TYPES)] = "rmsnorm"  # see NORM_TYPES
     norm_eps: float | int = 1e-6  # epsilon of every norm
-    norm_position: Literal["pre", "post", "sandwich", "sublayer_output"] = "pre"  # where the block's norms sit, see NORM_POSITIONS
+    norm_position: Literal[tuple(NORM_POSITIONS)] = "pre"  # where the block's norms sit, see NORM_POSITIONS
     use_parallel_residual: bool = False  # attention and MLP read the same input, both outputs added to it (GPT-J, NeoX, Phi, Cohere)
     parallel_shared_norm: bool = True  # with use_parallel_residual: one input_layernorm feeds both (GPT-J, Phi); False: the MLP has post_attention_layernorm (NeoX)
     sub_layernorm: bool | None = None  # Sub-LN (Magneto): a norm inside each sublayer, before o_proj and down_proj; None: on with init_scheme="magneto"
-    position_embedding_type: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"  # how tokens learn their position
+    position_embedding_type: Literal[tuple(POSITION_EMBEDDING_TYPES)] = "rope"  # see POSITION_EMBEDDING_TYPES
     learned_position_embeddings: bool = False  # add learned absolute embeddings on top of rope/alibi
     rope_parameters: RopeParameters | dict | None = None  # transformers v5 rope dict (rope_type, rope_theta, partial_rotary_factor, ...), or one dict per layer type
     rope_interleaved: bool = False  # rotate channel pairs (0,1), (2,3), ... (GPT-J, Cohere) instead of the two halves (NeoX, Llama)
@@ -405,8 +406,8 @@ class ArchLMConfig(PreTrainedConfig):
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
     mlp_type: Literal["gated", "standard"] = "gated"  # gated: act(gate) * up (SwiGLU with silu); standard: act(up)
     qk_norm: bool = False  # normalise q and k before rope (Qwen3, OLMo 2, Gemma 3, StableLM, Cohere)
-    qk_norm_scope: Literal["head", "per_head", "full"] = "head"  # see QK_NORM_SCOPES
-    qk_norm_type: Literal["rmsnorm", "rmsnorm_unit_offset", "layernorm", "layernorm_nobias", "layernorm_noaffine"] | None = None  # None: norm_type
+    qk_norm_scope: Literal[tuple(QK_NORM_SCOPES)] = "head"  # see QK_NORM_SCOPES
+    qk_norm_type: Literal[tuple(NORM_TYPES)] | None = None  # None: norm_type
     clip_qkv: float | int | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after their projections (OLMo)
     sliding_window: int | None = None  # sliding layers attend to at most this many tokens, themselves included (Mistral)
     attention_bias: bool = False  # bias on q/k/v projections
@@ -429,7 +430,7 @@ class ArchLMConfig(PreTrainedConfig):
     embedding_dropout: float | int = _DROPOUT(default=0.0)  # dropout on the summed input embeddings
     # transformers' LlamaConfig bounds it to [0, 1]; above 1 the logits of a fresh model overflow, 0 is no init
     initializer_range: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.02)  # std of the normal init
-    init_scheme: Literal["normal", "scaled", "magneto"] = "normal"  # see INIT_SCHEMES
+    init_scheme: Literal[tuple(INIT_SCHEMES)] = "normal"  # see INIT_SCHEMES
     # --- provenance ---
     converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
     # --- generation ---

@@ -864,3 +864,11 @@ def test_norms_start_as_the_identity_scale(norm_type, weight):
 def test_layernorm_noaffine_has_no_parameters():
     model = build(tiny_config(norm_type="layernorm_noaffine"))
     assert not [name for name, _ in model.named_parameters() if "norm" in name]
+
+
+def test_the_modeling_tables_cover_every_value_the_config_allows():
+    from archlm.configuration_archlm import LAYER_TYPES, NORM_TYPES
+    from archlm.modeling_archlm import MASK_FUNCTIONS, NORM_CLASSES
+
+    assert set(NORM_CLASSES) == set(NORM_TYPES)
+    assert set(MASK_FUNCTIONS) == set(LAYER_TYPES)
