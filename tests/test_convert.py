@@ -128,6 +128,7 @@ def report_parity_errors(request):
         reporter.write_line("\nmax relative logit error, converted ArchLM vs transformers (export-*: native export vs ArchLM):")
         for test_id, error in PARITY_ERRORS.items():
             reporter.write_line(f"  {test_id:<62} {error:.2e}")
+    PARITY_ERRORS.clear()  # each module that uses this fixture prints its own
 
 
 # ------------------------------------------------------------------------------------------------

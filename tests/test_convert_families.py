@@ -7,7 +7,16 @@ since, and checks that every registered family has a case somewhere."""
 
 import pytest
 import torch
-from test_convert import CASES, PARITY_ERRORS, TINY, VOCAB, batch, max_relative_error, randomised
+from test_convert import (  # noqa: F401 (report_parity_errors: the module's autouse fixture that prints the errors)
+    CASES,
+    PARITY_ERRORS,
+    TINY,
+    VOCAB,
+    batch,
+    max_relative_error,
+    randomised,
+    report_parity_errors,
+)
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
