@@ -370,6 +370,7 @@ class ArchLMConfig(PreTrainedConfig):
 
     model_type = "archlm"
     keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_local_experts": "num_experts"}  # Mixtral's name
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -431,6 +432,17 @@ class ArchLMConfig(PreTrainedConfig):
     # transformers' LlamaConfig bounds it to [0, 1]; above 1 the logits of a fresh model overflow, 0 is no init
     initializer_range: float | int = interval(min=0.0, max=1.0, exclude_min=True)(default=0.02)  # std of the normal init
     init_scheme: Literal[tuple(INIT_SCHEMES)] = "normal"  # see INIT_SCHEMES
+    # --- mixture of experts (num_experts None: every MLP is dense) ---
+    num_experts: int | None = None  # experts in each sparse MLP (Mixtral calls it num_local_experts)
+    num_experts_per_tok: int = 2  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # each expert's MLP width; None: intermediate_size
+    shared_expert_intermediate_size: int | None = None  # an always-on shared expert behind a sigmoid gate (Qwen2-MoE)
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral always does)
+    decoder_sparse_step: int = 1  # every N-th layer is sparse (Qwen-MoE)
+    mlp_only_layers: list[int] | None = None  # layers that stay dense
+    router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
+    router_z_loss_coef: float | int = 0.0  # router z-loss weight (ST-MoE: mean squared logsumexp of the router logits)
+    output_router_logits: bool = False  # return the router logits and add the auxiliary losses to the loss
     # --- provenance ---
     converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
     # --- generation ---
@@ -453,6 +465,8 @@ class ArchLMConfig(PreTrainedConfig):
                 self.intermediate_size = 4 * self.hidden_size
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
+        if self.moe_intermediate_size is None and self.num_experts:
+            self.moe_intermediate_size = self.intermediate_size
         if self.sub_layernorm is None:
             self.sub_layernorm = self.init_scheme == "magneto"
         layers = self.num_hidden_layers if isinstance(self.num_hidden_layers, int) else 0
@@ -545,6 +559,45 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`attention_multiplier`={self.attention_multiplier} and `query_pre_attn_scalar`="
                 f"{self.query_pre_attn_scalar} both set the attention score scale; give one of them."
             )
+
+    def validate_experts(self):
+        """Mixture of experts: sizes, a top-k within the experts, layer choices that exist, finite coefficients."""
+        self._check_sizes()
+        if self.num_experts is None:
+            return
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be at most `num_experts` ({self.num_experts}):"
+                " a token cannot be routed to more experts than there are."
+            )
+        shared = self.shared_expert_intermediate_size
+        if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0):
+            raise ValueError(f"`shared_expert_intermediate_size` must be a positive integer or None, got {shared!r}.")
+        layers = self.mlp_only_layers or []
+        if not all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in layers):
+            raise ValueError(
+                f"`mlp_only_layers` must list layer indices in [0, {self.num_hidden_layers - 1}], got {self.mlp_only_layers}."
+            )
+        if not any(self.layer_is_sparse(i) for i in range(self.num_hidden_layers)):
+            raise ValueError(
+                f"`num_experts`={self.num_experts} but no layer is sparse (decoder_sparse_step={self.decoder_sparse_step}, "
+                f"mlp_only_layers={self.mlp_only_layers}, {self.num_hidden_layers} layers); set num_experts=None for a "
+                "dense model."
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+    def layer_is_sparse(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has a mixture of experts (Qwen-MoE's rule: every decoder_sparse_step-th layer,
+        except mlp_only_layers)."""
+        return bool(self.num_experts) and (layer_idx + 1) % self.decoder_sparse_step == 0 and (
+            layer_idx not in (self.mlp_only_layers or []))
 
     def rope_parameters_by_layer_type(self) -> dict[str, dict]:
         """The rope dict of each layer type present: one shared dict, or transformers' nested form (Gemma 3:
@@ -725,6 +778,8 @@ class ArchLMConfig(PreTrainedConfig):
         no_rope = self.num_hidden_layers - sum(self.no_rope_layers) if self.no_rope_layers else 0
         scope = QK_NORM_SCOPES[self.qk_norm_scope][0]
         rows = [
+            (bool(self.num_experts), f"MoE{self.num_experts}x{self.num_experts_per_tok}"
+             + ("+Shared" if self.shared_expert_intermediate_size else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
             (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
             (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
@@ -762,25 +817,33 @@ class ArchLMConfig(PreTrainedConfig):
         ]
         return "-".join(parts + self._name_tags())
 
-    def num_parameters_estimate(self) -> int:
-        """Parameter count of the causal LM, counted on a model built on the meta device (no memory, no init)."""
+    def num_parameters_estimate(self, active_only: bool = False) -> int:
+        """Parameter count of the causal LM, counted on a model built on the meta device (no memory, no init);
+        `active_only`: those one token uses (a mixture of experts runs num_experts_per_tok of its experts)."""
         from .modeling_archlm import ArchLMForCausalLM  # the modeling file imports this one: import at call time
 
         with torch.device("meta"):
             model = ArchLMForCausalLM(self)
-        return model.num_parameters()
+        return model.num_parameters() - (model.inactive_parameters() if active_only else 0)
 
     def summary(self) -> str:
         """A human-readable table of the architecture."""
         sliding = self.layer_types.count("sliding_attention")
+        total, active = self.num_parameters_estimate(), self.num_parameters_estimate(active_only=True)
+        sparse = sum(self.layer_is_sparse(i) for i in range(self.num_hidden_layers))
         rows = [
             ("architecture", self.architecture_name),
-            ("parameters", f"{self.num_parameters_estimate():,}"),
+            ("parameters", f"{total:,}" + (f" ({active:,} active per token)" if active != total else "")),
             ("layers x hidden", f"{self.num_hidden_layers} x {self.hidden_size}"),
             ("heads (q / kv) x head_dim", f"{self.num_attention_heads} / {self.num_key_value_heads} x {self.head_dim}"),
             ("block", ("parallel attention + MLP, " + ("one shared norm" if self.parallel_shared_norm else "a norm each"))
              if self.use_parallel_residual else "sequential (attention, then MLP)"),
             ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),
+            ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
+                         f"{' renormalised' if self.norm_topk_prob else ''}, in {sparse} of {self.num_hidden_layers} layers"
+                         + (f", shared expert {self.shared_expert_intermediate_size}" if self.shared_expert_intermediate_size else "")
+                         + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}")
+             if self.num_experts else "-"),
             ("norm", f"{self.norm_type} ({NORM_POSITIONS[self.norm_position][1]}), eps {self.norm_eps}"
              + (", Sub-LN" if self.sub_layernorm else "")),
             ("positions", self.position_embedding_type + (" + learned" if self.learned_position_embeddings else "")),

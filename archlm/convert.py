@@ -66,9 +66,13 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     OlmoConfig,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     OlmoForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
@@ -79,8 +83,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -251,15 +259,19 @@ NEUTRAL = {
     "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
     "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
     "parallel_shared_norm": lambda config: config.use_parallel_residual,
     "qk_norm_scope": lambda config: config.qk_norm,
     "qk_norm_type": lambda config: config.qk_norm,
+    "norm_topk_prob": lambda config: config.num_experts,
+    "_shared_expert": lambda config: config.num_experts,
+    "_dense_layers": lambda config: config.num_experts,
 }
 # Dropped on export with a warning: inference is unchanged (dropout is off), training the export further is not
-DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout")
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef")
 
 
 def _facets(config: ArchLMConfig) -> dict:
@@ -275,6 +287,8 @@ def _facets(config: ArchLMConfig) -> dict:
         "_layer_types": "full" if sliding == 0 else "sliding" if sliding == layers else "mixed",
         "_rope_theta": (first_rope or {}).get("rope_theta"),
         "_rope_type": (first_rope or {}).get("rope_type", "default"),
+        "_dense_layers": sum(not config.layer_is_sparse(i) for i in range(layers)),
+        "_shared_expert": bool(config.shared_expert_intermediate_size),
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
         and config.head_dim == default_head_dim else "explicit",
@@ -741,6 +755,57 @@ FAMILY_LIST = [
                  Rename("transformer.h.{i}.mlp.fc_in.", "model.layers.{i}.mlp.up_proj."),
                  Rename("transformer.h.{i}.mlp.fc_out.", "model.layers.{i}.mlp.down_proj.")),
         ignore=(r"\.attn\.(masked_)?bias$", r"embed_positions$"),
+    ),
+]
+_EXPERT_FIELDS = dict(num_experts="num_experts", num_experts_per_tok="num_experts_per_tok",
+                      router_aux_loss_coef="router_aux_loss_coef", output_router_logits="output_router_logits")
+_QWEN_MOE_FIELDS = dict(_EXPERT_FIELDS, moe_intermediate_size="moe_intermediate_size", norm_topk_prob="norm_topk_prob",
+                        decoder_sparse_step="decoder_sparse_step", mlp_only_layers="mlp_only_layers")
+FAMILY_LIST += [
+    Family(
+        MixtralForCausalLM, MixtralConfig,
+        # Mixtral's intermediate_size is its experts' width; it has no dense MLP
+        fields={**{key: value for key, value in _LLAMA_FIELDS.items() if key != "intermediate_size"}, **_EXPERT_FIELDS,
+                "num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size", "head_dim": "head_dim",
+                "norm_eps": "rms_norm_eps", "sliding_window": "sliding_window"},
+        fixed=dict(norm_topk_prob=True),  # Mixtral always renormalises the top-k weights
+        allows={"_layer_types": {"sliding"}},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(head_dim=_head_dim(native), intermediate_size=native.intermediate_size),
+        export_fields=lambda config: dict(hidden_act="silu", **_window_of_every_layer(config)),
+        refuse=(("router_jitter_noise", 0.0, "multiplies the router's input by noise in training"),),
+    ),
+    Family(
+        Qwen2MoeForCausalLM, Qwen2MoeConfig,
+        fields={**_LLAMA_FIELDS, **_QWEN_MOE_FIELDS, "norm_eps": "rms_norm_eps", "attention_bias": "qkv_bias",
+                "shared_expert_intermediate_size": "shared_expert_intermediate_size"},
+        fixed=dict(attention_output_bias=False),  # qkv_bias: q/k/v only
+        allows={"_dense_layers": ANY, "_shared_expert": ANY},
+        # Qwen2-MoE always has its shared expert
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_layer_types": {"full"}, "_shared_expert": {True}},
+        export_fields=lambda config: dict(hidden_act="silu"),
+    ),
+    Family(
+        Qwen3MoeForCausalLM, Qwen3MoeConfig,
+        fields={**_LLAMA_FIELDS, **_QWEN_MOE_FIELDS, "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+                "attention_bias": "attention_bias"},
+        fixed=dict(qk_norm=True),
+        allows={"attention_output_bias": ANY, "_dense_layers": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_layer_types": {"full"}},
+        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+    ),
+    Family(
+        OlmoeForCausalLM, OlmoeConfig,
+        # OLMoE's intermediate_size is its experts' width; it has no dense MLP
+        fields={**{key: value for key, value in _LLAMA_FIELDS.items() if key != "intermediate_size"}, **_EXPERT_FIELDS,
+                "moe_intermediate_size": "intermediate_size", "norm_topk_prob": "norm_topk_prob",
+                "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias", "clip_qkv": "clip_qkv"},
+        fixed=dict(qk_norm=True, qk_norm_scope="full"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]
 FAMILIES: dict[type[PreTrainedModel], Family] = {family.model_class: family for family in FAMILY_LIST}

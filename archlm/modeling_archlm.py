@@ -24,9 +24,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils import logging
 
 from .configuration_archlm import ArchLMConfig
@@ -319,7 +320,7 @@ class ArchLMAttention(nn.Module):
         K/V heads        kv0     |     kv1          (nkv = 2, each serves a group of nh / nkv = 4)
 
     Per layer: its type (full or sliding window) and whether it rotates q/k (NoPE layers do not). Options in the
-    order they apply: clip_qkv, q/k norm (per head or over the full width), rope (partial, interleaved), scores
+    order they apply: q/k norm (per head or over the full width), clip_qkv, rope (partial, interleaved), scores
     scaled and soft-capped, Sub-LN's norm before o_proj.
     """
 
@@ -375,17 +376,19 @@ class ArchLMAttention(nn.Module):
         query_states, key_states, value_states = (
             self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, T, heads * hd)
         )
-        if config.clip_qkv is not None:
-            query_states, key_states, value_states = (
-                states.clamp(-config.clip_qkv, config.clip_qkv) for states in (query_states, key_states, value_states)
-            )
         if config.qk_norm and config.qk_norm_scope == "full":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
-        value_states = value_states.view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        value_states = value_states.view(hidden_shape)
         if config.qk_norm and config.qk_norm_scope != "full":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, heads, T, hd)
+        if config.clip_qkv is not None:  # after any q/k norm (OLMoE); OLMo has none
+            query_states, key_states, value_states = (
+                states.clamp(-config.clip_qkv, config.clip_qkv) for states in (query_states, key_states, value_states)
+            )
+        query_states, key_states, value_states = (
+            states.transpose(1, 2) for states in (query_states, key_states, value_states)  # (B, heads, T, hd)
+        )
 
         if self.use_rope:
             cos, sin = position_embeddings
@@ -425,16 +428,17 @@ class ArchLMGatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu (Shazeer 2020). Sub-LN normalises the
     product before down_proj."""
 
-    def __init__(self, config: ArchLMConfig):
+    def __init__(self, config: ArchLMConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         for linear in (self.gate_proj, self.up_proj, self.down_proj):
             linear.magneto_scaled = True  # `magneto` init's larger gain on the whole MLP
         self.act_fn = ACT2FN[config.hidden_act]
-        self.sub_layernorm = optional_norm(config, config.sub_layernorm, config.intermediate_size)
+        self.sub_layernorm = optional_norm(config, config.sub_layernorm, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.sub_layernorm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
@@ -443,20 +447,112 @@ class ArchLMGatedMLP(nn.Module):
 class ArchLMStandardMLP(nn.Module):
     """down(act(up(x))): the GPT-2 / original Transformer MLP."""
 
-    def __init__(self, config: ArchLMConfig):
+    def __init__(self, config: ArchLMConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        width = intermediate_size or config.intermediate_size
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         self.up_proj.magneto_scaled = self.down_proj.magneto_scaled = True  # `magneto` init's larger gain
         self.act_fn = ACT2FN[config.hidden_act]
-        self.sub_layernorm = optional_norm(config, config.sub_layernorm, config.intermediate_size)
+        self.sub_layernorm = optional_norm(config, config.sub_layernorm, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.sub_layernorm(self.act_fn(self.up_proj(x))))
 
 
 MLP_CLASSES: dict[str, type[nn.Module]] = {"gated": ArchLMGatedMLP, "standard": ArchLMStandardMLP}
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ------------------------------------------------------------------------------------------------
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """inputs (S, in) sorted by expert, counts[e] rows each; weight (E, out, in) -> (S, out), row block e by expert e.
+
+    torch's grouped matmul where it has one for this dtype and shape (one kernel for all experts, as transformers'
+    default), else one matmul per expert over its block of rows: either way the cost follows the routed tokens."""
+    aligned = all(size * inputs.element_size() % 16 == 0 for size in weight.shape[1:])
+    if (hasattr(F, "grouped_mm") and inputs.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
+            and not torch.compiler.is_compiling()):
+        return F.grouped_mm(inputs, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
+    blocks = inputs.split(counts.tolist())
+    return torch.cat([block @ expert.T for block, expert in zip(blocks, weight)])
+
+
+class ArchLMExperts(nn.Module):
+    """`num_experts` MLPs of the kind `mlp_type` chooses, stacked as transformers 5 stores them (nn.Linear layout):
+
+        gated:    gate_up_proj (E, 2I, C) = [gate rows | up rows]    down_proj (E, C, I)
+        standard: up_proj      (E, I, C)                             down_proj (E, C, I)
+
+    Each token-expert pair is sorted by expert, so that every expert multiplies its own block of rows once."""
+
+    def __init__(self, config: ArchLMConfig):
+        super().__init__()
+        experts, width, hidden = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts, self.gated = experts, config.mlp_type == "gated"
+        if self.gated:
+            self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * width, hidden))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(experts, width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, width))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
+        expert_ids, order = top_k_index.reshape(-1).sort()  # the T * k token-expert pairs, grouped by expert
+        counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        routed = hidden_states[order // top_k]  # (T*k, C)
+        if self.gated:
+            gate, up = grouped_linear(routed, self.gate_up_proj, counts).chunk(2, dim=-1)
+            routed = self.act_fn(gate) * up  # (T*k, I)
+        else:
+            routed = self.act_fn(grouped_linear(routed, self.up_proj, counts))
+        routed = grouped_linear(routed, self.down_proj, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
+        output = torch.zeros_like(routed).index_copy(0, order, routed)  # back to token-major order
+        return output.view(tokens, top_k, -1).sum(dim=1)
+
+
+class ArchLMSparseMoeBlock(nn.Module):
+    """A router (`gate`) sends each token to its top-k experts, their outputs weighted by the router's softmax
+    (renormalised over the k with `norm_topk_prob`); Qwen2-MoE adds an always-on shared expert behind a sigmoid gate.
+
+        x ──► gate ──► softmax ──► top-k ──► experts ──┐
+        └───────────► shared_expert * sigmoid(shared_expert_gate(x)) ──► + ──►
+    """
+
+    def __init__(self, config: ArchLMConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = ArchLMExperts(config)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP_CLASSES[config.mlp_type](config, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])  # (T, C)
+        router_logits = self.gate(hidden_states)  # (T, E)
+        probabilities = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = probabilities.topk(self.top_k, dim=-1)  # (T, k)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        if hasattr(self, "shared_expert"):
+            output = output + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        return output.view(shape), router_logits
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE's z-loss: the mean over tokens (padding excluded) and sparse layers of logsumexp(router logits)^2,
+    which keeps the router's logits small."""
+    squares = torch.stack([torch.logsumexp(logits.float(), dim=-1) ** 2 for logits in router_logits])  # (L, T)
+    if attention_mask is None or attention_mask.dim() != 2:
+        return squares.mean()
+    weights = attention_mask.reshape(1, -1).to(squares.dtype)
+    return (squares * weights).sum() / (weights.sum() * squares.shape[0]).clamp_min(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,7 +585,7 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         self.shared_norm = config.use_parallel_residual and config.parallel_shared_norm
         self.residual_multiplier = config.residual_multiplier
         self.self_attn = ArchLMAttention(config, layer_idx)
-        self.mlp = MLP_CLASSES[config.mlp_type](config)
+        self.mlp = ArchLMSparseMoeBlock(config) if config.layer_is_sparse(layer_idx) else MLP_CLASSES[config.mlp_type](config)
         hidden, position = config.hidden_size, config.norm_position
         inputs, outputs = position in ("pre", "sandwich"), position in ("sandwich", "sublayer_output")
         self.input_layernorm = optional_norm(config, inputs or self.post_norm, hidden)
@@ -500,6 +596,11 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         )
         self.mlp_output_layernorm = optional_norm(config, outputs, hidden)
         self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP's output, and its router logits (None for a dense MLP)."""
+        output = self.mlp(hidden_states)
+        return output if isinstance(output, tuple) else (output, None)
 
     def residual(self, sublayer_output: torch.Tensor) -> torch.Tensor:
         sublayer_output = self.dropout(sublayer_output)
@@ -512,7 +613,7 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         # post-norm puts its two norms after the adds; every other position normalises the sublayers' inputs
         before_attention = hidden_states if self.post_norm else self.input_layernorm(hidden_states)
         attn_output, attn_weights = self.self_attn(
@@ -522,18 +623,19 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         attn_output = self.attention_output_layernorm(attn_output)
         if self.parallel:  # both sublayers read the block's input
             before_mlp = before_attention if self.shared_norm else self.post_attention_layernorm(hidden_states)
-            mlp_output = self.mlp_output_layernorm(self.mlp(before_mlp))
-            hidden_states = hidden_states + self.residual(attn_output) + self.residual(mlp_output)
-            return (self.input_layernorm(hidden_states) if self.post_norm else hidden_states), attn_weights
+            mlp_output, router_logits = self.feed_forward(before_mlp)
+            hidden_states = hidden_states + self.residual(attn_output) + self.residual(self.mlp_output_layernorm(mlp_output))
+            return (self.input_layernorm(hidden_states) if self.post_norm else hidden_states), attn_weights, router_logits
 
         hidden_states = hidden_states + self.residual(attn_output)
         if self.post_norm:
             hidden_states = self.input_layernorm(hidden_states)
-        before_mlp = hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states)
-        hidden_states = hidden_states + self.residual(self.mlp_output_layernorm(self.mlp(before_mlp)))
+        mlp_output, router_logits = self.feed_forward(
+            hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.residual(self.mlp_output_layernorm(mlp_output))
         if self.post_norm:
             hidden_states = self.post_attention_layernorm(hidden_states)
-        return hidden_states, attn_weights
+        return hidden_states, attn_weights, router_logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,6 +715,18 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, ArchLMExperts):  # the same rules, expert by expert; down_proj writes the residual
+            for name, parameter in module.named_parameters(recurse=False):
+                if getattr(parameter, "_is_hf_initialized", False):  # loaded from a checkpoint
+                    continue
+                for expert in parameter:
+                    if config.init_scheme == "magneto":
+                        init.xavier_normal_(expert, gain=math.sqrt(math.log(2 * config.num_hidden_layers)))
+                    elif scaled:
+                        expert_std = std / math.sqrt(2 * config.num_hidden_layers) if name == "down_proj" else std
+                        init.trunc_normal_(expert, mean=0.0, std=expert_std, a=-2 * expert_std, b=2 * expert_std)
+                    else:
+                        init.normal_(expert, mean=0.0, std=std)
         elif isinstance(module, (ArchLMRMSNorm, ArchLMLayerNorm)):
             if module.weight is not None:
                 init.zeros_(module.weight) if getattr(module, "unit_offset", False) else init.ones_(module.weight)
@@ -628,6 +742,11 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
         else:
             super()._init_weights(module)
+
+    def inactive_parameters(self) -> int:
+        """Parameters a token does not use: the experts beyond num_experts_per_tok in each sparse layer."""
+        return sum(round(parameter.numel() * (1 - self.config.num_experts_per_tok / module.num_experts))
+                   for module in self.modules() if isinstance(module, ArchLMExperts) for parameter in module.parameters())
 
     def _sdpa_can_dispatch(self, is_init_check: bool = False) -> bool:
         """sdpa by default, eager where the architecture needs what sdpa cannot do (soft-capped scores): transformers
@@ -747,14 +866,16 @@ class ArchLMModel(ArchLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> MoeModelOutputWithPast | tuple:
         config = self.config
         use_cache = use_cache if use_cache is not None else config.use_cache
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         if self.gradient_checkpointing and self.training and use_cache:
             logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; not caching in this forward.")
             use_cache = False  # for this call only: the saved config keeps its value
@@ -798,12 +919,12 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if config.position_embedding_type == "alibi":
             kwargs.update(alibi_slopes=alibi_slopes(config.num_attention_heads, hidden_states.device), query_start=past_seen)
 
-        all_hidden_states, all_attentions = [], []
+        all_hidden_states, all_attentions, all_router_logits = [], [], []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             layer_type = layer.self_attn.layer_type
-            hidden_states, attn_weights = layer(
+            hidden_states, attn_weights, router_logits = layer(
                 hidden_states,
                 attention_mask=masks[layer_type],
                 position_embeddings=rope_tables.get(layer_type),
@@ -813,16 +934,19 @@ class ArchLMModel(ArchLMPreTrainedModel):
             )
             if output_attentions:
                 all_attentions.append(attn_weights)
+            if output_router_logits and router_logits is not None:
+                all_router_logits.append(router_logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 
-        output = BaseModelOutputWithPast(
+        output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             # attention functions that return no weights (sdpa, flash) leave nothing, as in transformers' models
             attentions=tuple(a for a in all_attentions if a is not None) if output_attentions else None,
+            router_logits=tuple(all_router_logits) if output_router_logits and all_router_logits else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -850,10 +974,11 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> MoeCausalLMOutputWithPast | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
@@ -864,6 +989,7 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
             return_dict=True,
             **kwargs,
         )
@@ -877,15 +1003,28 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             cap = self.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
 
-        loss = None
+        loss, aux_loss = None, None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
+        if outputs.router_logits:  # transformers' load-balancing loss (Switch / Mixtral), padding excluded
+            config = self.config
+            # the mask of the tokens the routers saw: with a cache, the 2-D mask also covers the past
+            token_mask = attention_mask[:, -hidden_states.shape[1]:] if isinstance(attention_mask, torch.Tensor) \
+                and attention_mask.dim() == 2 else None
+            aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts, config.num_experts_per_tok,
+                                                token_mask)
+            if loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
+                if config.router_z_loss_coef:
+                    loss = loss + config.router_z_loss_coef * router_z_loss(outputs.router_logits, token_mask)
+        output = MoeCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
         return output if return_dict else output.to_tuple()
 
@@ -899,12 +1038,18 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         """Matmul FLOPs per token at context `seq_len`, summed over the modules that compute them.
 
         Each Linear costs 2 FLOPs per weight per token (q/k/v/o with their real GQA sizes, the MLP, the LM head,
-        tied or not); each attention layer adds QK^T and AV at its own reach (`ArchLMAttention.score_flops`). A
+        tied or not; of a mixture of experts, the router, the shared expert and the active top-k experts only); each
+        attention layer adds QK^T and AV at its own reach (`ArchLMAttention.score_flops`). A
         training step is forward plus backward, 3x forward. Norms, softmax and activations are left out (under 1%
         at these sizes)."""
-        linears = [module for module in self.modules() if isinstance(module, nn.Linear)]
-        # ZeRO-3 leaves each rank an empty shard: DeepSpeed keeps the full size in ds_numel
-        matmul_params = sum(getattr(linear.weight, "ds_numel", linear.weight.numel()) for linear in linears)
+        def size(parameter):  # ZeRO-3 leaves each rank an empty shard: DeepSpeed keeps the full size in ds_numel
+            return getattr(parameter, "ds_numel", parameter.numel())
+
+        matmul_params = sum(size(module.weight) for module in self.modules() if isinstance(module, nn.Linear))
+        # a token runs num_experts_per_tok of each sparse layer's experts
+        matmul_params += sum(size(parameter) * self.config.num_experts_per_tok / module.num_experts
+                             for module in self.modules() if isinstance(module, ArchLMExperts)
+                             for parameter in module.parameters())
         attention = sum(layer.self_attn.score_flops(seq_len) for layer in self.model.layers)
         forward = 2 * matmul_params + attention
         return 3 * forward if training else forward
