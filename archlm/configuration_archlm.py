@@ -202,6 +202,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm3": dict(_LLAMA_LIKE, vocab_size=128256, no_rope_layer_interval=4, tie_word_embeddings=True,
                     rope_parameters={"rope_type": "default", "rope_theta": 2000000.0},
                     pad_token_id=128004, bos_token_id=128000, eos_token_id=128001),
+    # Mixtral: Llama whose every MLP is 8 experts, each token routed to 2 (renormalised).
+    "mixtral": dict(_LLAMA_LIKE, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Qwen3-MoE: Qwen3 with 16 narrow experts per layer, top-4 renormalised.
+    "qwen3_moe": dict(
+        _LLAMA_LIKE,
+        vocab_size=151936,
+        head_dim=64,
+        qk_norm=True,
+        norm_eps=1e-6,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=512,
+        router_aux_loss_coef=0.001,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(
         vocab_size=32000,
@@ -465,6 +483,8 @@ class ArchLMConfig(PreTrainedConfig):
                 self.intermediate_size = 4 * self.hidden_size
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
+        if self.num_experts is None and "num_local_experts" in kwargs:  # Mixtral's name, needed before the defaults
+            self.num_experts = kwargs.pop("num_local_experts")
         if self.moe_intermediate_size is None and self.num_experts:
             self.moe_intermediate_size = self.intermediate_size
         if self.sub_layernorm is None:

@@ -485,6 +485,7 @@ class ArchLMExperts(nn.Module):
 
         gated:    gate_up_proj (E, 2I, C) = [gate rows | up rows]    down_proj (E, C, I)
         standard: up_proj      (E, I, C)                             down_proj (E, C, I)
+        mlp_bias: gate_up_proj_bias (E, 2I) or up_proj_bias (E, I),  down_proj_bias (E, C)
 
     Each token-expert pair is sorted by expert, so that every expert multiplies its own block of rows once."""
 
@@ -497,7 +498,16 @@ class ArchLMExperts(nn.Module):
         else:
             self.up_proj = nn.Parameter(torch.empty(experts, width, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, width))
+        if config.mlp_bias:  # one bias row per expert
+            up_name = "gate_up_proj" if self.gated else "up_proj"
+            self.register_parameter(f"{up_name}_bias", nn.Parameter(torch.empty(experts, getattr(self, up_name).shape[1])))
+            self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
         self.act_fn = ACT2FN[config.hidden_act]
+
+    def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        output = grouped_linear(routed, getattr(self, name), counts)
+        bias = getattr(self, f"{name}_bias", None)
+        return output if bias is None else output + bias[expert_ids]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
@@ -505,11 +515,11 @@ class ArchLMExperts(nn.Module):
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         routed = hidden_states[order // top_k]  # (T*k, C)
         if self.gated:
-            gate, up = grouped_linear(routed, self.gate_up_proj, counts).chunk(2, dim=-1)
+            gate, up = self.project(routed, "gate_up_proj", expert_ids, counts).chunk(2, dim=-1)
             routed = self.act_fn(gate) * up  # (T*k, I)
         else:
-            routed = self.act_fn(grouped_linear(routed, self.up_proj, counts))
-        routed = grouped_linear(routed, self.down_proj, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
+            routed = self.act_fn(self.project(routed, "up_proj", expert_ids, counts))
+        routed = self.project(routed, "down_proj", expert_ids, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
         output = torch.zeros_like(routed).index_copy(0, order, routed)  # back to token-major order
         return output.view(tokens, top_k, -1).sum(dim=1)
 
@@ -718,6 +728,9 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ArchLMExperts):  # the same rules, expert by expert; down_proj writes the residual
             for name, parameter in module.named_parameters(recurse=False):
                 if getattr(parameter, "_is_hf_initialized", False):  # loaded from a checkpoint
+                    continue
+                if name.endswith("_bias"):
+                    init.zeros_(parameter)
                     continue
                 for expert in parameter:
                     if config.init_scheme == "magneto":
@@ -1049,7 +1062,7 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         # a token runs num_experts_per_tok of each sparse layer's experts
         matmul_params += sum(size(parameter) * self.config.num_experts_per_tok / module.num_experts
                              for module in self.modules() if isinstance(module, ArchLMExperts)
-                             for parameter in module.parameters())
+                             for name, parameter in module.named_parameters() if not name.endswith("_bias"))
         attention = sum(layer.self_attn.score_flops(seq_len) for layer in self.model.layers)
         forward = 2 * matmul_params + attention
         return 3 * forward if training else forward

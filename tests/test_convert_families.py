@@ -163,7 +163,7 @@ PRESET_FAMILIES = {
     "gemma3": "Gemma3ForCausalLM", "olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM",
     "pythia": "GPTNeoXForCausalLM", "phi2": "PhiForCausalLM", "gptj": "GPTJForCausalLM", "cohere": "CohereForCausalLM",
     "stablelm": "StableLmForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "granite": "GraniteForCausalLM",
-    "smollm3": "SmolLM3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
