@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
-from .modeling_archlm import ArchLMForCausalLM
+from .modeling_archlm import ArchLMForCausalLM, ArchLMSparseMoeBlock
 from .tokenization_archlm import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,11 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
                 pad_token_id=tokenizer.pad_token_id,
             )
         config = ArchLMConfig.from_preset(model_args.preset, **{**from_tokenizer, **overrides})
+    if config.num_experts and "output_router_logits" not in overrides and not config.output_router_logits:
+        # transformers adds the load-balancing loss only with router logits on; without it the routers collapse
+        logger.info("Mixture of experts: training with the load-balancing loss (output_router_logits=True, "
+                    "router_aux_loss_coef=%s)", config.router_aux_loss_coef)
+        config.output_router_logits = True
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ValueError(
             f"The tokenizer has {len(tokenizer):,} tokens but the model's vocab_size is {config.vocab_size:,}: ids past "
@@ -443,6 +449,55 @@ class ThroughputCallback(TrainerCallback):
         return metrics
 
 
+class RouterStatsCallback(TrainerCallback):
+    """For a mixture of experts, each log gets `aux_loss` (the mean load-balancing loss of the steps since the previous
+    log) and `expert_tokens` (per sparse layer, the tokens routed to each expert on this process) with
+    `expert_imbalance` (the busiest expert's tokens over the mean, worst layer: 1.0 is perfectly balanced)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.blocks = [module for module in model.modules() if isinstance(module, ArchLMSparseMoeBlock)]
+        self.counts = [None] * len(self.blocks)
+        self.aux_losses: list[float] = []
+        self.handles = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.handles:
+            return
+        for index, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_hook(partial(self._count_routed, index)))
+        self.handles.append(self.model.register_forward_hook(self._keep_aux_loss))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _count_routed(self, index, block, inputs, output):
+        if not block.training:
+            return
+        chosen = output[1].topk(block.top_k, dim=-1).indices  # the router's choice (softmax keeps the order)
+        counts = torch.bincount(chosen.reshape(-1), minlength=block.experts.num_experts).cpu()
+        self.counts[index] = counts if self.counts[index] is None else self.counts[index] + counts
+
+    def _keep_aux_loss(self, model, inputs, output):
+        aux_loss = getattr(output, "aux_loss", None)
+        if model.training and aux_loss is not None:
+            self.aux_losses.append(aux_loss.item())
+
+    def metrics(self) -> dict:
+        """Since the previous call."""
+        metrics = {}
+        if self.aux_losses:
+            metrics["aux_loss"] = round(sum(self.aux_losses) / len(self.aux_losses), 5)
+        counts = [counts for counts in self.counts if counts is not None]
+        if counts:
+            metrics["expert_tokens"] = [layer.tolist() for layer in counts]
+            metrics["expert_imbalance"] = round(max((layer.max() / layer.float().mean()).item() for layer in counts), 3)
+        self.counts, self.aux_losses = [None] * len(self.blocks), []
+        return metrics
+
+
 class ArchLMTrainer(Trainer):
     """The Trainer, plus a sequence-length curriculum and ArchLM's metrics in every log.
 
@@ -467,6 +522,8 @@ class ArchLMTrainer(Trainer):
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, ThroughputCallback):
                     logs.update(callback.metrics(self.args, self.state))
+                elif isinstance(callback, RouterStatsCallback):
+                    logs.update(callback.metrics())
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         super().log(logs, start_time)

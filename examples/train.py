@@ -40,6 +40,7 @@ from archlm.training import (
     SETUP_ERRORS,
     ArchLMTrainer,
     ModelArguments,
+    RouterStatsCallback,
     RunArguments,
     ThroughputCallback,
     TrainingLogCallback,
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     throughput = ThroughputCallback(base_model(run.model).flops_per_token, peak_tflops * 1e12, device,
                                     lambda step: block_size_at(run.schedule, step))
     training_log = TrainingLogCallback(output_dir, log_header(run, data_args, training_args, peak_tflops))
+    router_stats = [RouterStatsCallback(base_model(run.model))] if run.config.num_experts else []
     trainer = ArchLMTrainer(
         model=run.model,
         args=training_args,
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         eval_dataset=run.data.validation,
         processing_class=run.tokenizer,
         data_collator=default_data_collator,
-        callbacks=[throughput, training_log, *(callbacks or [])],
+        callbacks=[throughput, training_log, *router_stats, *(callbacks or [])],
         block_size_schedule=run.schedule if len(run.schedule) > 1 else None,
     )
     try:

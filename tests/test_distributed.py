@@ -323,3 +323,19 @@ def test_fsdp2_on_two_cpu_processes_saves_tied_embeddings_once(tmp_path):
     assert log["tied"] and log["world_size"] == 2
     assert log["local_elements"] == [log["parameters"] // 2] * 2
     check_full_state_dict(out, log)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_mixture_of_experts_trains_under_zero_and_reloads_every_expert(tmp_path, zero):
+    """The mixtral preset (stacked 3-D expert weights, a router per layer) under ZeRO-2 and ZeRO-3 on 2 processes:
+    the load-balancing loss and the tokens per expert are logged at every step, and the saved folder reloads in a
+    fresh process with every parameter (ZeRO-3 gathers the partitioned expert tensors on save)."""
+    out = tmp_path / zero
+    run(torchrun(), "--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4", "--max_steps", "3",
+        "--output_dir", str(out), "--deepspeed", str(DEEPSPEED / f"{zero}.json"), name=f"torchrun + {zero}.json, MoE")
+    check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
+    steps = read_log(out)["steps"]
+    assert len(steps) == 3 and all(math.isfinite(step["aux_loss"]) for step in steps)
+    assert all(len(step["expert_tokens"]) == 2 and len(step["expert_tokens"][0]) == 4 for step in steps)
+    loaded = reload(out)
+    assert loaded["parameters"] > 0

@@ -545,3 +545,18 @@ def test_report_to_wandb_logs_the_run_offline(tmp_path, monkeypatch):
     runs = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
     assert b"train/loss" in runs[0].read_bytes()
+
+
+def test_mixture_of_experts_logs_the_aux_loss_and_the_tokens_routed_to_each_expert(tmp_path):
+    """The mixtral preset trains with the load-balancing loss on (output_router_logits unless overridden), and every
+    logged step records it with the tokens each layer's experts received and the imbalance."""
+    out = train("--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4", "--max_steps", "4",
+                "--logging_steps", "2", "--output_dir", str(tmp_path / "moe"))
+    log = read_log(out)
+    assert log["config"]["output_router_logits"] is True and "MoE4x2" in log["architecture_name"]
+    tokens_per_interval = 2 * 4 * 32  # steps x batch x block
+    for step in log["steps"]:
+        assert step["aux_loss"] >= 2 * 0.99  # top-k (2) when perfectly balanced, more otherwise
+        assert [sum(layer) for layer in step["expert_tokens"]] == [tokens_per_interval * 2] * 2  # k = 2 per token
+        assert step["expert_imbalance"] >= 1.0
+    assert ArchLMForCausalLM.from_pretrained(out).config.num_experts == 4
