@@ -114,17 +114,26 @@ def peak_memory(args, name: str) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def markdown(results: dict) -> str:
-    rows = results["rows"]
+def ratio(row: dict, reference: str) -> float:
+    """ArchLM over the reference, > 1 when ArchLM is better (faster, or less memory)."""
+    return row["archlm"] / row[reference] if row["higher_is_better"] else row[reference] / row["archlm"]
+
+
+def comparison_table(results: dict, reference: str, label: str) -> list[str]:
+    """The header line and the table of `results["rows"]`, ArchLM against `reference` (the rows' key for it)."""
     lines = [
         f"`{results['architecture']}` ({results['parameters'] / 1e6:.1f}M parameters), {results['dtype']}, "
         f"batch {results['batch']} x seq {results['seq']}, {results['attn']}; {results['machine']}; median of "
         f"{results['pairs']} interleaved pairs.", "",
-        "| measure | ArchLM | transformers Llama | ArchLM / Llama |", "|---|---:|---:|---:|",
+        f"| measure | ArchLM | {label} | ArchLM / {label.split()[-1]} |", "|---|---:|---:|---:|",
     ]
-    for row in rows:
-        better = row["archlm"] / row["llama"] if row["higher_is_better"] else row["llama"] / row["archlm"]
-        lines.append(f"| {row['measure']} | {row['archlm']:,.1f} | {row['llama']:,.1f} | {better:.2f}x |")
+    for row in results["rows"]:
+        lines.append(f"| {row['measure']} | {row['archlm']:,.1f} | {row[reference]:,.1f} | {ratio(row, reference):.2f}x |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = comparison_table(results, "llama", "transformers Llama")
     lines += ["", f"Measured matmul rate: fp32 {results['matmul_tflops']['float32']:.3f} TFLOP/s, bf16 "
                   f"{results['matmul_tflops']['bfloat16']:.3f} TFLOP/s. MFU = training tokens/s x FLOPs/token "
                   f"({results['flops_per_token'] / 1e6:.1f} MFLOPs at seq {results['seq']}) / the rate of the dtype "
@@ -132,18 +141,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path) -> None:
+def plot_ratios(results: dict, path, reference: str = "llama", label: str = "transformers Llama") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    ratios = [row["archlm"] / row["llama"] if row["higher_is_better"] else row["llama"] / row["archlm"] for row in rows]
+    ratios = [ratio(row, reference) for row in rows]
     fig, axis = plt.subplots(figsize=(8, 4))
     axis.barh([row["measure"] for row in rows], ratios, color=["C2" if r >= 1 else "C3" for r in ratios])
     axis.axvline(1.0, color="black", linewidth=1)
-    axis.set(xlabel="ArchLM / transformers Llama (> 1: ArchLM better)", title=results["architecture"])
+    axis.set(xlabel=f"ArchLM / {label} (> 1: ArchLM better)", title=results["architecture"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -201,7 +210,7 @@ def main(argv=None):
         "matmul_tflops": rates, "flops_per_token": flops, "rows": rows,
     }
     table = markdown(results)
-    write_results(args.output_dir, "vs_llama", results, table, plot)
+    write_results(args.output_dir, "vs_llama", results, table, plot_ratios)
 
 
 if __name__ == "__main__":

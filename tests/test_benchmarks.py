@@ -64,3 +64,15 @@ def test_floor_decoder_refuses_what_it_does_not_implement():
     llama = ArchLMConfig.from_preset("llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=128)
     assert FloorDecoder(ArchLMForCausalLM(llama), max_length=16).keys.shape == (1, 1, 2, 16, 16)  # accepted
+
+
+@pytest.mark.slow
+def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
+    run_benchmark("vs_mixtral", "--experts", "4", "--expert_width", "32", "--seq", "16", "--batch", "2", "--pairs", "1",
+                  "--decode_prompt", "8", "--decode_tokens", "4", "--output_dir", str(tmp_path))
+    results = json.loads((tmp_path / "vs_mixtral.json").read_text())
+    assert [row["measure"] for row in results["rows"]] == [
+        "forward tokens/s", "train step tokens/s", "decode tokens/s (dynamic cache)"]
+    assert all(row["archlm"] > 0 and row["mixtral"] > 0 for row in results["rows"])
+    assert 0 < results["active_parameters"] < results["parameters"]
+    assert "| forward tokens/s |" in (tmp_path / "vs_mixtral.md").read_text()

@@ -1,0 +1,82 @@
+"""ArchLM's mixtral preset against transformers' own MixtralForCausalLM holding the same weights, side by side.
+
+    python benchmarks/vs_mixtral.py                                 # ~3 minutes on 2 CPU cores
+    python benchmarks/vs_mixtral.py --experts 8 --top_k 2 --pairs 7 --output_dir benchmarks/results
+
+Both models in one process, interleaved as in vs_llama.py (the median over --pairs pairs, alternating which goes
+first): forward tokens/s, training-step tokens/s (forward + backward + fused AdamW, the load-balancing loss on, as
+train.py trains a mixture of experts) and batch-1 cached decode tokens/s. Both route tokens the same way (their
+logits are tested equal); transformers' experts run its default `grouped_mm` implementation. Writes
+vs_mixtral.json, vs_mixtral.md and vs_mixtral.png to --output_dir.
+"""
+
+import argparse
+import logging
+
+import torch
+from common import add_model_flags, decode_ms_per_token, interleaved, llama_config, machine_description, write_results
+from vs_llama import comparison_table, forward_seconds, plot_ratios, train_step_seconds
+
+from archlm import ArchLMForCausalLM
+from archlm.convert import to_transformers
+
+logger = logging.getLogger("benchmarks.vs_mixtral")
+LABEL = "transformers Mixtral"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top_k", type=int, default=2)
+    parser.add_argument("--expert_width", type=int, default=768, help="moe_intermediate_size")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved measurement pairs per figure")
+    parser.add_argument("--decode_prompt", type=int, default=32)
+    parser.add_argument("--decode_tokens", type=int, default=32)
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    config = llama_config(args, num_experts=args.experts, num_experts_per_tok=args.top_k,
+                          moe_intermediate_size=args.expert_width, output_router_logits=True,
+                          max_position_embeddings=max(2048, args.seq * 2), bos_token_id=1, eos_token_id=2)
+    archlm = ArchLMForCausalLM(config)
+    models = {"archlm": archlm, "mixtral": to_transformers(archlm)}  # same weights
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    prompt = torch.randint(3, args.vocab, (1, args.decode_prompt))
+    tokens = args.batch * args.seq
+    logger.info("measuring %s: forward, train step, decode", config.architecture_name)
+    forward = interleaved(models, forward_seconds(ids, "cpu"), args.pairs)
+    train = interleaved(models, train_step_seconds(ids, "cpu"), args.pairs)
+    for model in models.values():
+        model.eval()
+    with torch.no_grad():
+        decode = interleaved(models, lambda model: decode_ms_per_token(
+            model, prompt, args.decode_tokens, 1, output_router_logits=False), args.pairs)
+    rows = [
+        {"measure": "forward tokens/s", **{n: tokens / s for n, s in forward.items()}, "higher_is_better": True},
+        {"measure": "train step tokens/s", **{n: tokens / s for n, s in train.items()}, "higher_is_better": True},
+        {"measure": "decode tokens/s (dynamic cache)", **{n: 1000 / ms for n, ms in decode.items()},
+         "higher_is_better": True},
+    ]
+    results = {
+        "architecture": config.architecture_name, "parameters": archlm.num_parameters(),
+        "active_parameters": config.num_parameters_estimate(active_only=True), "dtype": "torch.float32",
+        "batch": args.batch, "seq": args.seq, "attn": archlm.config._attn_implementation, "pairs": args.pairs,
+        "machine": machine_description(), "rows": rows,
+    }
+    table = "\n".join(comparison_table(results, "mixtral", LABEL) + [
+        "", f"{results['active_parameters'] / 1e6:.1f}M of the parameters are active per token. Ratios: > 1 means "
+            "ArchLM is faster."])
+    write_results(args.output_dir, "vs_mixtral", results, table,
+                  lambda results, path: plot_ratios(results, path, "mixtral", LABEL))
+
+
+if __name__ == "__main__":
+    main()
