@@ -29,7 +29,7 @@ from pathlib import Path
 
 logger = logging.getLogger("compare_architectures")
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-COLUMNS = ("rank", "run", "architecture", "parameters", "tokens/s", "MFU", "eval loss", "perplexity")
+COLUMNS = ("rank", "run", "architecture", "parameters", "tokens/s", "MFU", "peak MiB", "eval loss", "perplexity")
 
 # train.py flags that this script sets for each run (or that would undo what it sets), with what to do instead.
 # Passed after `--` they would win over its own (the last flag wins), e.g. send every run to one folder.
@@ -64,6 +64,16 @@ def _format(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _active_parameters(run: dict) -> str:
+    """For a mixture of experts, the parameters one token uses (its config's top-k of every sparse layer's experts)."""
+    config = run.get("config") or {}
+    if not config.get("num_experts"):
+        return ""
+    from archlm import ArchLMConfig
+
+    return f" ({ArchLMConfig.from_dict(config).num_parameters_estimate(active_only=True):,} active)"
+
+
 def comparison_table(runs: list[dict]) -> str:
     """Markdown table ranked by final eval loss (runs without one last)."""
     ranked = sorted(runs, key=lambda run: (_final_eval_loss(run) is None, _final_eval_loss(run) or 0.0))
@@ -75,9 +85,10 @@ def comparison_table(runs: list[dict]) -> str:
             str(rank),
             run["folder"].name,
             run["architecture_name"],
-            _format(run.get("parameters"), ","),
+            _format(run.get("parameters"), ",") + _active_parameters(run),
             _format(summary.get("tokens_per_second"), ",.0f"),
             _format(summary.get("mfu") * 100 if summary.get("mfu") is not None else None, ".1f") + ("%" if summary.get("mfu") is not None else ""),
+            _format(summary.get("peak_memory_mb"), ",.0f"),
             _format(loss, ".4f"),
             _format(math.exp(loss) if loss is not None and loss < 700 else None, ".2f"),
         ]

@@ -37,7 +37,7 @@ compare = load_script(COMPARE_SCRIPT, "archlm_compare_script")
 
 def fake_run(folder: Path, name: str, eval_loss: float | None, peak_tflops: float | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125}
+    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125, "peak_memory_mb": 512.3}
     write_json_atomically(folder / "training_log.json", {
         "architecture_name": name, "parameters": 1_000_000, "summary": summary,
         **({"peak_tflops": peak_tflops} if peak_tflops is not None else {}),
@@ -52,8 +52,8 @@ def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
             fake_run(tmp_path / "broken", "C-arch", None)]
     output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "compare")]))
     table = (output / "comparison.md").read_text().splitlines()
-    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | eval loss | perplexity |"
-    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 3.0000 | 20.09 |")
+    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | peak MiB | eval loss | perplexity |"
+    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 512 | 3.0000 | 20.09 |")
     assert table[3].startswith("| 2 | gpt2 | A-arch") and table[4].startswith("| 3 | broken | C-arch") and table[4].endswith("| - | - |")
     assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
@@ -146,3 +146,12 @@ def test_compare_trains_presets_on_the_same_data_seed_budget_and_peak(tmp_path):
     logs = [json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")]
     assert [log["peak_tflops"] for log in logs] == [0.05, 0.05]
     assert "every run against the same peak, 0.05 TFLOP/s (given with --peak_tflops)." in (tmp_path / "comparison.md").read_text()
+
+
+def test_a_mixture_of_experts_shows_its_active_parameters_beside_the_total():
+    config = ArchLMConfig.from_preset("mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, vocab_size=128)
+    run = {"folder": Path("moe"), "architecture_name": config.architecture_name, "config": config.to_dict(),
+           "parameters": config.num_parameters_estimate(), "summary": {"eval_loss": 3.0}}
+    active = config.num_parameters_estimate(active_only=True)
+    assert f"{config.num_parameters_estimate():,} ({active:,} active)" in compare.comparison_table([run])
