@@ -89,6 +89,10 @@ class RunArguments:
     )
     sample_prompt: str = field(default="def ", metadata={"help": 'Prompt of the sample printed at the end ("" for none).'})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of that sample."})
+    expert_parallel_size: int = field(
+        default=1, metadata={"help": "Processes that split a mixture of experts' experts between them (1: every "
+                                     "process holds every expert). Only 1 is offered: see docs/distributed.md."}
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +115,14 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not a folder.")
     if model_args.tokenizer_name and missing_local_folder(model_args.tokenizer_name):
         raise ValueError(f"--tokenizer_name {model_args.tokenizer_name!r}: no such folder.")
+    if run_args.expert_parallel_size != 1:
+        gpus = torch.cuda.device_count()
+        raise ValueError(
+            f"--expert_parallel_size {run_args.expert_parallel_size}: expert parallelism exchanges tokens between "
+            f"GPUs with an all-to-all (NCCL), and this machine has {gpus} GPU(s); train.py does not offer it. Train a "
+            "mixture of experts with DDP, DeepSpeed ZeRO-2/3 or FSDP instead (each process holds every expert, or a "
+            "shard of each); docs/distributed.md says how expert parallelism would be configured on GPUs."
+        )
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:

@@ -398,6 +398,8 @@ BAD_INPUTS = {
     "unknown preset": (lambda d: ["--preset", "gpt5"], "--preset 'gpt5' is unknown"),
     "lora without a model": (lambda d: ["--lora_r", "8"], "--lora_r adapts a trained model"),
     "resume without checkpoints": (lambda d: ["--resume_from_checkpoint", "latest"], "no checkpoint"),
+    "expert parallelism": (lambda d: ["--preset", "mixtral", "--expert_parallel_size", "2"],
+                           "--expert_parallel_size 2: expert parallelism .* GPU.* ZeRO-2/3"),
 }
 
 
