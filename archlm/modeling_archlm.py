@@ -129,20 +129,22 @@ class ArchLMRotaryEmbedding(nn.Module):
         if nested:
             self.rope_type = {}
         for layer_type in self.layer_types:
-            params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
-            rope_type = params["rope_type"]
-            rope_init_fn = self.compute_default_rope_parameters
-            if rope_type != "default":
-                rope_init_fn = ROPE_INIT_FUNCTIONS[rope_type]
-            inv_freq, attention_scaling = rope_init_fn(config, None, layer_type=layer_type)
-            prefix = f"{layer_type}_" if layer_type else ""
+            rope_type = (config.rope_parameters[layer_type] if layer_type else config.rope_parameters)["rope_type"]
             if layer_type:
                 self.rope_type[layer_type] = rope_type
             else:
                 self.rope_type = rope_type
+            inv_freq, attention_scaling = self.frequencies(layer_type)
+            prefix = f"{layer_type}_" if layer_type else ""
             self.register_buffer(f"{prefix}inv_freq", inv_freq, persistent=False)
             self.register_buffer(f"{prefix}original_inv_freq", inv_freq.clone(), persistent=False)
             setattr(self, f"{prefix}attention_scaling", attention_scaling)
+
+    def frequencies(self, layer_type: str | None) -> tuple[torch.Tensor, float]:
+        """inv_freq and attention scaling of one layer type's rope (None: the one shared rope)."""
+        rope_type = self.rope_type[layer_type] if layer_type else self.rope_type
+        rope_init_fn = self.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+        return rope_init_fn(self.config, None, layer_type=layer_type)
 
     @staticmethod
     def compute_default_rope_parameters(config: ArchLMConfig, device=None, layer_type=None, **kwargs) -> tuple[torch.Tensor, float]:
@@ -748,9 +750,7 @@ class ArchLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ArchLMRotaryEmbedding):
             for layer_type in module.layer_types:
                 prefix = f"{layer_type}_" if layer_type else ""
-                rope_type = module.rope_type[layer_type] if layer_type else module.rope_type
-                rope_init_fn = module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
-                inv_freq, _ = rope_init_fn(config, None, layer_type=layer_type)
+                inv_freq, _ = module.frequencies(layer_type)
                 init.copy_(getattr(module, f"{prefix}inv_freq"), inv_freq)
                 init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
         else:
