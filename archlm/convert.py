@@ -6,8 +6,8 @@
 `--from-transformers` loads IN_DIR (a local folder) with `AutoModelForCausalLM.from_pretrained`, converts it,
 and saves the ArchLM model (config with `auto_map`, safetensors, remote code, generation config) to OUT_DIR.
 `--to-native` loads the ArchLM model saved in IN_DIR and saves it as the native transformers family that
-computes the same function (no remote code: vLLM, TGI and llama.cpp's converters load it as they load any
-Llama, Mistral, Qwen2, Qwen3 or GPT-2), after checking on a short input that both give the same logits.
+computes the same function (no remote code: vLLM, TGI and llama.cpp's converters load it as they load the
+family's own checkpoints), after checking on a short input that both give the same logits.
 Either way the tokenizer comes along when IN_DIR has one. OUT_DIR must be new or empty, and neither IN_DIR nor a
 folder inside it: writing over a model folder would leave a mix of both models' files. `--overwrite` replaces a
 non-empty OUT_DIR (its contents are deleted once the conversion has succeeded). In Python:
@@ -16,12 +16,15 @@ non-empty OUT_DIR (its contents are deleted once the conversion has succeeded). 
     >>> archlm_model = from_transformers(LlamaForCausalLM.from_pretrained(path))
     >>> llama = to_transformers(archlm_model)  # a LlamaForCausalLM again
 
-Supported: `GPT2LMHeadModel`, `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-`Qwen3ForCausalLM`. Each family is one `Family` entry in `FAMILIES` holding a config mapping and a
-state-dict mapping each way, and the list of ArchLM settings the family cannot express.
+Supported: GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), OLMo, OLMo 2, Phi, Phi-3,
+GPT-NeoX, StableLM, Starcoder2, Cohere, Granite, SmolLM3, GPT-J, and the mixtures of experts Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE (`FAMILY_LIST`). Each family is one declarative `Family` record: which native config field
+holds each ArchLM field, the ArchLM values the family fixes and those it also allows, key renames, and the few
+reversible weight operations (fused matrices split and re-fused, GPT-2's Conv1D transposed, per-head norms
+stacked). The same record converts both ways and says what an ArchLM config sets that the family cannot express.
 
-Whatever a source config sets that the other side cannot represent (GPT-2's per-layer attention scaling,
-Qwen's per-layer sliding window, partial rotary, ALiBi, post-norm, ...) is refused with a `ValueError` that
+Whatever a source config sets that the other side cannot represent (GPT-2's per-layer attention scaling, a
+rotary fraction a class ignores, ALiBi, post-norm, ...) is refused with a `ValueError` that
 names the field and its value (every such field, not only the first); nothing that changes the logits is
 dropped silently, and the weights load with strict key checking. Two things carry over without an equal:
 
@@ -120,10 +123,6 @@ class WeightOp:
 
     def to_native(self, state_dict: StateDict, config: ArchLMConfig) -> None:
         raise NotImplementedError
-
-
-def _layer_keys(template: str, config: ArchLMConfig) -> list[str]:
-    return [template.format(i=i) for i in range(config.num_hidden_layers)]
 
 
 @dataclass(frozen=True)
@@ -425,10 +424,6 @@ def _special_token_ids(config: PreTrainedConfig) -> dict:
             value = None
         ids[name] = value
     return ids
-
-
-def _rope_dict(native: PreTrainedConfig) -> dict:
-    return copy.deepcopy(dict(native.rope_parameters or {}))
 
 
 def _head_dim(native: PreTrainedConfig) -> int:
@@ -1013,8 +1008,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     direction.add_argument(
         "--to-native", nargs=2, metavar=("IN_DIR", "OUT_DIR"),
-        help="export the ArchLM model saved in IN_DIR as its native transformers family (Llama, Mistral, Qwen2, "
-             "Qwen3 or GPT-2, no remote code) into OUT_DIR",
+        help="export the ArchLM model saved in IN_DIR as its native transformers family (the class it was converted "
+             "from, else the first family that expresses it; no remote code) into OUT_DIR",
     )
     parser.add_argument(
         "--overwrite", action="store_true",
