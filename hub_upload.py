@@ -13,8 +13,8 @@ folder, printed on stdout) and uploads nothing. What happens, in order:
 2. A temporary folder receives `config.json` (with `auto_map`), the safetensors, the remote code
    (`configuration_archlm.py`, `modeling_archlm.py`), the tokenizer, `generation_config.json`, any `*.png` figures
    and a model card `README.md` (metadata, architecture, training figures from `training_log.json`, usage).
-   With `--native` it receives the native transformers export instead (`archlm.convert.to_transformers`: Llama,
-   Mistral, Qwen2, Qwen3 or GPT-2, checked for equal logits), which loads without remote code.
+   With `--native` it receives the native transformers export instead (`archlm.convert.to_transformers`: the
+   family that computes the same function, checked for equal logits), which loads without remote code.
 3. That folder is loaded in a separate Python process where `import archlm` fails, as on a Hub user's machine:
    `AutoModelForCausalLM` (with `trust_remote_code=True`, or without for `--native`), `AutoTokenizer`, a short
    forward. A folder that does not load is refused with the loader's error, and nothing is left behind.

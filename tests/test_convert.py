@@ -1,4 +1,5 @@
-"""Parity of `archlm.convert` with transformers' own GPT-2, Llama, Mistral, Qwen2, Qwen3, both ways.
+"""Parity of `archlm.convert` with transformers' own GPT-2, Llama, Mistral, Qwen2, Qwen3, both ways (the other
+families: test_convert_families.py), and the converter's refusals and command line.
 
 Each reference is a tiny, seeded model with every parameter randomised (norm weights around 1, biases non-zero),
 so a swapped, missing or mis-split weight shows in the logits. `from_transformers` must give the transformers
