@@ -631,12 +631,16 @@ class ArchLMConfig(PreTrainedConfig):
         self._check_sizes()
         params = self.rope_parameters
         if self.position_embedding_type != "rope":
-            for name, off in (("rope_interleaved", False), ("no_rope_layers", None)):
-                if getattr(self, name) != off and not (name == "no_rope_layers" and all(self.no_rope_layers)):
-                    raise ValueError(
-                        f"`{name}`={getattr(self, name)!r} shapes rope, but `position_embedding_type`="
-                        f"{self.position_embedding_type!r}; use position_embedding_type='rope' or leave it at {off}."
-                    )
+            shaping = [(name, value) for name, value, shapes_rope in (
+                ("rope_interleaved", self.rope_interleaved, self.rope_interleaved),
+                ("no_rope_layers", self.no_rope_layers, self.no_rope_layers is not None and not all(self.no_rope_layers)),
+            ) if shapes_rope]
+            if shaping:
+                name, value = shaping[0]
+                raise ValueError(
+                    f"`{name}`={value!r} shapes rope, but `position_embedding_type`={self.position_embedding_type!r}; "
+                    f"use position_embedding_type='rope', or drop `{name}`."
+                )
         if self.no_rope_layers is not None:
             if len(self.no_rope_layers) != self.num_hidden_layers or not set(self.no_rope_layers) <= {0, 1}:
                 raise ValueError(
@@ -652,15 +656,14 @@ class ArchLMConfig(PreTrainedConfig):
         if not isinstance(params, dict):
             raise ValueError(f"`rope_parameters` must be a dict, got {type(params).__name__}.")
         nested = set(params) & set(LAYER_TYPES)
-        if nested:
-            missing = sorted(set(self.layer_types) - nested)
-            if missing or set(params) - nested:
-                raise ValueError(
-                    f"`rope_parameters` nested by layer type must have exactly one dict for each layer type in "
-                    f"`layer_types` ({sorted(set(self.layer_types))}), got keys {sorted(params)}."
-                )
-        for layer_type, layer_params in self.rope_parameters_by_layer_type().items():
-            self._check_rope_dict(layer_params, f"rope_parameters['{layer_type}']" if nested else "rope_parameters")
+        if nested and (set(self.layer_types) - nested or set(params) - nested):
+            raise ValueError(
+                f"`rope_parameters` nested by layer type must hold a dict for each layer type in `layer_types` "
+                f"({sorted(set(self.layer_types))}) and nothing else, got keys {sorted(params)}."
+            )
+        for layer_type in sorted(nested) or [None]:  # every nested dict: the rotary module builds a table for each
+            self._check_rope_dict(params[layer_type] if layer_type else params,
+                                  f"rope_parameters['{layer_type}']" if layer_type else "rope_parameters")
         if self.position_embedding_type != "rope":
             return  # the dict is kept but unused: transformers' even-head_dim check does not apply
         if self.head_dim % 2:
