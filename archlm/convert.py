@@ -752,8 +752,9 @@ FAMILY_LIST = [
         ignore=(r"\.attn\.(masked_)?bias$", r"embed_positions$"),
     ),
 ]
+# (output_router_logits is imported but exported off: transformers' MoE classes cannot generate with it on)
 _EXPERT_FIELDS = dict(num_experts="num_experts", num_experts_per_tok="num_experts_per_tok",
-                      router_aux_loss_coef="router_aux_loss_coef", output_router_logits="output_router_logits")
+                      router_aux_loss_coef="router_aux_loss_coef")
 _QWEN_MOE_FIELDS = dict(_EXPERT_FIELDS, moe_intermediate_size="moe_intermediate_size", norm_topk_prob="norm_topk_prob",
                         decoder_sparse_step="decoder_sparse_step", mlp_only_layers="mlp_only_layers")
 FAMILY_LIST += [
@@ -766,7 +767,8 @@ FAMILY_LIST += [
         fixed=dict(norm_topk_prob=True),  # Mixtral always renormalises the top-k weights
         allows={"_layer_types": {"sliding"}},
         requires={"hidden_act": LLAMA_ACTIVATIONS},
-        import_fields=lambda native: dict(head_dim=_head_dim(native), intermediate_size=native.intermediate_size),
+        import_fields=lambda native: dict(head_dim=_head_dim(native), intermediate_size=native.intermediate_size,
+                                          output_router_logits=native.output_router_logits),
         export_fields=lambda config: dict(hidden_act="silu", **_window_of_every_layer(config)),
         refuse=(("router_jitter_noise", 0.0, "multiplies the router's input by noise in training"),),
     ),
@@ -778,6 +780,7 @@ FAMILY_LIST += [
         allows={"_dense_layers": ANY, "_shared_expert": ANY},
         # Qwen2-MoE always has its shared expert
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_layer_types": {"full"}, "_shared_expert": {True}},
+        import_fields=lambda native: dict(output_router_logits=native.output_router_logits),
         export_fields=lambda config: dict(hidden_act="silu"),
     ),
     Family(
@@ -787,7 +790,8 @@ FAMILY_LIST += [
         fixed=dict(qk_norm=True),
         allows={"attention_output_bias": ANY, "_dense_layers": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_layer_types": {"full"}},
-        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias,
+                                          output_router_logits=native.output_router_logits),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
     Family(
@@ -799,7 +803,8 @@ FAMILY_LIST += [
         fixed=dict(qk_norm=True, qk_norm_scope="full"),
         allows={"attention_output_bias": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size),
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size,
+                                          output_router_logits=native.output_router_logits),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]

@@ -225,3 +225,15 @@ def test_generate_runs_with_router_logits_on_and_the_aux_loss_sees_only_the_rout
     with_logits = ours.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     without = ours.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, output_router_logits=False)
     assert torch.equal(with_logits, without)
+
+
+def test_an_exported_mixture_of_experts_generates_although_it_trained_with_router_logits():
+    """train.py trains a mixture of experts with output_router_logits=True; transformers' MoE classes fail to
+    generate with it on, so the export leaves it off (the import keeps what the native config says)."""
+    config = ArchLMConfig.from_preset("mixtral", hidden_size=32, num_attention_heads=4, intermediate_size=32,
+                                      num_hidden_layers=2, vocab_size=VOCAB, num_experts=4, output_router_logits=True)
+    torch.manual_seed(0)
+    native = to_transformers(randomised(ArchLMForCausalLM(config)))
+    assert native.config.output_router_logits is False
+    native.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert from_transformers(build("mixtral-8experts-top2-sliding5", "sdpa")).config.output_router_logits is True
