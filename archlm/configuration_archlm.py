@@ -840,19 +840,25 @@ class ArchLMConfig(PreTrainedConfig):
         ]
         return "-".join(parts + self._name_tags())
 
-    def num_parameters_estimate(self, active_only: bool = False) -> int:
-        """Parameter count of the causal LM, counted on a model built on the meta device (no memory, no init);
-        `active_only`: those one token uses (a mixture of experts runs num_experts_per_tok of its experts)."""
+    def _meta_model(self):
+        """The causal LM built on the meta device: every parameter's shape, no memory, no init."""
         from .modeling_archlm import ArchLMForCausalLM  # the modeling file imports this one: import at call time
 
         with torch.device("meta"):
-            model = ArchLMForCausalLM(self)
+            return ArchLMForCausalLM(self)
+
+    def num_parameters_estimate(self, active_only: bool = False) -> int:
+        """Parameter count of the causal LM, counted on a meta-device model; `active_only`: those one token uses
+        (a mixture of experts runs num_experts_per_tok of its experts)."""
+        model = self._meta_model()
         return model.num_parameters() - (model.inactive_parameters() if active_only else 0)
 
     def summary(self) -> str:
         """A human-readable table of the architecture."""
         sliding = self.layer_types.count("sliding_attention")
-        total, active = self.num_parameters_estimate(), self.num_parameters_estimate(active_only=True)
+        model = self._meta_model()
+        total = model.num_parameters()
+        active = total - model.inactive_parameters()
         sparse = sum(self.layer_is_sparse(i) for i in range(self.num_hidden_layers))
         rows = [
             ("architecture", self.architecture_name),
