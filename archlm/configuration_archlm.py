@@ -567,13 +567,14 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError(f"`norm_eps` must be a finite number >= 1e-12, got {self.norm_eps!r}.")
 
     def validate_scales(self):
-        """Multipliers and soft caps: finite and > 0 (a cap of 0 or a zero multiplier silences the model)."""
+        """Multipliers and soft caps in [1e-6, 1e6]: 0 silences the model, and far outside that range the logits of a
+        fresh model overflow float32 (the property test found logits_scaling=1e-105 dividing them to inf)."""
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier",
                      "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "clip_qkv"):
             value = getattr(self, name)
-            if value is not None and not _positive_finite(value):
-                optional = "" if name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") else " or None"
-                raise ValueError(f"`{name}` must be a finite number > 0{optional}, got {value!r}.")
+            if value is not None and not (_positive_finite(value) and 1e-6 <= value <= 1e6):
+                optional = "" if name in ("embedding_multiplier", "residual_multiplier", "logits_scaling") else ", or None"
+                raise ValueError(f"`{name}` must be a number in [1e-6, 1e6]{optional}, got {value!r}.")
         if self.attention_multiplier is not None and self.query_pre_attn_scalar is not None:
             raise ValueError(
                 f"`attention_multiplier`={self.attention_multiplier} and `query_pre_attn_scalar`="

@@ -509,6 +509,8 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(embedding_multiplier=0.0), ["embedding_multiplier", "0.0"]),
     (dict(residual_multiplier=float("nan")), ["residual_multiplier", "nan"]),
     (dict(logits_scaling=-2.0), ["logits_scaling", "-2.0"]),
+    (dict(logits_scaling=1e-105), ["logits_scaling", "1e-105", "[1e-6, 1e6]"]),  # found by the property test
+    (dict(embedding_multiplier=1e7), ["embedding_multiplier", "[1e-6, 1e6]"]),
     (dict(attention_multiplier=0.5, query_pre_attn_scalar=16), ["attention_multiplier", "query_pre_attn_scalar"]),
     (dict(init_scheme="magneto", sub_layernorm=False), ["init_scheme", "magneto", "sub_layernorm"]),
     (dict(norm_position="peri"), ["norm_position", "peri"]),
