@@ -964,6 +964,85 @@ class ArchLMModel(ArchLMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+LOSS_CHUNK_BYTES = 1 << 25
+
+
+def loss_chunk_size(tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk of the fused loss: a chunk's float32 logits take at most LOSS_CHUNK_BYTES (32 MiB), or the
+    size of the hidden states if that is larger, so that the loss never needs much more memory than the layers."""
+    budget = max(LOSS_CHUNK_BYTES, tokens * hidden_size * 4)
+    return max(1, min(tokens, budget // (vocab_size * 4)))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the cross-entropy in one pass over chunks of tokens, so that the (tokens x vocabulary)
+    logits, their log-softmax and their gradient never exist at once (the idea of Liger-Kernel's fused linear
+    cross-entropy and of Cut Cross-Entropy, here in plain torch, so that it runs on any device).
+
+    Each chunk's gradients are computed in the forward pass, while its logits exist, and kept: the backward pass
+    only scales them by the incoming gradient (the Trainer's 1 / num_items_in_batch). The logits are computed as
+    the plain path computes them (`lm_head`, / logits_scaling, the soft cap, then float32), so both agree to
+    float tolerance. Returns the loss summed over the targets that are not ignore_index, in float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, logits_scaling, softcap, chunk_size, ignore_index, grad_enabled):
+        # hidden (N, C), weight (V, C), bias (V,) or None, targets (N,)
+        want = [grad_enabled and needed for needed in ctx.needs_input_grad[:3]]
+        grad_hidden = torch.empty_like(hidden) if want[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want[2] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h, target = hidden[rows], targets[rows]
+            logits = F.linear(h, weight, bias)
+            if logits_scaling != 1:
+                logits = logits / logits_scaling
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            logits = logits.float()
+            valid = target != ignore_index
+            safe_target = torch.where(valid, target, 0)[:, None]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += ((log_norm - logits.gather(1, safe_target).squeeze(1)) * valid).sum()
+            if not any(want):
+                continue
+            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; then back through the cap and scale
+            grad = logits.sub_(log_norm[:, None]).exp_()
+            grad.scatter_add_(1, safe_target, grad.new_full(safe_target.shape, -1.0))
+            grad.mul_(valid[:, None])
+            if softcap is not None:
+                grad.mul_(1 - capped.float().square())
+            if logits_scaling != 1:
+                grad.div_(logits_scaling)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, h.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_dtype, weight_dtype = ctx.dtypes
+
+        def scaled(grad, dtype):
+            if grad is None:
+                return None
+            return (grad if torch.all(grad_output == 1) else grad * grad_output).to(dtype)
+
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype), scaled(grad_bias, weight_dtype),
+                None, None, None, None, None, None)
+
+
 class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -990,8 +1069,16 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
+        r"""
+        skip_logits (`bool`, *optional*):
+            Return the loss without the logits. By default (None) True in training mode when labels are given: the
+            loss is then computed chunk by chunk with the LM head (`ChunkedLinearCrossEntropy`), and the
+            (tokens x vocabulary) logits never exist at once. Pass False to get the logits in training; evaluation
+            (`model.eval()`) and generation always get them.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
@@ -1009,20 +1096,25 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         # generate() asks only for the last position: skip the vocab projection of the prompt
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_kept, V)
-        if self.config.logits_scaling != 1:
-            logits = logits / self.config.logits_scaling
-        if self.config.final_logit_softcapping is not None:
-            cap = self.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        hidden_states = hidden_states[:, keep, :]
+        if skip_logits is None:  # Liger-Kernel's convention: a training forward with labels needs only the loss
+            skip_logits = self.training and labels is not None
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes only the loss: it needs labels")
+        fused = skip_logits and self.fused_loss_supported()
+        logits = None if fused else self.logits(hidden_states)
 
         loss, aux_loss = None, None
-        if labels is not None:
+        if fused:
+            loss = self.fused_loss(hidden_states, labels, **kwargs)
+        elif labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if skip_logits:
+            logits = None
         if outputs.router_logits:  # transformers' load-balancing loss (Switch / Mixtral), padding excluded
             config = self.config
             # the mask of the tokens the routers saw: with a cache, the 2-D mask also covers the past
-            token_mask = attention_mask[:, -hidden_states.shape[1]:] if isinstance(attention_mask, torch.Tensor) \
+            token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:] if isinstance(attention_mask, torch.Tensor) \
                 and attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts, config.num_experts_per_tok,
                                                 token_mask)
@@ -1040,6 +1132,42 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
         return output if return_dict else output.to_tuple()
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head with Granite's logits scaling and Gemma 2's final soft cap, in the model's dtype."""
+        logits = self.lm_head(hidden_states)
+        if self.config.logits_scaling != 1:
+            logits = logits / self.config.logits_scaling
+        if self.config.final_logit_softcapping is not None:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def fused_loss_supported(self) -> bool:
+        """The chunked loss reads the LM head's weight directly: only a plain nn.Linear holding ordinary tensors.
+        ZeRO-3 gathers a partitioned weight only inside the module's own forward, PEFT wraps a targeted head,
+        and tensor-parallel or quantized weights are tensor subclasses: those take the plain path."""
+        head = self.lm_head
+        return (type(head) is nn.Linear and type(head.weight.data) is torch.Tensor
+                and not hasattr(head.weight, "ds_id"))
+
+    def fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers' causal-LM loss (`ForCausalLMLoss`: shifted labels, ignore_index, the mean over the
+        targets, or the sum / num_items_in_batch as the Trainer passes it), computed without the full logits."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        targets = shift_labels.reshape(-1).to(hidden_states.device)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        total = ChunkedLinearCrossEntropy.apply(
+            hidden, self.lm_head.weight, self.lm_head.bias, targets, self.config.logits_scaling,
+            self.config.final_logit_softcapping, loss_chunk_size(hidden.shape[0], *self.lm_head.weight.shape),
+            ignore_index, torch.is_grad_enabled())
+        if num_items_in_batch is None:
+            return total / (targets != ignore_index).sum()
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
 
     def init_continuous_batching(self, *args, **kwargs):
         """transformers' continuous batching (generate_batch, `transformers serve`), refused up front for ALiBi: its
