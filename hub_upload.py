@@ -2,6 +2,7 @@
 
     python hub_upload.py MODEL_DIR --repo-id USER/NAME [--private] [--revision R] [--commit-message M]
                          [--dry-run] [--stage-dir DIR] [--native] [--license apache-2.0] [--datasets NAME ...]
+                         [--eval-results FILE]
 
 Try it first with `--dry-run`, which needs no account: it stages into `--stage-dir` (default: a new temporary
 folder, printed on stdout) and uploads nothing. What happens, in order:
@@ -13,6 +14,9 @@ folder, printed on stdout) and uploads nothing. What happens, in order:
 2. A temporary folder receives `config.json` (with `auto_map`), the safetensors, the remote code
    (`configuration_archlm.py`, `modeling_archlm.py`), the tokenizer, `generation_config.json`, any `*.png` figures
    and a model card `README.md` (metadata, architecture, training figures from `training_log.json`, usage).
+   The metadata's `model-index` holds the validation loss and perplexity from `training_log.json` and, when the
+   folder has an `eval_results.json` (written by examples/evaluate.py, or any lm-evaluation-harness results file
+   given with `--eval-results`), every lm-evaluation-harness metric in it.
    With `--native` it receives the native transformers export instead (`archlm.convert.to_transformers`: the
    family that computes the same function, checked for equal logits), which loads without remote code.
 3. That folder is loaded in a separate Python process where `import archlm` fails, as on a Hub user's machine:
@@ -53,6 +57,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_PICKLES = ("training_args.bin",)  # the Trainer's arguments, not weights: never staged
 REMOTE_CODE_FILES = ("configuration_archlm.py", "modeling_archlm.py")
 TRAINING_LOG = "training_log.json"
+EVAL_RESULTS = "eval_results.json"  # examples/evaluate.py's output: lm-evaluation-harness's results dictionary
+LM_EVAL_SOURCE = {"source_name": "lm-evaluation-harness",
+                  "source_url": "https://github.com/EleutherAI/lm-evaluation-harness"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 LOAD_CHECK_TIMEOUT_S = 1800
 CHECK_RESULT_PREFIX = "HUB_UPLOAD_CHECK "
@@ -203,6 +210,56 @@ def read_training_log(model_dir: Path) -> dict | None:
     return log
 
 
+def read_eval_results(path: Path, required: bool) -> dict | None:
+    """An lm-evaluation-harness results file (a JSON object with a `results` object), or None when it is absent or
+    unreadable and not `required` (then: a warning); `Refused` when it was asked for and cannot be used."""
+    problem = None
+    if not path.is_file():
+        problem = "does not exist"
+    else:
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            problem = f"is not valid JSON ({error})"
+        else:
+            if isinstance(results, dict) and isinstance(results.get("results"), dict):
+                return results
+            problem = "is not an lm-evaluation-harness results file (no `results` object)"
+    if required:
+        raise Refused(f"--eval-results {path} {problem}; nothing was staged or uploaded")
+    if path.exists():
+        logger.warning("Ignoring %s, which %s: the card reports no evaluation results", path, problem)
+    return None
+
+
+def lm_eval_results(evaluation: dict | None) -> list[EvalResult]:
+    """model-index entries for every finite metric of every task (or group) in lm-evaluation-harness results: the
+    task as the dataset (its Hub dataset as `type` when it has one), the metric under its lm-eval name (with its
+    filter when that is not `none`), the few-shot count as dataset args, lm-evaluation-harness as the source."""
+    if not evaluation:
+        return []
+    configs, n_shot = evaluation.get("configs") or {}, evaluation.get("n-shot") or {}
+    entries = []
+    for task, metrics in sorted(evaluation["results"].items()):
+        if not isinstance(metrics, dict):
+            continue
+        config = configs.get(task) if isinstance(configs.get(task), dict) else {}
+        dataset = {"dataset_type": config.get("dataset_path") or task, "dataset_name": metrics.get("alias") or task,
+                   "dataset_config": config.get("dataset_name"),
+                   "dataset_split": config.get("test_split") or config.get("validation_split")}
+        if isinstance(n_shot.get(task), int):
+            dataset["dataset_args"] = {"num_few_shot": n_shot[task]}
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or _number(value) is None:
+                continue
+            entries.append(EvalResult(task_type="text-generation", task_name="Text Generation", **dataset,
+                                      metric_type=metric, metric_value=round(float(value), 4),
+                                      metric_name=metric if filter_name == "none" else f"{metric} ({filter_name})",
+                                      **LM_EVAL_SOURCE))
+    return entries
+
+
 def _number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -286,9 +343,11 @@ def usage_snippet(repo_id: str, revision: str | None, native_class: str | None, 
 
 def build_model_card(config: ArchLMConfig, repo_id: str, *, log: dict | None, figures_png: list[str],
                      license_id: str, datasets: list[str], revision: str | None = None,
-                     native: dict | None = None, exact_auto_tokenizer: bool = True) -> ModelCard:
+                     native: dict | None = None, exact_auto_tokenizer: bool = True,
+                     evaluation: dict | None = None) -> ModelCard:
     """The card: YAML metadata (library, task, tags, license, datasets, metrics as model-index), then the
-    architecture, the training figures, and how to load it. `native`: the load check's result for a native export."""
+    architecture, the training figures, and how to load it. `native`: the load check's result for a native export;
+    `evaluation`: lm-evaluation-harness results (`read_eval_results`), added to the model-index."""
     figures = training_figures(log)
     metrics = {name: figures[key] for name, key in (("loss", "eval_loss"), ("perplexity", "perplexity")) if key in figures}
     model_name = repo_id.split("/")[-1]
@@ -299,7 +358,7 @@ def build_model_card(config: ArchLMConfig, repo_id: str, *, log: dict | None, fi
                    dataset_split="validation", metric_type=name, metric_name=f"validation {name}",
                    metric_value=round(float(value), 4))
         for name, value in metrics.items()
-    ]
+    ] + lm_eval_results(evaluation)
     native_class = native["model_class"] if native else None
     tags = ["archlm", config.architecture_name, "text-generation", "causal-lm"]
     tags += [native["model_type"], "native-export"] if native else ["custom_code"]
@@ -380,6 +439,9 @@ def _stage_remote_code_model(model_dir: Path, config: ArchLMConfig, build: Path)
 
 def stage(model_dir: Path, config: ArchLMConfig, args: argparse.Namespace) -> Path:
     """A new temporary folder holding everything to upload, checked to load; removed again if anything fails."""
+    eval_results_path = getattr(args, "eval_results", None)
+    evaluation = read_eval_results(eval_results_path or model_dir / EVAL_RESULTS,
+                                   required=eval_results_path is not None)
     build = Path(tempfile.mkdtemp(prefix="archlm-hub-stage-"))
     try:
         if args.native:
@@ -409,6 +471,7 @@ def stage(model_dir: Path, config: ArchLMConfig, args: argparse.Namespace) -> Pa
             config, args.repo_id, log=log, figures_png=figures_png, license_id=args.license,
             datasets=datasets_of(log, args.datasets), revision=args.revision,
             native=outcome if args.native else None, exact_auto_tokenizer=outcome["auto_tokenizer_is_exact"],
+            evaluation=evaluation,
         )
         card.save(build / "README.md")
     except BaseException:
@@ -475,6 +538,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--license", default="apache-2.0", help="license id for the card metadata (default: apache-2.0)")
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help="Hub dataset ids the model was trained on (default: those recorded in training_log.json)")
+    parser.add_argument("--eval-results", type=Path, default=None, metavar="FILE",
+                        help=f"lm-evaluation-harness results for the card's model-index (default: MODEL_DIR/"
+                             f"{EVAL_RESULTS} when present, as examples/evaluate.py writes it)")
     return parser.parse_args(argv)
 
 

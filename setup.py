@@ -32,5 +32,8 @@ setup(
         "deepspeed": ["deepspeed>=0.17"],
         "wandb": ["wandb>=0.19"],
         "tensorboard": ["tensorboard>=2.18"],
+        # the clients: lm-evaluation-harness (examples/evaluate.py), transformers serve and the openai client
+        "eval": ["lm_eval>=0.4.9"],
+        "serve": ["transformers[serving]>=5.23,<5.24", "openai>=1.98"],
     },
 )

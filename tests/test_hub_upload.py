@@ -43,6 +43,27 @@ TRAINING_LOG = {
     "summary": {"global_step": 10, "tokens_seen": 20480, "train_loss": 5.3, "final_loss": 5.1, "eval_loss": 4.5,
                 "perplexity": 90.0171, "tokens_per_second": 1500.0, "mfu": None, "train_runtime_s": 12.5},
 }
+# What examples/evaluate.py writes (lm-evaluation-harness's results dictionary), trimmed: a registered task with a
+# Hub dataset and few shots, one with two filters, a local one; stderrs and non-numbers are not metrics.
+LM_EVAL_RESULTS = {
+    "results": {
+        "arc_easy": {"alias": "arc_easy", "acc,none": 0.61234567, "acc_stderr,none": 0.01, "acc_norm,none": 0.58},
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.02,
+                  "exact_match,flexible-extract": 0.3},
+        "archlm_python_perplexity": {"alias": "archlm_python_perplexity", "sample_len": 8,
+                                     "bits_per_byte,none": 3.5323, "bits_per_byte_stderr,none": "N/A"},
+    },
+    "configs": {
+        "arc_easy": {"task": "arc_easy", "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy",
+                     "test_split": "test"},
+        "gsm8k": {"task": "gsm8k", "dataset_path": "openai/gsm8k", "dataset_name": "main", "test_split": "test"},
+        "archlm_python_perplexity": {"task": "archlm_python_perplexity", "custom_dataset": "def python_snippets...",
+                                     "test_split": "test"},
+    },
+    "n-shot": {"arc_easy": 25, "gsm8k": 5, "archlm_python_perplexity": 0},
+    "versions": {"arc_easy": 1.0, "gsm8k": 3.0, "archlm_python_perplexity": 1.0},
+}
+LM_EVAL_SOURCE = {"name": "lm-evaluation-harness", "url": "https://github.com/EleutherAI/lm-evaluation-harness"}
 REMOTE_CODE_STAGED = {"README.md", "config.json", "model.safetensors", "configuration_archlm.py", "modeling_archlm.py",
                       "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                       "loss_curve.png"}
@@ -105,7 +126,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """What examples/train.py leaves: weights, config, remote code, tokenizer, generation config, training log,
-    a loss curve, the Trainer's training_args.bin and a checkpoint folder (neither of which is shared)."""
+    a loss curve, the Trainer's training_args.bin and a checkpoint folder (neither of which is shared), and the
+    eval_results.json of examples/evaluate.py."""
     folder = tmp_path_factory.mktemp("run") / "model"
     torch.manual_seed(0)
     model = ArchLMForCausalLM(tiny_config(vocab_size=300, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
@@ -115,6 +137,7 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     log = dict(TRAINING_LOG, architecture_name=model.config.architecture_name, parameters=model.num_parameters())
     (folder / "training_log.json").write_text(json.dumps(log))
     (folder / "loss_curve.png").write_bytes(TINY_PNG)
+    (folder / "eval_results.json").write_text(json.dumps(LM_EVAL_RESULTS))
     (folder / "training_args.bin").write_bytes(b"\x80\x04pickled arguments")
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"\x80\x04pickled optimizer")
@@ -177,15 +200,55 @@ def test_card_parses_with_ModelCard_load_and_carries_the_metadata(dry_run, model
     assert {"archlm", architecture, "custom_code"} <= set(card.data.tags)
     assert card.data.license == "mit"
     assert card.data.datasets == ["someone/stdlib-corpus"]
-    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results
+               if result.dataset_type == "someone/stdlib-corpus"}
     assert results == {"loss": 4.5, "perplexity": 90.0171}
-    assert all(result.dataset_type == "someone/stdlib-corpus" for result in card.data.eval_results)
     # body: architecture summary, training figures, the loss curve, usage with remote code
     assert ArchLMConfig.from_pretrained(model_dir).summary() in card.text
     assert "| tokens seen | 20,480 |" in card.text and "| validation perplexity | 90.02 |" in card.text
     assert "model FLOPs utilisation" not in card.text  # recorded as null: left out, not printed as None
     assert "![loss curve](loss_curve.png)" in card.text
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-archlm", trust_remote_code=True)' in card.text
+
+
+def test_lm_eval_results_become_model_index_entries_in_the_hubs_format(dry_run):
+    """The folder's eval_results.json: one model-index result per task, each metric with its type, name and value."""
+    [model_index] = ModelCard.load(dry_run.stage_dir / "README.md").data.to_dict()["model-index"]
+    assert model_index["name"] == "tiny-archlm"
+    by_dataset = {result["dataset"]["name"]: result for result in model_index["results"]}
+    assert set(by_dataset) == {"arc_easy", "gsm8k", "archlm_python_perplexity", "someone/stdlib-corpus"}
+    assert by_dataset["arc_easy"] == {
+        "task": {"type": "text-generation", "name": "Text Generation"},
+        "dataset": {"name": "arc_easy", "type": "allenai/ai2_arc", "config": "ARC-Easy", "split": "test",
+                    "args": {"num_few_shot": 25}},
+        "metrics": [{"type": "acc", "value": 0.6123, "name": "acc"},
+                    {"type": "acc_norm", "value": 0.58, "name": "acc_norm"}],
+        "source": LM_EVAL_SOURCE,
+    }
+    assert by_dataset["gsm8k"]["metrics"] == [
+        {"type": "exact_match", "value": 0.25, "name": "exact_match (strict-match)"},
+        {"type": "exact_match", "value": 0.3, "name": "exact_match (flexible-extract)"}]
+    local = by_dataset["archlm_python_perplexity"]  # no Hub dataset: the task names it
+    assert local["dataset"] == {"name": "archlm_python_perplexity", "type": "archlm_python_perplexity",
+                                "split": "test", "args": {"num_few_shot": 0}}
+    assert local["metrics"] == [{"type": "bits_per_byte", "value": 3.5323, "name": "bits_per_byte"}]
+
+
+def test_eval_results_that_cannot_be_used_are_refused_when_asked_for_and_skipped_when_found(model_dir, tmp_path):
+    missing = tmp_path / "missing.json"
+    with captured_output() as output:
+        exit_code = hub_upload.main([str(model_dir), "--repo-id", "someone/x", "--dry-run", "--stage-dir",
+                                     str(tmp_path / "stage"), "--eval-results", str(missing)])
+    assert exit_code == 1 and not (tmp_path / "stage").exists()
+    assert f"--eval-results {missing} does not exist; nothing was staged or uploaded" in output.getvalue()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(hub_upload.Refused, match="is not an lm-evaluation-harness results file"):
+        hub_upload.read_eval_results(tmp_path / "list.json", required=True)
+    (tmp_path / "eval_results.json").write_text("{ truncated")
+    with captured_output() as output:
+        assert hub_upload.read_eval_results(tmp_path / "eval_results.json", required=False) is None
+    assert "is not valid JSON" in output.getvalue()
+    assert hub_upload.read_eval_results(tmp_path / "absent.json", required=False) is None
 
 
 def test_card_without_a_training_log_has_no_metrics(tmp_path):
