@@ -41,7 +41,18 @@ def test_greedy_generation_streams_what_generate_gives_for_every_cache(model_fol
     result = run(folder, "def add(", "--max_new_tokens", 8, "--cache", cache)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == expected
-    assert f"8 new tokens, cache={cache}" in result.stderr
+    assert "8 new tokens in " in result.stderr and f"cache={cache}]" in result.stderr
+
+
+@pytest.mark.slow  # the compilation of the decode step takes ~a minute on 2 CPU cores
+def test_compiled_decoding_streams_the_same_greedy_tokens(model_folder):
+    folder, expected = model_folder
+    result = run(folder, "def add(", "--max_new_tokens", 8, "--compile")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+    assert "cache=static, compiled]" in result.stderr
+    refused = run(folder, "def add(", "--compile", "--cache", "none")
+    assert refused.returncode != 0 and "--compile decodes with a static cache" in refused.stderr
 
 
 def test_prompt_from_standard_input_and_seeded_sampling(model_folder):
