@@ -35,5 +35,9 @@ setup(
         # the clients: lm-evaluation-harness (examples/evaluate.py), transformers serve and the openai client
         "eval": ["lm_eval>=0.4.9"],
         "serve": ["transformers[serving]>=5.23,<5.24", "openai>=1.98"],
+        # GGUF files for llama.cpp; llama-cpp-python (their check by llama.cpp itself) compiles llama.cpp on install,
+        # ~30 minutes on one core, so `make` leaves it out and its tests skip without it
+        "gguf": ["gguf>=0.10"],
+        "llamacpp": ["llama-cpp-python>=0.3"],
     },
 )

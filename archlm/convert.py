@@ -1016,19 +1016,31 @@ def main(argv: list[str] | None = None) -> None:
         help="export the ArchLM model saved in IN_DIR as its native transformers family (the class it was converted "
              "from, else the first family that expresses it; no remote code) into OUT_DIR",
     )
+    direction.add_argument(
+        "--to-gguf", nargs=2, metavar=("MODEL_DIR", "OUT_GGUF"),
+        help="write the model saved in MODEL_DIR (ArchLM, through its native family) and its tokenizer as one GGUF "
+             "file for llama.cpp (see archlm/gguf.py); a model llama.cpp cannot run is refused, naming why",
+    )
+    parser.add_argument("--dtype", choices=("f32", "f16", "q8_0"), help="--to-gguf only: the matrices' type (f32)")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace the contents of a non-empty OUT_DIR (deleted once the conversion has succeeded); without it "
              "OUT_DIR must be new or empty. OUT_DIR is never allowed to be IN_DIR, inside it, or hold it",
     )
     args = parser.parse_args(argv)
+    if args.dtype and not args.to_gguf:
+        parser.error("--dtype applies to --to-gguf only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    in_dir = (args.from_transformers or args.to_native)[0]
+    in_dir = (args.from_transformers or args.to_native or args.to_gguf)[0]
     if missing_local_folder(in_dir):
         parser.error(f"IN_DIR {in_dir!r}: no such folder")
     try:
         if args.from_transformers:
             convert_folder(*args.from_transformers, overwrite=args.overwrite)
+        elif args.to_gguf:
+            from .gguf import export_gguf  # needs the gguf package, which only this direction uses
+
+            export_gguf(*args.to_gguf, dtype=args.dtype or "f32", overwrite=args.overwrite)
         else:
             export_folder(*args.to_native, overwrite=args.overwrite)
     except ValueError as error:  # a model the other side cannot express: the message lists why
