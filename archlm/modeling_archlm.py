@@ -1146,8 +1146,9 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     def fused_loss_supported(self) -> bool:
         """The chunked loss reads the LM head's weight directly: only a plain nn.Linear holding ordinary tensors.
         ZeRO-3 gathers a partitioned weight only inside the module's own forward, PEFT wraps a targeted head,
-        and tensor-parallel or quantized weights are tensor subclasses: those take the plain path."""
-        head = self.lm_head
+        and tensor-parallel or quantized weights are tensor subclasses: those take the plain path. A head compiled
+        on its own (accelerate's regional compilation) holds its weight as the plain head does."""
+        head = getattr(self.lm_head, "_orig_mod", self.lm_head)  # under regional compilation, the compiled head
         return (type(head) is nn.Linear and type(head.weight.data) is torch.Tensor
                 and not hasattr(head.weight, "ds_id"))
 
@@ -1159,9 +1160,10 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         targets = shift_labels.reshape(-1).to(hidden_states.device)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        head = getattr(self.lm_head, "_orig_mod", self.lm_head)
         total = ChunkedLinearCrossEntropy.apply(
-            hidden, self.lm_head.weight, self.lm_head.bias, targets, self.config.logits_scaling,
-            self.config.final_logit_softcapping, loss_chunk_size(hidden.shape[0], *self.lm_head.weight.shape),
+            hidden, head.weight, head.bias, targets, self.config.logits_scaling,
+            self.config.final_logit_softcapping, loss_chunk_size(hidden.shape[0], *head.weight.shape),
             ignore_index, torch.is_grad_enabled())
         if num_items_in_batch is None:
             return total / (targets != ignore_index).sum()

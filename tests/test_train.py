@@ -562,3 +562,22 @@ def test_mixture_of_experts_logs_the_aux_loss_and_the_tokens_routed_to_each_expe
         assert [sum(layer) for layer in step["expert_tokens"]] == [tokens_per_interval * 2] * 2  # k = 2 per token
         assert step["expert_imbalance"] >= 1.0
     assert ArchLMForCausalLM.from_pretrained(out).config.num_experts == 4
+
+
+@pytest.mark.slow  # inductor compiles the decoder layer: ~a minute on 2 CPU cores
+@pytest.mark.parametrize("overrides", ["", ",num_experts=4,moe_intermediate_size=32"], ids=["dense", "moe"])
+def test_torch_compile_trains_the_same_losses_and_records_the_first_step(tmp_path, overrides):
+    """--torch_compile (regional: the decoder layer compiled once for all layers) against the eager run, each in a
+    process of its own so that dynamo's caches and settings do not reach the other tests."""
+    runs = {}
+    for name, flags in (("eager", []), ("compiled", ["--torch_compile", "true"])):
+        command = [sys.executable, str(TRAIN_SCRIPT), *TINY, "--config_overrides", TINY_MODEL + overrides,
+                   "--max_steps", "4", "--output_dir", str(tmp_path / name), *flags]
+        result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = read_log(tmp_path / name)
+    losses = {name: [step["loss"] for step in log["steps"]] for name, log in runs.items()}
+    assert len(losses["compiled"]) == 4
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    summary = runs["compiled"]["summary"]
+    assert summary["first_step_seconds"] > summary["median_step_seconds"] > 0  # the compilation is in the first
