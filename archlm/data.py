@@ -3,7 +3,7 @@
     raw corpus ──► records {"text", "document_end"} ──► token ids (+ EOS after each document)
                ──► concatenated ──► blocks of `block_size` tokens {"input_ids", "attention_mask", "labels"}
 
-Sources, chosen by `DataArguments` (flags of examples/train.py):
+Sources, chosen by `DataArguments` (flags of the main job, archlm.train):
 
 - `--dataset_name` / `--dataset_config_name`: a `datasets` dataset (Hub name or local builder).
 - `--train_file` / `--validation_file`: `.txt`, `.json` / `.jsonl`, `.csv`, `.parquet` (several files allowed).

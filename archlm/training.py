@@ -1,4 +1,5 @@
-"""Training helpers for examples/train.py: flags, model and tokenizer setup, the Trainer, its callbacks, the run log.
+"""The parts of the main job (archlm/train.py, behind examples/train.py): flags, model and tokenizer setup, the
+Trainer, its callbacks, the run log.
 
     flags ──► check (nothing loaded yet) ──► data ──► tokenizer ──► model (+ LoRA) ──► packed blocks
           ──► ArchLMTrainer (curriculum, metrics) + ThroughputCallback + TrainingLogCallback

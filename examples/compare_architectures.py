@@ -27,8 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from archlm import ArchLMConfig
+from archlm.data import check_data_arguments
+from archlm.train import parse_args as parse_train_args
+from archlm.training import SETUP_ERRORS, check_arguments, measure_peak_tflops
+
 logger = logging.getLogger("compare_architectures")
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"  # each run is the main job in a process of its own
 COLUMNS = ("rank", "run", "architecture", "parameters", "tokens/s", "MFU", "peak MiB", "eval loss", "perplexity")
 
 # train.py flags that this script sets for each run (or that would undo what it sets), with what to do instead.
@@ -69,8 +74,6 @@ def _active_parameters(run: dict) -> str:
     config = run.get("config") or {}
     if not config.get("num_experts"):
         return ""
-    from archlm import ArchLMConfig
-
     return f" ({ArchLMConfig.from_dict(config).num_parameters_estimate(active_only=True):,} active)"
 
 
@@ -148,23 +151,14 @@ def per_run_flags_in(train_args: list[str]) -> list[str]:
     return found
 
 
-def load_train_script():
-    """examples/train.py as a module, for its own flag parser."""
-    spec = importlib.util.spec_from_file_location("archlm_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def check_train_flags(train_command: list[str]):
     """Parses a run's train.py flags with train.py's parser and checks them as it does before anything else, so a
     bad flag stops the comparison before the first run rather than in it; returns (model, run, training) args."""
-    train_script = load_train_script()
     try:
-        model_args, data_args, run_args, training_args = train_script.parse_args(train_command)
-        train_script.check_arguments(model_args, run_args, training_args, data_args.streaming)
-        train_script.check_data_arguments(data_args)
-    except train_script.SETUP_ERRORS as error:
+        model_args, data_args, run_args, training_args = parse_train_args(train_command)
+        check_arguments(model_args, run_args, training_args, data_args.streaming)
+        check_data_arguments(data_args)
+    except SETUP_ERRORS as error:
         raise SystemExit(f"compare_architectures.py: error: the train.py flags after `--`: {error}") from None
     return model_args, run_args, training_args
 
@@ -175,8 +169,6 @@ def shared_peak_tflops(run_args, training_args) -> tuple[float, str]:
     if run_args.peak_tflops is not None:
         return run_args.peak_tflops, "given with --peak_tflops"
     import torch
-    from archlm.training import measure_peak_tflops
-
     accelerator = None if training_args.use_cpu else torch.accelerator.current_accelerator()
     device = accelerator or torch.device("cpu")
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
@@ -216,8 +208,6 @@ def train_presets(presets: list[str], output_dir: Path, max_steps: int, seed: in
 def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namespace, train_args: list[str]) -> list[str]:
     """The checks that need no training, all before the first run: the presets, the budget, the flags after `--`,
     and the run folders. Returns the presets."""
-    from archlm import ArchLMConfig
-
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     valid = ArchLMConfig.presets()
     unknown = [name for name in presets if name not in valid]

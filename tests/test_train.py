@@ -22,6 +22,7 @@ from conftest import TINY_MODEL, load_script
 from datasets import Dataset
 from safetensors.torch import load_file
 
+import archlm.train
 from archlm import ArchLMConfig, ArchLMForCausalLM, parse_config_overrides
 from archlm.training import (
     ArchLMTrainer,
@@ -192,14 +193,16 @@ def test_total_steps_come_from_data_epochs_and_batch(tmp_path):
     assert read_log(tmp_path / "out")["summary"]["global_step"] == 6
 
 
-def test_help_works_and_the_script_opens_with_its_command():
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--help"], env=subprocess_env(),
+@pytest.mark.parametrize("entry", [[str(TRAIN_SCRIPT)], ["-m", "archlm.train"]], ids=["examples-script", "module"])
+def test_help_works_and_the_script_opens_with_its_command(entry):
+    result = subprocess.run([sys.executable, *entry, "--help"], env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--preset", "--config_overrides", "--block_size_schedule", "--lora_r", "--peak_tflops",
                  "--streaming", "--resume_from_checkpoint", "--report_to"):
         assert flag in result.stdout
     assert "python examples/train.py --preset llama" in train_script.__doc__.split("\n\n")[1]
+    assert "python -m archlm.train --preset llama" in archlm.train.__doc__.split("\n\n")[1]
 
 
 # ------------------------------------------------------------------------------------------------

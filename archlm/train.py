@@ -1,0 +1,269 @@
+"""The main job: train or fine-tune an ArchLM model with the transformers Trainer and write a complete model folder.
+
+    python -m archlm.train --preset llama \
+        --config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,num_key_value_heads=2" \
+        --block_size 256 --max_steps 300 --learning_rate 1e-3 --output_dir runs/llama-stdlib
+
+With no data flags it trains on the source of Python's standard library (offline, on every machine). Data:
+--dataset_name/--dataset_config_name, or --train_file/--validation_file (.txt, .json/.jsonl, .csv, .parquet),
+--text_column, --streaming (needs --max_steps). A tokenizer is trained on the training data unless
+--tokenizer_name is given (or the model being fine-tuned has one). Fine-tune with --model_name_or_path FOLDER,
+optionally with LoRA (--lora_r 8). Resume with --resume_from_checkpoint PATH (or "latest"). Every TrainingArguments
+flag works (--per_device_train_batch_size, --eval_strategy, --save_steps, --report_to tensorboard, --deepspeed, ...).
+
+The output folder holds model.safetensors, config.json (with auto_map), the remote-code .py files, the tokenizer,
+generation_config.json and training_log.json; it loads with
+AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments, default_data_collator, set_seed
+
+from . import ArchLMConfig, parse_config_overrides
+from .data import (
+    DataArguments,
+    PackedData,
+    RawData,
+    block_size_at,
+    check_data_arguments,
+    load_raw_data,
+    pack_datasets,
+    parse_block_size_schedule,
+)
+from .training import (
+    SETUP_ERRORS,
+    ArchLMTrainer,
+    ModelArguments,
+    RouterStatsCallback,
+    RunArguments,
+    ThroughputCallback,
+    TrainingLogCallback,
+    apply_lora,
+    base_model,
+    build_config,
+    build_model,
+    check_resume_config,
+    check_arguments,
+    check_block_size,
+    check_launch,
+    check_output_dir,
+    clear_output_dir,
+    connect_deepspeed,
+    count_parameters,
+    distributed_summary,
+    format_report,
+    load_or_train_tokenizer,
+    measure_peak_tflops,
+    needs_synced_generation,
+    perplexity,
+    planned_steps,
+    resolve_checkpoint,
+    run_summary,
+    sample,
+    save_model_folder,
+)
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    parser.set_defaults(
+        output_dir="runs/archlm",
+        logging_steps=10,
+        use_cpu=not has_accelerator,  # so torchrun / accelerate launch also work on a CPU-only machine
+    )
+    model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"  # the count behind tokens/s and MFU
+    return model_args, data_args, run_args, training_args
+
+
+@dataclass
+class Setup:
+    """What `setup` checked and built: nothing of it has touched the output folder yet."""
+
+    checkpoint: str | None  # the checkpoint to resume from
+    config: ArchLMConfig
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_source: str
+    model: torch.nn.Module  # an ArchLMForCausalLM, or a PEFT model around one
+    raw: RawData
+    data: PackedData
+    schedule: list[tuple[int, int]]  # (first step, block size); one entry without a curriculum
+
+
+def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments) -> Setup:
+    """Everything that can fail on bad input, before anything is written: flags, data, tokenizer, model, blocks."""
+    check_arguments(model_args, run_args, training_args, data_args.streaming)
+    check_data_arguments(data_args)
+    overrides = parse_config_overrides(model_args.config_overrides)
+    schedule = parse_block_size_schedule(data_args.block_size_schedule) if data_args.block_size_schedule else None
+    checkpoint = resolve_checkpoint(training_args)
+    check_output_dir(training_args.output_dir, checkpoint, run_args.overwrite_output_dir)
+    config = build_config(model_args, overrides)  # bad overrides fail here, before the data is read
+    largest = max(size for _, size in schedule) if schedule else None
+    block_size = data_args.block_size or largest or min(1024, config.max_position_embeddings)
+    if largest is not None and largest != block_size:
+        raise ValueError(f"--block_size {block_size} must equal the largest size of --block_size_schedule {data_args.block_size_schedule!r}.")
+    check_block_size(block_size, config)
+
+    raw = load_raw_data(data_args)
+    tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, raw.train, checkpoint)
+    config = build_config(model_args, overrides, tokenizer)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config)
+    set_seed(training_args.seed)
+    model = build_model(model_args, config, tokenizer)
+    if model_args.lora_r:
+        model = apply_lora(model, model_args)
+    data = pack_datasets(raw, tokenizer, block_size, data_args)
+    return Setup(checkpoint, config, tokenizer, tokenizer_source, model, raw, data, schedule or [(0, block_size)])
+
+
+def startup_report(run: Setup, data_args: DataArguments, training_args: TrainingArguments, peak: str) -> str:
+    """Architecture, parameters, FLOPs/token, data size and the steps it makes."""
+    args, data, model = training_args, run.data, base_model(run.model)
+    steps_per_epoch, total_steps = planned_steps(data.train_blocks, args)
+    batch_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    trainable = count_parameters(run.model, trainable_only=True)
+    if data.train_blocks is None:
+        blocks, steps = "streamed", f"{total_steps:,} (--max_steps)"
+    else:
+        blocks = (f"{data.train_blocks:,} training ({data.train_blocks * data.block_size:,} tokens) / "
+                  f"{data.validation_blocks or 0:,} validation")
+        steps = (f"{total_steps:,} (--max_steps; {total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps)"
+                 if args.max_steps > 0 else
+                 f"{total_steps:,} = {data.train_blocks:,} blocks x {args.num_train_epochs:g} epochs / {batch_rows} blocks per step")
+    schedule = f"; schedule {data_args.block_size_schedule}" if data_args.block_size_schedule else ""
+    rows = [
+        ("architecture", run.config.architecture_name),
+        ("parameters", f"{count_parameters(model):,} ({trainable:,} trainable)"),
+        ("FLOPs/token", f"{model.flops_per_token(data.block_size):,.0f} (training, at {data.block_size} tokens)"),
+        ("data", run.raw.description),
+        ("blocks", f"{blocks} of {data.block_size} tokens{schedule}"),
+        ("tokenizer", run.tokenizer_source),
+        ("batch", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation "
+                  f"x {args.world_size} processes = {batch_rows} blocks/step"),
+        ("steps", steps),
+        ("device", f"{args.device} ({peak})"),
+        ("output", os.path.abspath(args.output_dir)),
+    ]
+    return f"ArchLM training run\n{format_report(rows)}\n{run.config.summary()}"
+
+
+def log_header(run: Setup, data_args: DataArguments, training_args: TrainingArguments, peak_tflops: float) -> dict:
+    """What training_log.json says about the run before its steps."""
+    model = base_model(run.model)
+    return {
+        "architecture_name": run.config.architecture_name,
+        "config": run.config.to_dict(),
+        "parameters": count_parameters(model),
+        "trainable_parameters": count_parameters(run.model, trainable_only=True),
+        "flops_per_token": model.flops_per_token(run.data.block_size),
+        "peak_tflops": peak_tflops,
+        "data": run.raw.description,
+        "block_size": run.data.block_size,
+        "block_size_schedule": data_args.block_size_schedule,
+        "train_blocks": run.data.train_blocks,
+        "validation_blocks": run.data.validation_blocks,
+        "tokenizer": run.tokenizer_source,
+        "planned_steps": planned_steps(run.data.train_blocks, training_args)[1],
+        "seed": training_args.seed,
+    }
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
+    model_args, data_args, run_args, training_args = parse_args(argv)
+    # INFO to stdout, unless the caller (a notebook, a test runner) has set logging up already
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    connect_deepspeed(training_args)  # before the model is built: ZeRO-3 partitions it as it is created
+    try:
+        run = setup(model_args, data_args, run_args, training_args)
+    except SETUP_ERRORS as error:
+        raise SystemExit(f"train.py: error: {error}") from None
+    output_dir, device = training_args.output_dir, training_args.device
+
+    # From here on the output folder is written.
+    if run_args.overwrite_output_dir and run.checkpoint is None and training_args.should_save:
+        clear_output_dir(output_dir)
+    if training_args.should_save:
+        run.tokenizer.save_pretrained(output_dir)  # a resumed run finds it in the checkpoints too
+
+    probe_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    peak_tflops = run_args.peak_tflops or measure_peak_tflops(device, probe_dtype)
+    peak = f"peak {peak_tflops:.3g} TFLOP/s, {'given' if run_args.peak_tflops else 'measured'}"
+    logger.info(startup_report(run, data_args, training_args, peak))
+
+    throughput = ThroughputCallback(base_model(run.model).flops_per_token, peak_tflops * 1e12, device,
+                                    lambda step: block_size_at(run.schedule, step))
+    training_log = TrainingLogCallback(output_dir, log_header(run, data_args, training_args, peak_tflops))
+    router_stats = [RouterStatsCallback(base_model(run.model))] if run.config.num_experts else []
+    trainer = ArchLMTrainer(
+        model=run.model,
+        args=training_args,
+        train_dataset=run.data.train,
+        eval_dataset=run.data.validation,
+        processing_class=run.tokenizer,
+        data_collator=default_data_collator,
+        callbacks=[throughput, training_log, *router_stats, *(callbacks or [])],
+        block_size_schedule=run.schedule if len(run.schedule) > 1 else None,
+    )
+    try:
+        check_launch(trainer)
+    except ValueError as error:
+        raise SystemExit(f"train.py: error: {error}") from None
+    trainer.train(resume_from_checkpoint=run.checkpoint)
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
+        evals.append(trainer.evaluate())  # the final weights' eval, unless the last step already ran one
+    if evals:
+        logger.info("Final eval_loss %.4f, perplexity %.2f", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]))
+    save_model_folder(trainer, run.tokenizer, output_dir, lora=bool(model_args.lora_r))
+    summary = {**run_summary(trainer.state, throughput, device), **distributed_summary(trainer)}
+    training_log.finish(training_args, trainer.state, summary)
+
+    synced = needs_synced_generation(trainer.model_wrapped)  # sharded weights: every process generates
+    if run_args.sample_prompt and (training_args.should_save or synced):
+        text = sample(trainer.model, run.tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens,
+                      training_args.seed, synced_gpus=synced)
+        if training_args.should_save:
+            logger.info("Sample (prompt %r):\n%s", run_args.sample_prompt, text)
+    folder = os.path.abspath(output_dir)
+    logger.info("Model folder: %s\n  load it with AutoModelForCausalLM.from_pretrained(%r, trust_remote_code=True)", folder, folder)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave together and tear the group down: a rank that exits while gloo or DeepSpeed's shared-memory
+        # threads still run can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return output_dir
+
+
+def exit_without_finalizing() -> None:
+    """Ends a multi-process run once everything is written and the process group is gone, without the
+    interpreter's finalization. There, on CPU (gloo, DeepSpeed's CPU ops), objects still referenced by the
+    communication library's C++ threads are destroyed after Python is half torn down, and a rank sometimes aborts
+    ("terminate called without an active exception", SIGABRT) — the launcher then reports a failed run although
+    every file was saved. What finalization would still do is done here first: flush the logs and the streams,
+    and close a wandb run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalizing()
