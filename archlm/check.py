@@ -17,6 +17,7 @@ non-zero when any contract fails. Contracts:
 """
 
 import argparse
+import json
 import copy
 import logging
 import sys
@@ -294,6 +295,27 @@ def missing_local_folder(name: str) -> bool:
     if path.exists():
         return False
     return name.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+
+
+def model_folder_problem(model_dir: str | Path, other_models: str) -> str | None:
+    """What keeps `model_dir` from being a saved ArchLM model with its tokenizer, said with the folder's name, or
+    None. `other_models` ends the message for a folder of another model type (what to use for those instead)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return f"model folder '{model_dir}' does not exist (or is not a folder)"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"'{model_dir}' has no config.json: it is not a saved model folder"
+    except ValueError as error:
+        return f"'{model_dir}/config.json' is not valid JSON ({error})"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "archlm":
+        return f"'{model_dir}' holds a {model_type!r} model, not an ArchLM one (model_type 'archlm'); {other_models}"
+    if not (folder / "tokenizer_config.json").is_file():
+        return (f"'{model_dir}' has no tokenizer (tokenizer_config.json); save one with "
+                "`tokenizer.save_pretrained(MODEL_DIR)`")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

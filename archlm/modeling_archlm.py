@@ -28,7 +28,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from transformers.utils import logging
+from transformers.utils import is_liger_kernel_available, logging
 
 from .configuration_archlm import ArchLMConfig
 
@@ -1043,6 +1043,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, softcap, ignore_index) -> torch.Tensor:
+    """Liger-Kernel's fused linear cross-entropy (Triton kernels, GPUs only), where it is installed: the summed loss,
+    as ChunkedLinearCrossEntropy returns it. Liger caps the logits but does not scale them: Granite's
+    logits_scaling goes into the weight. (No GPU runs in this project's tests: this path is exercised on GPUs.)"""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if logits_scaling != 1:
+        weight, bias = weight / logits_scaling, None if bias is None else bias / logits_scaling
+    loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                            reduction="sum", softcap=softcap)
+    return (loss[0] if isinstance(loss, tuple) else loss).float()  # older releases return (loss, z_loss)
+
+
 class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -1161,10 +1174,13 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         targets = shift_labels.reshape(-1).to(hidden_states.device)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         head = getattr(self.lm_head, "_orig_mod", self.lm_head)
-        total = ChunkedLinearCrossEntropy.apply(
-            hidden, head.weight, head.bias, targets, self.config.logits_scaling,
-            self.config.final_logit_softcapping, loss_chunk_size(hidden.shape[0], *head.weight.shape),
-            ignore_index, torch.is_grad_enabled())
+        scaling, softcap = self.config.logits_scaling, self.config.final_logit_softcapping
+        if hidden.is_cuda and is_liger_kernel_available():
+            total = liger_linear_cross_entropy(hidden, head.weight, head.bias, targets, scaling, softcap, ignore_index)
+        else:
+            total = ChunkedLinearCrossEntropy.apply(
+                hidden, head.weight, head.bias, targets, scaling, softcap,
+                loss_chunk_size(hidden.shape[0], *head.weight.shape), ignore_index, torch.is_grad_enabled())
         if num_items_in_batch is None:
             return total / (targets != ignore_index).sum()
         if torch.is_tensor(num_items_in_batch):

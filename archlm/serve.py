@@ -27,6 +27,7 @@ from pathlib import Path
 import transformers
 
 from archlm import ArchLMForCausalLM, ArchLMForSequenceClassification, ArchLMModel
+from archlm.check import model_folder_problem
 
 ARCHLM_CLASSES = (ArchLMModel, ArchLMForCausalLM, ArchLMForSequenceClassification)
 SERVED_ARCHITECTURE = ArchLMForCausalLM.__name__
@@ -42,26 +43,14 @@ def expose_archlm_classes() -> None:
 
 def check_model_folder(model_dir: str) -> None:
     """Refuses, naming the value, what is not a folder holding an ArchLM causal LM and its tokenizer."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise SystemExit(f"archlm.serve: model folder '{model_dir}' does not exist (or is not a folder)")
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"archlm.serve: '{model_dir}' has no config.json: it is not a saved model folder") from None
-    except ValueError as error:
-        raise SystemExit(f"archlm.serve: '{model_dir}/config.json' is not valid JSON ({error})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "archlm":
-        raise SystemExit(f"archlm.serve: '{model_dir}' holds a {model_type!r} model, not an ArchLM one (model_type "
-                         f"'archlm'); a model transformers knows serves with `transformers serve {model_dir}`")
-    architectures = config.get("architectures") or [None]
-    if architectures[0] != SERVED_ARCHITECTURE:
-        raise SystemExit(f"archlm.serve: '{model_dir}/config.json' names the architecture {architectures[0]!r}; "
-                         f"the server generates text with a {SERVED_ARCHITECTURE} (save one with `save_pretrained`)")
-    if not (folder / "tokenizer_config.json").is_file():
-        raise SystemExit(f"archlm.serve: '{model_dir}' has no tokenizer (tokenizer_config.json); save one with "
-                         "`tokenizer.save_pretrained(MODEL_DIR)`")
+    problem = model_folder_problem(model_dir, f"a model transformers knows serves with `transformers serve {model_dir}`")
+    if problem:
+        raise SystemExit(f"archlm.serve: {problem}")
+    architecture = (json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures")
+                    or [None])[0]
+    if architecture != SERVED_ARCHITECTURE:
+        raise SystemExit(f"archlm.serve: '{model_dir}/config.json' names the architecture {architecture!r}; the "
+                         f"server generates text with a {SERVED_ARCHITECTURE} (save one with `save_pretrained`)")
 
 
 USAGE = "python -m archlm.serve MODEL_DIR [transformers serve flags]"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from archlm.check import model_folder_problem
+
 logger = logging.getLogger("evaluate")
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -53,22 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_model_dir(model_dir: Path) -> None:
     """Refuses, naming the folder, what is not a saved ArchLM model with its tokenizer."""
-    if not model_dir.is_dir():
-        raise SystemExit(f"evaluate.py: model folder '{model_dir}' does not exist (or is not a folder)")
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"evaluate.py: '{model_dir}' has no config.json: it is not a saved model folder") from None
-    except ValueError as error:
-        raise SystemExit(f"evaluate.py: '{model_dir}/config.json' is not valid JSON ({error})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "archlm":
-        raise SystemExit(f"evaluate.py: '{model_dir}' holds a {model_type!r} model, not an ArchLM one (model_type "
-                         f"'archlm'); evaluate other models with "
-                         f"`lm_eval --model hf --model_args pretrained={model_dir}`")
-    if not (model_dir / "tokenizer_config.json").is_file():
-        raise SystemExit(f"evaluate.py: '{model_dir}' has no tokenizer (tokenizer_config.json); save one with "
-                         "`tokenizer.save_pretrained(MODEL_DIR)`")
+    problem = model_folder_problem(model_dir, "evaluate other models with "
+                                              f"`lm_eval --model hf --model_args pretrained={model_dir}`")
+    if problem:
+        raise SystemExit(f"evaluate.py: {problem}")
 
 
 def task_names(values: list[str]) -> list[str]:
