@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -39,6 +40,7 @@ from .data import (
 from .training import (
     SETUP_ERRORS,
     ArchLMTrainer,
+    NonFiniteLossError,
     ModelArguments,
     RouterStatsCallback,
     RunArguments,
@@ -221,7 +223,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         check_launch(trainer)
     except ValueError as error:
         raise SystemExit(f"train.py: error: {error}") from None
-    trainer.train(resume_from_checkpoint=run.checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+    except NonFiniteLossError as error:
+        training_log.stop(training_args, trainer.state, str(error))
+        checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
+        resume = (f"the last checkpoint, {checkpoints[-1].name}, holds the finite weights before it "
+                  "(--resume_from_checkpoint latest)" if checkpoints else "no checkpoint was saved before it")
+        raise SystemExit(f"train.py: error: training stopped: {error}; the model was not saved; {resume}") from None
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # the final weights' eval, unless the last step already ran one

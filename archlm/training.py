@@ -515,6 +515,15 @@ class RouterStatsCallback(TrainerCallback):
         return metrics
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss or gradients are NaN or infinite: raised before that step's optimizer update, so the
+    weights in memory and every checkpoint saved so far are still those of the last good step."""
+
+    def __init__(self, step: int, what: str, value: float):
+        self.step = step
+        super().__init__(f"the {what} of step {step} is {value} (a learning rate far too high?)")
+
+
 class ArchLMTrainer(Trainer):
     """The Trainer, plus a sequence-length curriculum and ArchLM's metrics in every log.
 
@@ -534,6 +543,17 @@ class ArchLMTrainer(Trainer):
             os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
         super().__init__(*args, **kwargs)
         self.block_size_schedule = block_size_schedule
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # checked before the optimizer step, so nothing non-finite reaches the weights (a finite loss can still
+        # have overflowing gradients). DeepSpeed keeps its gradients out of .grad: there the loss is checked.
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.state.global_step + 1, "loss", loss.item())
+        grads = [param.grad for param in model.parameters() if param.grad is not None]
+        if grads and not torch.isfinite(norm := torch.nn.utils.get_total_norm(grads)):
+            raise NonFiniteLossError(self.state.global_step + 1, "gradient norm", norm.item())
+        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self.block_size_schedule:
@@ -589,6 +609,7 @@ class TrainingLogCallback(TrainerCallback):
         self.path = Path(output_dir) / TRAINING_LOG_NAME
         self.header = header
         self.summary = None
+        self.stopped = None  # why the run stopped early, when it did
 
     def document(self, state) -> dict:
         steps, evals = [], []
@@ -597,8 +618,9 @@ class TrainingLogCallback(TrainerCallback):
                 steps.append(entry)
             elif "eval_loss" in entry:
                 evals.append({**entry, "perplexity": entry.get("eval_perplexity", perplexity(entry["eval_loss"]))})
-        status = "finished" if self.summary is not None else "running"
-        return {**self.header, "status": status, "steps": steps, "evals": evals, "summary": self.summary}
+        status = "finished" if self.summary is not None else "stopped" if self.stopped else "running"
+        document = {**self.header, "status": status, "steps": steps, "evals": evals, "summary": self.summary}
+        return {**document, "stopped": self.stopped} if self.stopped else document
 
     def write(self, args, state) -> None:
         if state.is_world_process_zero:
@@ -609,6 +631,10 @@ class TrainingLogCallback(TrainerCallback):
 
     def finish(self, args, state, summary: dict) -> None:
         self.summary = summary
+        self.write(args, state)
+
+    def stop(self, args, state, reason: str) -> None:
+        self.stopped = reason
         self.write(args, state)
 
 

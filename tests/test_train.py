@@ -584,3 +584,25 @@ def test_torch_compile_trains_the_same_losses_and_records_the_first_step(tmp_pat
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     summary = runs["compiled"]["summary"]
     assert summary["first_step_seconds"] > summary["median_step_seconds"] > 0  # the compilation is in the first
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_resumes(tmp_path):
+    """A learning rate far too high (1e30, after a warm-up from 0): the loss turns NaN at step 3. The run stops
+    before that step's update, writes no final model, marks its log, and every checkpoint holds finite weights."""
+    output = tmp_path / "model"
+    flags = [*tiny("--learning_rate", "1e30", "--warmup_steps", "2", "--save_steps", "1", "--max_steps", "8",
+                   "--output_dir", str(output))]
+    with pytest.raises(SystemExit, match=r"training stopped: the loss of step 3 is nan .*the model was not saved; "
+                                         r"the last checkpoint, checkpoint-2,"):
+        train(*flags)
+    assert not (output / "model.safetensors").exists()
+    log = read_log(output)
+    assert log["status"] == "stopped" and "step 3" in log["stopped"] and len(log["steps"]) == 2
+    for checkpoint in ("checkpoint-1", "checkpoint-2"):
+        weights = load_file(output / checkpoint / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint
+    # the last good checkpoint resumes: from step 2 (its log and weights), to the same divergence at step 3
+    with pytest.raises(SystemExit, match=r"the loss of step 3 is nan .*the last checkpoint, checkpoint-2,"):
+        train(*flags[:-1], str(output), "--resume_from_checkpoint", "latest")
+    log = read_log(output)
+    assert [step["step"] for step in log["steps"]] == [1, 2] and log["status"] == "stopped"
