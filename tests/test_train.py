@@ -6,6 +6,7 @@ streaming, json/csv/parquet inputs and LoRA train -> save -> merge work; every b
 training step with a message and nothing written.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -606,3 +607,34 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint
         train(*flags[:-1], str(output), "--resume_from_checkpoint", "latest")
     log = read_log(output)
     assert [step["step"] for step in log["steps"]] == [1, 2] and log["status"] == "stopped"
+
+
+FAILING_SAVE_RUN = """
+import resource, signal, sys
+from transformers import TrainerCallback
+from archlm.train import main
+
+class DiskFullAfter(TrainerCallback):
+    # from the end of step 3 on, no file may grow past 1 KiB (the kernel answers EFBIG, as a full disk answers
+    # ENOSPC): the checkpoint of step 4 fails half-way
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+main(sys.argv[1:], callbacks=[DiskFullAfter()])
+"""
+
+
+def test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_one_latest_and_resumable(tmp_path):
+    output, flags = tmp_path / "model", tiny("--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    result = subprocess.run([sys.executable, "-c", FAILING_SAVE_RUN, *TINY, *flags, "--output_dir", str(output)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "File too large" in result.stderr, result.stderr[-2000:]
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()  # kept: the rotation comes after a save
+    latest = archlm.train.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(output)))
+    assert latest == str(output / "checkpoint-2")
+    resumed = train(*flags, "--output_dir", str(output), "--resume_from_checkpoint", "latest")
+    uninterrupted = train(*flags, "--output_dir", str(tmp_path / "uninterrupted"))
+    for name, tensor in load_file(uninterrupted / "model.safetensors").items():
+        torch.testing.assert_close(load_file(resumed / "model.safetensors")[name], tensor, msg=name)
