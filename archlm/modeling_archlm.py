@@ -967,12 +967,13 @@ class ArchLMModel(ArchLMPreTrainedModel):
 # ------------------------------------------------------------------------------------------------
 # Loss
 # ------------------------------------------------------------------------------------------------
-LOSS_CHUNK_BYTES = 1 << 25
+LOSS_CHUNK_BYTES = 1 << 26
 
 
 def loss_chunk_size(tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """Tokens per chunk of the fused loss: a chunk's float32 logits take at most LOSS_CHUNK_BYTES (32 MiB), or the
-    size of the hidden states if that is larger, so that the loss never needs much more memory than the layers."""
+    """Tokens per chunk of the fused loss: a chunk's float32 logits take at most LOSS_CHUNK_BYTES (64 MiB; smaller
+    chunks ran slower on a CPU, larger ones no faster), or the size of the hidden states if that is larger, so that
+    the loss never needs much more memory than the layers."""
     budget = max(LOSS_CHUNK_BYTES, tokens * hidden_size * 4)
     return max(1, min(tokens, budget // (vocab_size * 4)))
 
@@ -1004,23 +1005,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            logits = logits.float()
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            del logits
             valid = target != ignore_index
             safe_target = torch.where(valid, target, 0)[:, None]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += ((log_norm - logits.gather(1, safe_target).squeeze(1)) * valid).sum()
+            total -= torch.where(valid, log_probs.gather(1, safe_target).squeeze(1), 0.0).sum()
             if not any(want):
                 continue
             # d loss / d logits = softmax - one_hot(target), zero on ignored rows; then back through the cap and scale
-            grad = logits.sub_(log_norm[:, None]).exp_()
+            grad = log_probs.exp_()
             grad.scatter_add_(1, safe_target, grad.new_full(safe_target.shape, -1.0))
-            grad.mul_(valid[:, None])
+            if not valid.all():
+                grad[~valid] = 0.0
             if softcap is not None:
                 grad.mul_(1 - capped.float().square())
             if logits_scaling != 1:
                 grad.div_(logits_scaling)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad.to(weight.dtype) @ weight
+                torch.mm(grad.to(weight.dtype), weight, out=grad_hidden[rows])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.T, h.float())
             if grad_bias is not None:
@@ -1047,8 +1049,8 @@ def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, so
     """Liger-Kernel's fused linear cross-entropy (Triton kernels, GPUs only), where it is installed: the summed loss,
     as ChunkedLinearCrossEntropy returns it. Liger caps the logits but does not scale them: Granite's
     logits_scaling goes into the weight. (No GPU runs in this project's tests: this path is exercised on GPUs.)"""
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
+    if is_liger_kernel_available():  # (transformers' remote-code import check skips imports under such a test)
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     if logits_scaling != 1:
         weight, bias = weight / logits_scaling, None if bias is None else bias / logits_scaling
     loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
