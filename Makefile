@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	# DeepSpeed ships as an sdist whose setup imports torch: built against the torch above (no build isolation, which
 	# would fetch a CUDA torch), its C++/CUDA ops left to JIT-build on first use (DS_BUILD_OPS=0).
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,deepspeed,wandb,eval,serve,gguf]" -c constraints.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e ".[dev,deepspeed,wandb,eval,serve,gguf,quantize]" -c constraints.txt
 	touch $@
 
 test: $(VENV)/.installed

@@ -39,5 +39,7 @@ setup(
         # ~30 minutes on one core, so `make` leaves it out and its tests skip without it
         "gguf": ["gguf>=0.10"],
         "llamacpp": ["llama-cpp-python>=0.3"],
+        # int8 weight-only inference through transformers' TorchAoConfig (benchmarks/quantized.py)
+        "quantize": ["torchao>=0.18"],
     },
 )
