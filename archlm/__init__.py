@@ -5,7 +5,17 @@ the classes for `auto_map`, so every `save_pretrained` folder also loads with
 `trust_remote_code=True` where archlm is not installed.
 """
 
-from transformers import (
+import logging
+
+import torch
+
+# transformers imports torchao (int8 inference, an extra) whenever it is installed, and torchao then tries its
+# CUDA-only extensions and logs a warning for each: on a CPU-only torch they can never load, so those lines would be
+# noise at the start of every run. Its errors still show.
+if torch.version.cuda is None:
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+from transformers import (  # noqa: E402  (after the torchao logger is set)
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
