@@ -1085,3 +1085,32 @@ def test_a_lora_wrapped_head_takes_the_plain_loss_and_a_frozen_head_gets_no_grad
     assert not lora_head.base_model.model.fused_loss_supported()
     output = lora_head(input_ids, labels=input_ids)  # the plain path, the logits still skipped as asked
     assert output.logits is None and torch.isfinite(output.loss)
+
+
+@pytest.mark.slow  # dynamo traces each config's layers: ~5 s a config on 2 CPU cores
+def test_regional_compilation_traces_every_architecture_option_with_the_eager_results():
+    """What --torch_compile does (accelerate's regional compilation: each decoder layer and the modules around them
+    compiled on their own), through dynamo with the "eager" backend: every option of the grid traces (graph breaks
+    allowed, no error) and trains the eager loss and gradients."""
+    from accelerate.utils import compile_regions
+
+    failures = {}
+    for name, overrides in new_option_configs().items():
+        torch._dynamo.reset()  # a fresh cache per config, so no config silently falls back after the recompile limit
+        model = build(tiny_config(**overrides)).train()
+        input_ids, attention_mask, position_ids = left_padded_batch()
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=input_ids)
+        loss, grads = loss_and_grads(model, **inputs)
+        try:
+            compiled = compile_regions(model, backend="eager")  # shares the parameters of `model`
+            model.zero_grad(set_to_none=True)
+            compiled_loss = compiled(**inputs).loss
+            compiled_loss.backward()
+            compiled_grads = {name: param.grad for name, param in model.named_parameters()}
+            torch.testing.assert_close(compiled_loss, loss)
+            for param, grad in grads.items():
+                torch.testing.assert_close(compiled_grads[param], grad, msg=param)
+        except Exception as error:  # collected, so that one run names every option that fails
+            failures[name] = f"{type(error).__name__}: {str(error)[:300]}"
+    torch._dynamo.reset()
+    assert not failures, failures
