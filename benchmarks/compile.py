@@ -63,10 +63,10 @@ def markdown(results: dict) -> str:
                      f"{row['tokens_per_second']:,.0f} | {row['final_loss']:.3f} | {row['train_runtime_s']:.1f} |")
     speedup = eager["median_step_seconds"] / compiled["median_step_seconds"]
     break_even = results["break_even_steps"]
+    pays = (f"so --torch_compile pays for runs longer than {break_even:.0f} steps." if break_even is not None else
+            "so --torch_compile does not pay on this machine at this size (a compiled step is not faster).")
     lines += ["", f"Compiled steps are {speedup:.2f}x the eager speed; compilation costs "
-                  f"{results['compile_seconds']:.1f} s, ",
-              f"so --torch_compile pays for runs longer than {break_even:.0f} steps." if break_even is not None else
-              "so --torch_compile does not pay on this machine at this size (a compiled step is not faster)."]
+                  f"{results['compile_seconds']:.1f} s, {pays}"]
     return "\n".join(lines)
 
 
