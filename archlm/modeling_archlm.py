@@ -1129,7 +1129,8 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         if outputs.router_logits:  # transformers' load-balancing loss (Switch / Mixtral), padding excluded
             config = self.config
             # the mask of the tokens the routers saw: with a cache, the 2-D mask also covers the past
-            token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1]:] if isinstance(attention_mask, torch.Tensor) \
+            routed = outputs.last_hidden_state.shape[1]
+            token_mask = attention_mask[:, -routed:] if isinstance(attention_mask, torch.Tensor) \
                 and attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts, config.num_experts_per_tok,
                                                 token_mask)
