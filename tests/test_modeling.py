@@ -1007,6 +1007,7 @@ def loss_and_grads_with(model, skip_logits, **inputs):
 def small_loss_chunks(monkeypatch):
     """Chunks of 5 tokens at the tiny vocabulary: many chunks and a ragged last one."""
     monkeypatch.setattr(archlm.modeling_archlm, "LOSS_CHUNK_BYTES", 5 * VOCAB * 4)
+    monkeypatch.setattr(archlm.modeling_archlm, "LOSS_MIN_CHUNK_TOKENS", 1)
 
 
 @pytest.mark.parametrize("overrides", [
