@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
-from archlm import ArchLMConfig
+from archlm import ArchLMConfig, ArchLMForCausalLM, tokenization_archlm
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's contention makes
 # the suite ~10x slower.
@@ -106,3 +106,26 @@ def new_option_configs() -> dict[str, dict]:
             base.pop("norm_position", None)
         configs[name] = {**base, **option}
     return configs
+
+
+def save_tiny_trained_model(folder: Path, steps: int = 150) -> None:
+    """A 2-layer, 32-wide model with a ~300-token tokenizer, trained for a few seconds on ArchLM's tokenizer module
+    (Python source, not the evaluation data), saved as examples/train.py saves one: weights, config with auto_map,
+    remote code, tokenizer with its chat template, generation config."""
+    text = Path(tokenization_archlm.__file__).read_text(encoding="utf-8")
+    tokenizer = tokenization_archlm.train_tokenizer([text], vocab_size=300)
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = ArchLMForCausalLM(config)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)  # (N, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (8,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -11,13 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import load_script, tiny_config
+from conftest import load_script, save_tiny_trained_model
 from huggingface_hub import ModelCard
 
-import archlm.tokenization_archlm
-from archlm import ArchLMConfig, ArchLMForCausalLM
-from archlm.tokenization_archlm import train_tokenizer
+from archlm import ArchLMConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "evaluate.py"
@@ -26,29 +23,6 @@ import hub_upload  # noqa: E402
 
 EXAMPLE_TASKS = {"archlm_python_perplexity": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
                  "archlm_python_next_line": {"acc", "acc_norm"}}
-
-
-def save_tiny_trained_model(folder: Path, steps: int = 150) -> None:
-    """A 2-layer, 32-wide model with a ~300-token tokenizer, trained for a few seconds on ArchLM's tokenizer module
-    (Python source, not the evaluation data), saved as examples/train.py saves one: weights, config with auto_map,
-    remote code, tokenizer with its chat template, generation config."""
-    text = Path(archlm.tokenization_archlm.__file__).read_text(encoding="utf-8")
-    tokenizer = train_tokenizer([text], vocab_size=300)
-    torch.manual_seed(0)
-    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = ArchLMForCausalLM(config)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)  # (N, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = blocks[torch.randint(len(blocks), (8,))]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def metric_values(results: dict) -> dict[tuple[str, str], float]:

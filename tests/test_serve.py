@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_trained_model
 from openai import OpenAI
-from test_evaluate import save_tiny_trained_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from archlm import serve
