@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import HfArgumentParser, PreTrainedTokenizerBase, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_callback import TrainerState
 
 from . import ArchLMConfig, parse_config_overrides
+from .budget import PROVISIONAL_STEPS, TimeBudget
 from .data import (
     DataArguments,
     PackedData,
@@ -40,6 +42,7 @@ from .data import (
 from .training import (
     SETUP_ERRORS,
     ArchLMTrainer,
+    ArchLMTrainingArguments,
     NonFiniteLossError,
     ModelArguments,
     RouterStatsCallback,
@@ -75,7 +78,7 @@ logger = logging.getLogger("train")
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, ArchLMTrainingArguments))
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     parser.set_defaults(
         output_dir="runs/archlm",
@@ -110,6 +113,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     schedule = parse_block_size_schedule(data_args.block_size_schedule) if data_args.block_size_schedule else None
     checkpoint = resolve_checkpoint(training_args)
     check_output_dir(training_args.output_dir, checkpoint, run_args.overwrite_output_dir)
+    if run_args.max_train_seconds is not None:
+        # the Trainer needs a positive max_steps; the budget plans the real one (a resumed run keeps its plan)
+        training_args.max_steps = checkpoint_planned_steps(checkpoint) if checkpoint else PROVISIONAL_STEPS
     config = build_config(model_args, overrides)  # bad overrides fail here, before the data is read
     largest = max(size for _, size in schedule) if schedule else None
     block_size = data_args.block_size or largest or min(1024, config.max_position_embeddings)
@@ -130,10 +136,35 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     return Setup(checkpoint, config, tokenizer, tokenizer_source, model, raw, data, schedule or [(0, block_size)])
 
 
+def checkpoint_planned_steps(checkpoint: str) -> int:
+    """The number of steps a budgeted run had planned when it wrote `checkpoint`."""
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if state.max_steps >= PROVISIONAL_STEPS:
+        raise ValueError(f"{checkpoint} was written before its run had planned its steps: resume it without "
+                         "--max_train_seconds and with --max_steps.")
+    return state.max_steps
+
+
+def time_budget(run: Setup, run_args: RunArguments, training_args: TrainingArguments) -> TimeBudget | None:
+    """The --max_train_seconds plan, with what it needs to know that only the setup knows."""
+    if run_args.max_train_seconds is None:
+        return None
+    args, data = training_args, run.data
+    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+                       * data.block_size)
+    bytes_to_write = count_parameters(base_model(run.model)) * base_model(run.model).dtype.itemsize
+    return TimeBudget(run_args.max_train_seconds, tokens_per_step,
+                      eval_tokens=(data.validation_blocks or 0) * data.block_size,
+                      final_eval=data.validation is not None,
+                      reserve=1.0 + bytes_to_write / 100e6,  # the final save, at a slow disk's 100 MB/s
+                      planned_steps=training_args.max_steps if run.checkpoint else None)
+
+
 def startup_report(run: Setup, data_args: DataArguments, training_args: TrainingArguments, peak: str) -> str:
     """Architecture, parameters, FLOPs/token, data size and the steps it makes."""
     args, data, model = training_args, run.data, base_model(run.model)
     steps_per_epoch, total_steps = planned_steps(data.train_blocks, args)
+    budgeted = args.max_steps == PROVISIONAL_STEPS
     batch_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     trainable = count_parameters(run.model, trainable_only=True)
     if data.train_blocks is None:
@@ -144,6 +175,8 @@ def startup_report(run: Setup, data_args: DataArguments, training_args: Training
         steps = (f"{total_steps:,} (--max_steps; {total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch:,} steps)"
                  if args.max_steps > 0 else
                  f"{total_steps:,} = {data.train_blocks:,} blocks x {args.num_train_epochs:g} epochs / {batch_rows} blocks per step")
+    if budgeted:
+        steps = "planned after the first steps to end within --max_train_seconds"
     schedule = f"; schedule {data_args.block_size_schedule}" if data_args.block_size_schedule else ""
     rows = [
         ("architecture", run.config.architecture_name),
@@ -177,7 +210,8 @@ def log_header(run: Setup, data_args: DataArguments, training_args: TrainingArgu
         "train_blocks": run.data.train_blocks,
         "validation_blocks": run.data.validation_blocks,
         "tokenizer": run.tokenizer_source,
-        "planned_steps": planned_steps(run.data.train_blocks, training_args)[1],
+        "planned_steps": (None if training_args.max_steps == PROVISIONAL_STEPS
+                          else planned_steps(run.data.train_blocks, training_args)[1]),
         "seed": training_args.seed,
     }
 
@@ -209,6 +243,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
                                     lambda step: block_size_at(run.schedule, step))
     training_log = TrainingLogCallback(output_dir, log_header(run, data_args, training_args, peak_tflops))
     router_stats = [RouterStatsCallback(base_model(run.model))] if run.config.num_experts else []
+    budget = time_budget(run, run_args, training_args)
+    if budget is not None:
+        training_log.header["budget"] = budget.record()
     trainer = ArchLMTrainer(
         model=run.model,
         args=training_args,
@@ -218,6 +255,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         data_collator=default_data_collator,
         callbacks=[throughput, training_log, *router_stats, *(callbacks or [])],
         block_size_schedule=run.schedule if len(run.schedule) > 1 else None,
+        time_budget=budget,
     )
     try:
         check_launch(trainer)
@@ -238,6 +276,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         logger.info("Final eval_loss %.4f, perplexity %.2f", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]))
     save_model_folder(trainer, run.tokenizer, output_dir, lora=bool(model_args.lora_r))
     summary = {**run_summary(trainer.state, throughput, device), **distributed_summary(trainer)}
+    if budget is not None:  # the plan as it ended, and the seconds it took up to the saved model
+        training_log.header["budget"] = summary["budget"] = budget.record(trainer.state)
+        training_log.header["planned_steps"] = budget.planned_steps
     training_log.finish(training_args, trainer.state, summary)
 
     synced = needs_synced_generation(trainer.model_wrapped)  # sharded weights: every process generates

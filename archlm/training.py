@@ -32,13 +32,16 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, ProgressCallback, Trainer, TrainerCallback,
+                          TrainingArguments)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .budget import BUDGET_SCHEDULERS, TimeBudget, planned_schedule
 from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
 from .modeling_archlm import ArchLMForCausalLM, ArchLMSparseMoeBlock
+from .optim import muon_optimizer
 from .tokenization_archlm import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -91,10 +94,51 @@ class RunArguments:
     )
     sample_prompt: str = field(default="def ", metadata={"help": 'Prompt of the sample printed at the end ("" for none).'})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of that sample."})
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "A wall-clock budget: the run measures its pace after warm-up and plans the "
+                                        "steps (evaluations and the final save included) and the learning-rate "
+                                        "schedule to end within it; instead of --max_steps / --num_train_epochs."}
+    )
     expert_parallel_size: int = field(
         default=1, metadata={"help": "Processes that split a mixture of experts' experts between them (1: every "
                                      "process holds every expert). Only 1 is offered: see docs/distributed.md."}
     )
+
+
+MUON = "muon"
+
+
+@dataclass
+class ArchLMTrainingArguments(TrainingArguments):
+    """TrainingArguments whose `optim` also takes "muon" (archlm/optim.py: Muon for the decoder layers' weight
+    matrices, AdamW for the rest), which transformers' list of optimizers does not have."""
+
+    optim: str = field(
+        default=TrainingArguments.__dataclass_fields__["optim"].default,
+        metadata={"help": "The optimizer: muon (Muon for hidden matrices + AdamW), or one of transformers' "
+                          "OptimizerNames (adamw_torch, adamw_torch_fused, adafactor, ...)."},
+    )
+
+    def __post_init__(self):
+        muon = self.optim == MUON
+        if muon:  # transformers checks the name against its own list; the AdamW half stands in for that check
+            self.optim = "adamw_torch"
+        super().__post_init__()
+        if muon:
+            self.optim = MUON
+
+
+def check_optimizer(args: TrainingArguments) -> None:
+    """Muon orthogonalises whole matrices: where each process holds flat shards of them it cannot."""
+    if args.optim != MUON:
+        return
+    if args.deepspeed:
+        raise ValueError("--optim muon needs whole weight matrices, and DeepSpeed ZeRO hands the optimizer flat "
+                         "shards of them: drop --deepspeed (DDP works: each process holds whole matrices) or use an "
+                         "AdamW --optim.")
+    if args.fsdp:
+        raise ValueError("--optim muon needs whole weight matrices, and FSDP shards them between processes: drop "
+                         "--fsdp (DDP works) or use an AdamW --optim.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +161,9 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not a folder.")
     if model_args.tokenizer_name and missing_local_folder(model_args.tokenizer_name):
         raise ValueError(f"--tokenizer_name {model_args.tokenizer_name!r}: no such folder.")
+    check_optimizer(training_args)
+    if run_args.max_train_seconds is not None:
+        check_time_budget(run_args.max_train_seconds, training_args)
     if run_args.expert_parallel_size != 1:
         gpus = torch.cuda.device_count()
         raise ValueError(
@@ -125,6 +172,23 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
             "mixture of experts with DDP, DeepSpeed ZeRO-2/3 or FSDP instead (each process holds every expert, or a "
             "shard of each); docs/distributed.md says how expert parallelism would be configured on GPUs."
         )
+
+
+def check_time_budget(seconds: float, args: TrainingArguments) -> None:
+    if not seconds > 0:
+        raise ValueError(f"--max_train_seconds must be a positive number of seconds, got {seconds}.")
+    if args.max_steps > 0:
+        raise ValueError(f"--max_train_seconds {seconds:g} plans the number of steps itself: drop --max_steps "
+                         f"{args.max_steps}.")
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if scheduler not in BUDGET_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler_type {scheduler} cannot be laid over steps planned while training; with "
+                         f"--max_train_seconds use one of {', '.join(BUDGET_SCHEDULERS)}.")
+    for flag in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(args, flag)
+        if value is not None and 0 < value < 1:
+            raise ValueError(f"--{flag} {value} is a fraction of the run's steps, which --max_train_seconds does not "
+                             f"know in advance: give a whole number of steps.")
 
 
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
@@ -533,8 +597,11 @@ class ArchLMTrainer(Trainer):
     exactly where the interrupted one would have.
     """
 
-    def __init__(self, *args, block_size_schedule: list[tuple[int, int]] | None = None, **kwargs):
+    def __init__(self, *args, block_size_schedule: list[tuple[int, int]] | None = None,
+                 time_budget: TimeBudget | None = None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            check_optimizer(training_args)
         if training_args is not None and training_args.torch_compile:
             # --torch_compile compiles regions (accelerate's regional compilation): each decoder layer is compiled
             # once and the compiled code serves every layer, and the small modules around them on their own,
@@ -544,6 +611,26 @@ class ArchLMTrainer(Trainer):
             os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
         super().__init__(*args, **kwargs)
         self.block_size_schedule = block_size_schedule
+        self.time_budget = time_budget
+        if time_budget is not None:
+            time_budget.progress_callbacks = [callback for callback in self.callback_handler.callbacks
+                                              if isinstance(callback, ProgressCallback)]
+            self.add_callback(time_budget)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.args.optim == MUON:
+            model = self.model if model is None else model
+            no_decay = {name for name, _ in model.named_parameters()} - set(self.get_decay_parameter_names(model))
+            self.optimizer = muon_optimizer(model, self.args, no_decay)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.time_budget is not None and self.lr_scheduler is None:
+            # the schedule follows the plan of --max_train_seconds, not the provisional max_steps
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer if optimizer is None else optimizer, planned_schedule(self.args, self.time_budget))
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

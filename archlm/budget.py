@@ -1,0 +1,158 @@
+"""Runs that end on a wall-clock budget: `--max_train_seconds N`.
+
+A budgeted run does not know its number of steps when it starts. It trains, measures its own pace (wall-clock
+seconds per optimizer step, logging and checkpoint saves included, and the seconds of an evaluation), and plans
+the largest number of steps whose training, evaluations and final save fit in the budget. The learning-rate
+schedule (`--lr_scheduler_type`, with its warm-up) is laid over the planned steps, so it completes when the run
+ends: the schedule's function is asked for each step's learning rate with the planned total of that moment.
+
+The plan is made after the first step and refined while the pace settles: at every step of the first
+WARMUP_STEPS, at each evaluation (the first one measures what an evaluation costs) and every tenth of the run up
+to its half; after that it holds, so the end of the schedule is not moved (the safety net: a run that falls
+behind its plan stops as soon as the rest would not fit). A resumed run keeps the plan its checkpoint holds.
+"""
+
+import functools
+import math
+import time
+
+import torch
+from transformers import TrainerCallback
+from transformers.optimization import get_scheduler
+
+WARMUP_STEPS = 10  # steps re-planned one by one while the first steps' pace (warm-up, caches) settles
+REPLAN_UNTIL = 0.5  # re-plan every tenth of the run until this fraction of it
+SAFETY = 0.02  # of the budget kept free for what is not measured (the process's exit, a slower step at the end)
+PROVISIONAL_STEPS = 10**9  # the Trainer needs a positive max_steps before the plan exists
+# Schedules whose learning rate is a function of (step, total): they can be laid over steps planned while running
+BUDGET_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                     "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
+def plan_steps(budget: float, elapsed: float, done: int, step_seconds: float, eval_seconds: float,
+               eval_every: int | None, final_eval: bool, reserve: float) -> int:
+    """The largest total number of steps N >= done whose remaining steps, the evaluations every `eval_every` steps
+    between `done` and N, a final evaluation (if `final_eval`) and `reserve` seconds (the final save) still fit in
+    `budget` seconds, `elapsed` of which are spent."""
+    def cost(total: int) -> float:
+        evals = (total // eval_every - done // eval_every) if eval_every else 0
+        return (elapsed + (total - done) * step_seconds + (evals + final_eval) * eval_seconds + reserve)
+
+    if cost(done) > budget:
+        return done
+    low, high = done, done + max(1, math.ceil((budget - elapsed) / max(step_seconds, 1e-9)))
+    while low < high:  # cost grows with the total: the last total that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= budget else (low, middle - 1)
+    return low
+
+
+class TimeBudget(TrainerCallback):
+    """Plans a run's steps to fit `seconds` of wall-clock time, from the first training step to the end of the final
+    evaluation and save (the setup before it, data and tokenizer, is not counted), and stops it there.
+
+    `eval_tokens` (tokens of one evaluation) estimates the first evaluation's cost before one has been measured,
+    `final_eval` says whether the run ends with one, `reserve` is the seconds kept for the final save. A run resumed
+    from a checkpoint passes `planned_steps`, the total its plan had reached: it is kept.
+    """
+
+    def __init__(self, seconds: float, tokens_per_step: int, eval_tokens: int = 0, final_eval: bool = False,
+                 reserve: float = 0.0, planned_steps: int | None = None):
+        self.seconds, self.tokens_per_step, self.eval_tokens = seconds, tokens_per_step, eval_tokens
+        self.final_eval, self.reserve = final_eval, reserve
+        self.planned_steps = planned_steps
+        self.fixed = planned_steps is not None
+        self.start = self.first_step_end = None
+        self.first_step_seconds = None
+        self.eval_seconds = None  # of the latest evaluation
+        self.eval_total = 0.0  # seconds spent evaluating after the first step
+        self.progress_callbacks = []  # the Trainer's ProgressCallbacks: their bar's total follows the plan
+        self._next_replan = 0
+
+    # The record of the plan in training_log.json
+    def record(self, state=None) -> dict:
+        record = {"max_train_seconds": self.seconds, "planned_steps": self.planned_steps}
+        if state is not None and self.start is not None:
+            record.update(done_steps=state.global_step, elapsed_seconds=round(time.perf_counter() - self.start, 2))
+        return record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        if self.fixed:
+            state.max_steps = self.planned_steps
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        seconds = (metrics or {}).get("eval_runtime")
+        if seconds is not None:
+            self.eval_seconds = seconds
+            self.eval_total += seconds
+            self._next_replan = state.global_step  # an evaluation's cost is now known: plan again at once
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now, step = time.perf_counter(), state.global_step
+        if self.first_step_end is None:
+            self.first_step_end, self.first_step_seconds = now, now - self.start
+            self.eval_total = 0.0
+        if not self.fixed and (step <= WARMUP_STEPS or step >= self._next_replan):
+            self.replan(args, state, now)
+        self.stop_if_over(args, state, control, now)
+
+    def pace(self, step: int, now: float) -> float:
+        """Wall-clock seconds per step since the first (which also pays for warm-up and any compilation)."""
+        if step <= 1:
+            return self.first_step_seconds
+        return max(now - self.first_step_end - self.eval_total, 1e-9) / (step - 1)
+
+    def replan(self, args, state, now: float) -> None:
+        step_seconds = self.pace(state.global_step, now)
+        eval_seconds = self.eval_seconds
+        if eval_seconds is None:  # none measured yet: a forward pass costs about a third of a training step
+            eval_seconds = step_seconds * self.eval_tokens / max(self.tokens_per_step, 1) / 2
+        eval_every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else None
+        total = plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
+                           eval_seconds, eval_every, self.final_eval, self.reserve)
+        self.planned_steps = state.max_steps = total
+        if total * REPLAN_UNTIL <= state.global_step:
+            self._next_replan = math.inf
+        else:
+            self._next_replan = state.global_step + max(1, total // 10)
+        for callback in self.progress_callbacks:
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.total = total
+                callback.training_bar.refresh()
+
+    def stop_if_over(self, args, state, control, now: float) -> None:
+        """At the planned step, or as soon as one more step and the end of the run would pass the budget."""
+        late = (now - self.start + self.pace(state.global_step, now) + self.reserve
+                + (self.eval_seconds or 0.0) * self.final_eval > self.seconds) and not self.fixed
+        if state.global_step >= state.max_steps or late:
+            self.planned_steps = state.max_steps = state.global_step
+            # what DefaultFlowCallback does at the last step, which it has already passed for this one
+            control.should_training_stop = True
+            if args.save_strategy == "steps":
+                control.should_save = True
+            if args.eval_strategy == "steps" and state.global_step % state.eval_steps != 0:
+                control.should_evaluate = True
+
+
+def planned_schedule(args, budget: TimeBudget):
+    """A transformers schedule (`--lr_scheduler_type`, its warm-up and kwargs) as a function of the step alone,
+    laid over the steps the budget has planned at the moment it is asked. A function, not an object: LambdaLR
+    saves an object's attributes into checkpoints, and the plan belongs to the trainer state, not there."""
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if name not in BUDGET_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler_type {name} cannot follow a plan made while training; with "
+                         f"--max_train_seconds use one of {', '.join(BUDGET_SCHEDULERS)}.")
+
+    @functools.lru_cache(maxsize=4)
+    def for_total(total: int):
+        """The schedule's lr_lambda for `total` steps (built on a stand-in optimizer: it is a pure function)."""
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+        scheduler = get_scheduler(name, stand_in, args.get_warmup_steps(total), total,
+                                  scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        return scheduler.lr_lambdas[0]
+
+    def lr_lambda(step: int) -> float:
+        return for_total(max(budget.planned_steps or PROVISIONAL_STEPS, 1))(step)
+
+    return lr_lambda

@@ -1,0 +1,99 @@
+"""archlm/budget.py and `--max_train_seconds`: runs that plan their steps to end on a wall-clock budget.
+
+The planning rule is checked with numbers; a budgeted run is checked for what it records and for a schedule that
+completes on its last step (never for how long it took: no timed assertions here); a resumed budgeted run keeps
+its plan; flags that cannot work with a budget are refused before anything is written.
+"""
+
+import json
+import shutil
+
+import pytest
+from conftest import TINY_MODEL
+
+from archlm.budget import PROVISIONAL_STEPS, TimeBudget, plan_steps, planned_schedule
+from archlm.training import ArchLMTrainingArguments
+from test_train import TINY, read_log, train, train_script
+
+
+def test_plan_fits_steps_evaluations_and_the_final_save_in_the_budget():
+    # 100 s, 10 spent at step 5, 0.5 s a step, no evaluations, 2 s to save: (100 - 10 - 2) / 0.5 = 176 more steps
+    assert plan_steps(100, 10, 5, 0.5, 0, None, False, 2) == 5 + 176
+    # evaluations of 4 s every 50 steps and a final one
+    total = plan_steps(100, 10, 5, 0.5, 4, 50, True, 2)
+    evals = total // 50 + 1
+    assert 10 + (total - 5) * 0.5 + evals * 4 + 2 <= 100 < 10 + (total + 1 - 5) * 0.5 + ((total + 1) // 50 + 1) * 4 + 2
+    # over budget already: stop where it is
+    assert plan_steps(100, 99, 40, 0.5, 0, None, True, 2) == 40
+
+
+def budget_args(tmp_path):
+    return ArchLMTrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, lr_scheduler_type="cosine",
+                                   warmup_steps=0.1, max_steps=PROVISIONAL_STEPS)
+
+
+def test_the_schedule_follows_the_plan_and_its_warmup_ratio(tmp_path):
+    budget = TimeBudget(60, tokens_per_step=1024)
+    schedule = planned_schedule(budget_args(tmp_path), budget)
+    assert schedule(0) == 0.0 and schedule(1000) < 1e-4  # no plan yet: the warm-up of a very long run
+    budget.planned_steps = 100
+    assert schedule(5) == pytest.approx(0.5)  # warm-up is 10% of the planned 100 steps
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(55) == pytest.approx(0.5)  # cosine half-way
+    assert schedule(100) == pytest.approx(0.0)
+    budget.planned_steps = 200  # a new plan lays the same schedule over more steps
+    assert schedule(110) == pytest.approx(0.5)
+
+
+BUDGETED = ["--config_overrides", TINY_MODEL, "--max_train_seconds", "6", "--lr_scheduler_type", "cosine",
+            "--warmup_steps", "3", "--eval_strategy", "steps", "--eval_steps", "10", "--max_eval_samples", "16"]
+
+
+def test_a_budgeted_run_records_its_plan_and_its_schedule_ends_on_its_last_step(tmp_path):
+    output = train(*BUDGETED, "--output_dir", str(tmp_path / "run"))
+    log = read_log(output)
+    budget = log["summary"]["budget"]
+    assert budget["max_train_seconds"] == 6
+    assert budget["planned_steps"] == budget["done_steps"] == log["summary"]["global_step"] == log["planned_steps"]
+    assert budget["done_steps"] > 3 and budget["elapsed_seconds"] > 0
+    assert log["budget"] == budget and log["status"] == "finished"
+    steps = log["steps"]
+    assert [entry["step"] for entry in steps] == list(range(1, budget["done_steps"] + 1))
+    peak = max(entry["learning_rate"] for entry in steps)
+    assert peak == pytest.approx(3e-3)
+    # the last logged rate is the schedule's at the planned total: near zero, the cosine completed
+    assert steps[-1]["learning_rate"] < 0.05 * peak
+    assert log["evals"][-1]["step"] == budget["done_steps"]  # ends with an evaluation of the final weights
+    assert (output / "model.safetensors").is_file()
+
+
+def test_a_resumed_budgeted_run_keeps_the_plan_of_its_checkpoint(tmp_path):
+    whole = train(*BUDGETED, "--save_steps", "4", "--output_dir", str(tmp_path / "whole"))
+    # the plan at step 4 (refined later in the whole run, which the checkpoint cannot know)
+    planned = json.loads((whole / "checkpoint-4" / "trainer_state.json").read_text())["max_steps"]
+    assert 4 < planned < PROVISIONAL_STEPS
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(whole / "checkpoint-4", resumed_dir / "checkpoint-4")
+    resumed = train(*BUDGETED, "--save_steps", "4", "--output_dir", str(resumed_dir), "--resume_from_checkpoint",
+                    "latest")
+    log = read_log(resumed)
+    assert log["summary"]["global_step"] == log["summary"]["budget"]["planned_steps"] == planned
+    steps = log["steps"]
+    assert [entry["step"] for entry in steps] == list(range(1, planned + 1))
+    assert steps[-1]["learning_rate"] < 0.05 * max(entry["learning_rate"] for entry in steps)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_train_seconds", "0"], "--max_train_seconds must be a positive number of seconds, got 0"),
+    (["--max_train_seconds", "60", "--max_steps", "10"], "plans the number of steps itself: drop --max_steps 10"),
+    (["--max_train_seconds", "60", "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps"],
+     "--lr_scheduler_type reduce_lr_on_plateau cannot be laid over steps planned while training"),
+    (["--max_train_seconds", "60", "--eval_strategy", "steps", "--eval_steps", "0.25"],
+     "--eval_steps 0.25 is a fraction of the run's steps"),
+], ids=["zero", "max-steps", "plateau", "fraction"])
+def test_flags_that_cannot_work_with_a_budget_are_refused_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as error:
+        train_script.main([*TINY, "--config_overrides", TINY_MODEL, *flags, "--output_dir", str(tmp_path / "run")])
+    assert message in str(error.value)
+    assert not (tmp_path / "run").exists()
