@@ -3,8 +3,10 @@ through accelerate (FSDP through accelerate where a GPU is present; accelerate h
 
 Each run trains a tiny model for a few steps, records its world size and wrapper in training_log.json (a launcher
 misconfigured fails silently, as independent single processes), saves, and reloads in a fresh process with every
-parameter present. On CPU DeepSpeed runs with DS_ACCELERATOR=cpu over gloo; its JIT-built ops land in
-TORCH_EXTENSIONS_DIR (default build/torch_extensions), so only the first run of a machine builds them.
+parameter present. A ZeRO-2 run killed with SIGKILL (torchrun and both ranks) while saving a checkpoint resumes with
+--resume_from_checkpoint latest from the newest complete one to the weights of an uninterrupted run. On CPU
+DeepSpeed runs with DS_ACCELERATOR=cpu over gloo; its JIT-built ops land in TORCH_EXTENSIONS_DIR (default
+build/torch_extensions), so only the first run of a machine builds them.
 
     .venv/bin/python -m pytest tests/test_distributed.py -q -m distributed
 """
@@ -12,6 +14,8 @@ TORCH_EXTENSIONS_DIR (default build/torch_extensions), so only the first run of 
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_MODEL
+from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.distributed
@@ -339,3 +344,116 @@ def test_mixture_of_experts_trains_under_zero_and_reloads_every_expert(tmp_path,
     assert all(len(step["expert_tokens"]) == 2 and len(step["expert_tokens"][0]) == 4 for step in steps)
     loaded = reload(out)
     assert loaded["parameters"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# ZeRO-2 on 2 processes: kill -9 of the whole job, then --resume_from_checkpoint latest
+# ------------------------------------------------------------------------------------------------
+# examples/train.py, except that rank 0 stops for good right before it writes trainer_state.json (the file the
+# Trainer writes last) into checkpoint-{step}: the weights, both ranks' ZeRO optimizer shards, the RNG states and
+# DeepSpeed's own `latest` file (naming global_step{step}) are on disk, the checkpoint is not complete. Rank 1
+# goes on and waits for rank 0 in the next step's collectives.
+PAUSING_IN_SAVE = """
+import os, sys, time
+from transformers import TrainerState
+from archlm.train import main
+
+save_to_json = TrainerState.save_to_json
+
+def pause_before_the_last_file(self, json_path):
+    if os.path.basename(os.path.dirname(json_path)) == "checkpoint-{step}":
+        open({marker!r}, "w").close()
+        time.sleep(600)  # killed here with SIGKILL
+    save_to_json(self, json_path)
+
+TrainerState.save_to_json = pause_before_the_last_file
+main(sys.argv[1:])
+"""
+
+
+def kill_job(launcher: subprocess.Popen) -> int:
+    """SIGKILL to torchrun and every process under it, as a scheduler or the OOM killer ends a job; returns
+    torchrun's exit status. torchrun starts each rank in a session (process group) of its own, so one killpg of
+    torchrun's group would leave the ranks running: each group is killed."""
+    import psutil
+
+    job = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    assert len(job) >= 3, job  # torchrun and its 2 ranks
+    for group in {os.getpgid(process.pid) for process in job}:
+        os.killpg(group, signal.SIGKILL)
+    _, alive = psutil.wait_procs(job, timeout=60)  # reaps torchrun, our child: Popen.wait would see no status
+    assert not alive, alive
+    launcher.returncode = job[0].returncode
+    return launcher.returncode
+
+
+def test_zero2_killed_with_sigkill_resumes_from_the_latest_complete_checkpoint_to_the_same_weights(tmp_path):
+    """ZeRO-2 on 2 processes, 12 steps, a checkpoint every 5. The interrupted run trains past checkpoint-5 and is
+    killed with SIGKILL (torchrun and both ranks) while it saves checkpoint-10: after DeepSpeed wrote that folder's
+    shards and `latest` file, before trainer_state.json. `--resume_from_checkpoint latest` skips the cut-off
+    checkpoint-10 and resumes both ranks from checkpoint-5 (weights, ZeRO-partitioned Adam states, scheduler, RNG,
+    data position); it ends with the weights of an uninterrupted run with the same flags, and its
+    training_log.json holds steps 1-12 once each, with the uninterrupted run's losses."""
+    common = ["--config_overrides", TINY_MODEL, "--max_steps", "12", "--deepspeed", str(DEEPSPEED / "zero2.json"),
+              "--save_strategy", "steps", "--save_steps", "5", "--data_seed", "3"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run(torchrun(), *common, "--output_dir", str(uninterrupted), name="torchrun + zero2.json, 12 steps")
+
+    marker = tmp_path / "saving-checkpoint-10"
+    wrapper = tmp_path / "pausing_train.py"
+    wrapper.write_text(PAUSING_IN_SAVE.format(step=10, marker=str(marker)))
+    start = time.perf_counter()
+    launcher = subprocess.Popen([*torchrun(), str(wrapper), *TINY, *common, "--output_dir", str(interrupted)],
+                                cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if launcher.poll() is not None:
+                pytest.fail(f"the run ended before saving checkpoint-10:\n{launcher.stdout.read()[-6000:]}")
+            assert time.monotonic() < deadline, "the run never reached the save of checkpoint-10"
+            time.sleep(0.2)
+        assert kill_job(launcher) == -signal.SIGKILL
+    finally:
+        if launcher.returncode is None and launcher.poll() is None:
+            kill_job(launcher)
+        launcher.stdout.close()
+    WALL_TIMES["torchrun + zero2.json, killed at the save of step 10"] = time.perf_counter() - start
+    print(f"torchrun + zero2.json, killed at the save of step 10: {time.perf_counter() - start:.1f} s")
+
+    # checkpoint-5 complete; checkpoint-10 cut off: DeepSpeed's `latest` names its global_step10, but no
+    # trainer_state.json, so it must not be taken for the latest checkpoint
+    for step in (5, 10):
+        checkpoint = interrupted / f"checkpoint-{step}"
+        assert (checkpoint / "latest").read_text().strip() == f"global_step{step}"
+        assert sorted(p.name for p in (checkpoint / f"global_step{step}").glob("*optim_states.pt")) == [
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert (interrupted / "checkpoint-5" / "trainer_state.json").is_file()
+    assert not (interrupted / "checkpoint-10" / "trainer_state.json").exists()
+    assert not (interrupted / "model.safetensors").exists()
+    assert read_log(interrupted)["status"] == "running" and len(read_log(interrupted)["steps"]) == 10
+
+    output = run(torchrun(), *common, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest",
+                 name="torchrun + zero2.json, resumed from latest")
+    assert re.search(rf"Skipping incomplete checkpoint\(s\) {re.escape(str(interrupted / 'checkpoint-10'))} .*; "
+                     rf"resuming from {re.escape(str(interrupted / 'checkpoint-5'))}\.", output), output[-6000:]
+    check_distributed(interrupted, "DEEPSPEED", "DeepSpeedEngine")
+    check_distributed(uninterrupted, "DEEPSPEED", "DeepSpeedEngine")
+
+    # Measured: equal to the bit (same reduction order on both runs); the tolerance only allows float32 noise
+    # and is far below what steps 6-12 change (checked below, so the comparison cannot pass vacuously).
+    resumed_weights = load_file(interrupted / "model.safetensors")
+    reference_weights = load_file(uninterrupted / "model.safetensors")
+    at_step_5 = load_file(interrupted / "checkpoint-5" / "model.safetensors")
+    assert resumed_weights.keys() == reference_weights.keys() == at_step_5.keys()
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert max((reference_weights[name] - at_step_5[name]).abs().max() for name in at_step_5) > 1e-3
+    resumed_log, reference_log = read_log(interrupted), read_log(uninterrupted)
+    assert resumed_log["status"] == "finished" and resumed_log["summary"]["global_step"] == 12
+    assert [entry["step"] for entry in resumed_log["steps"]] == list(range(1, 13))
+    assert [entry["step"] for entry in reference_log["steps"]] == list(range(1, 13))
+    for resumed, reference in zip(resumed_log["steps"], reference_log["steps"]):
+        assert resumed["loss"] == pytest.approx(reference["loss"], abs=1e-5), resumed["step"]
+        assert resumed["num_input_tokens_seen"] == reference["num_input_tokens_seen"], resumed["step"]
+    assert (interrupted / "checkpoint-10" / "trainer_state.json").is_file()  # saved again, completely
