@@ -2,22 +2,39 @@
 
     python examples/compare_architectures.py --presets gpt2,llama,hybrid --max_steps 200 --output_dir runs/compare \
         -- --config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4" --block_size 256
+    python examples/compare_architectures.py --presets gpt2,llama,qwen3_moe --budget_flops 2e15 --output_dir runs/flops \
+        -- --config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4" --block_size 256
 
-With --presets, each preset is first trained by examples/train.py into OUTPUT_DIR/<preset> on the same data, seed
-and budget (steps, batch, block size); the first run's tokenizer is reused by the others, so every model sees the
-same tokens, and every run's MFU is measured against one peak TFLOP/s, measured once here before the runs (or the
---peak_tflops given after `--`). Flags after `--` are passed on to every train.py run, except those this script sets
-per run (PER_RUN_FLAGS). What can be checked without training is checked before the first run starts: the presets,
+With --presets, each preset is first trained by examples/train.py into OUTPUT_DIR/<preset> on the same data, seed,
+batch and block size, and one budget, the same for every run:
+
+    --max_steps N        equal steps: N optimizer steps each (the default, 200, when no budget is given);
+    --budget_flops F     equal compute: each run takes floor(F / (FLOPs per token x tokens per step)) steps, FLOPs
+                         per token being its model's flops_per_token(block size) (training: forward + backward;
+                         a mixture of experts counts its active experts only) and tokens per step
+                         batch x accumulation x processes x block size; a bigger model gets fewer steps. The steps
+                         are computed before the first run starts, and a budget that buys some preset no step is
+                         refused;
+    --budget_seconds N   equal wall-clock: each run gets train.py's --max_train_seconds N (it measures its
+                         throughput after warm-up and fixes its steps so training, evaluations included, ends
+                         within N seconds).
+
+The first run's tokenizer is reused by the others, so every model sees the same tokens (with --budget_flops the
+vocabulary decides the FLOPs of the output layer, so the tokenizer is trained here first, into OUTPUT_DIR/tokenizer,
+unless --tokenizer_name or a vocab_size override is given after `--`); every run's MFU is measured against one peak
+TFLOP/s, measured once here before the runs (or the --peak_tflops given after `--`). Flags after `--` are passed on
+to every train.py run, except those this script sets per run (PER_RUN_FLAGS). What can be checked without training is checked before the first run starts: the presets,
 the train.py flags, and the run folders, which must not hold an earlier run unless --overwrite is given.
 Without --presets, give run folders to compare:
 
     python examples/compare_architectures.py runs/gpt2 runs/llama --output_dir runs/compare
 
-Writes OUTPUT_DIR/comparison.md (ranked by final eval loss, with the peak MFU is measured against) and
-OUTPUT_DIR/loss_curves.png, and prints the table.
+Writes OUTPUT_DIR/comparison.md (ranked by final eval loss, with each run's steps and training FLOPs, the budget
+and the peak MFU is measured against) and OUTPUT_DIR/loss_curves.png, and prints the table.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -28,13 +45,25 @@ import sys
 from pathlib import Path
 
 from archlm import ArchLMConfig
-from archlm.data import check_data_arguments
+from archlm.configuration_archlm import parse_config_overrides
+from archlm.data import check_data_arguments, load_raw_data, parse_block_size_schedule
 from archlm.train import parse_args as parse_train_args
-from archlm.training import SETUP_ERRORS, check_arguments, measure_peak_tflops
+from archlm.training import (
+    SETUP_ERRORS,
+    RunArguments,
+    build_config,
+    check_arguments,
+    check_block_size,
+    load_or_train_tokenizer,
+    measure_peak_tflops,
+)
 
 logger = logging.getLogger("compare_architectures")
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"  # each run is the main job in a process of its own
-COLUMNS = ("rank", "run", "architecture", "parameters", "tokens/s", "MFU", "peak MiB", "eval loss", "perplexity")
+COLUMNS = ("rank", "run", "architecture", "parameters", "steps", "train FLOPs", "tokens/s", "MFU", "peak MiB",
+           "eval loss", "perplexity")
+BUDGET_FLAGS = ("--max_steps", "--budget_flops", "--budget_seconds")
+DEFAULT_MAX_STEPS = 200  # the budget when none of BUDGET_FLAGS is given
 
 # train.py flags that this script sets for each run (or that would undo what it sets), with what to do instead.
 # Passed after `--` they would win over its own (the last flag wins), e.g. send every run to one folder.
@@ -43,7 +72,8 @@ PER_RUN_FLAGS = {
     "--model_name_or_path": "every run would fine-tune that one model instead of training its preset",
     "--output_dir": "each run goes to OUTPUT_DIR/<preset>: give OUTPUT_DIR with --output_dir before `--`",
     "--overwrite_output_dir": "pass --overwrite before `--` to replace earlier runs",
-    "--max_steps": "pass --max_steps before `--`: it is every run's budget",
+    "--max_steps": "pass --max_steps, --budget_flops or --budget_seconds before `--`: they set every run's budget",
+    "--max_train_seconds": "pass --budget_seconds before `--`: it gives every run --max_train_seconds",
     "--seed": "pass --seed before `--`: it is every run's seed and data seed",
     "--data_seed": "pass --seed before `--`: it is every run's seed and data seed",
 }
@@ -77,6 +107,28 @@ def _active_parameters(run: dict) -> str:
     return f" ({ArchLMConfig.from_dict(config).num_parameters_estimate(active_only=True):,} active)"
 
 
+def train_flops(run: dict) -> float | None:
+    """The run's training FLOPs (matmuls, forward + backward) from its log: FLOPs per token x tokens seen; with a
+    --block_size_schedule, each stage's steps at that stage's block size (attention reaches less in short blocks)."""
+    summary = run.get("summary") or {}
+    tokens, steps = summary.get("tokens_seen"), summary.get("global_step")
+    if not tokens or not steps or run.get("flops_per_token") is None:
+        return None
+    if not run.get("block_size_schedule") or not run.get("config"):
+        return run["flops_per_token"] * tokens
+    stages = flops_per_step(ArchLMConfig.from_dict(run["config"]), run["block_size"], run["block_size_schedule"],
+                            tokens / steps)
+    return flops_of_steps(steps, stages)
+
+
+def _format_flops(value: float | None) -> str:
+    """12.6 GFLOP, 1.84 PFLOP: the prefix of the value's thousands."""
+    if value is None:
+        return "-"
+    exponent = min(max(int(math.floor(math.log10(value) / 3)) if value > 0 else 0, 0), 6)
+    return f"{value / 1000 ** exponent:.3g} {' KMGTPE'[exponent].strip()}FLOP"
+
+
 def comparison_table(runs: list[dict]) -> str:
     """Markdown table ranked by final eval loss (runs without one last)."""
     ranked = sorted(runs, key=lambda run: (_final_eval_loss(run) is None, _final_eval_loss(run) or 0.0))
@@ -89,6 +141,8 @@ def comparison_table(runs: list[dict]) -> str:
             run["folder"].name,
             run["architecture_name"],
             _format(run.get("parameters"), ",") + _active_parameters(run),
+            _format(summary.get("global_step"), ","),
+            _format_flops(train_flops(run)),
             _format(summary.get("tokens_per_second"), ",.0f"),
             _format(summary.get("mfu") * 100 if summary.get("mfu") is not None else None, ".1f") + ("%" if summary.get("mfu") is not None else ""),
             _format(summary.get("peak_memory_mb"), ",.0f"),
@@ -99,7 +153,7 @@ def comparison_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_loss_curves(runs: list[dict], path: Path) -> None:
+def plot_loss_curves(runs: list[dict], path: Path, budget: str | None = None) -> None:
     """Training loss (lines) and eval loss (markers) against step, one colour per run."""
     import matplotlib
 
@@ -116,7 +170,7 @@ def plot_loss_curves(runs: list[dict], path: Path) -> None:
                       "o--", color=line.get_color(), markersize=4, linewidth=0.8)
     axes.set_xlabel("step")
     axes.set_ylabel("loss (lines: train, dots: eval)")
-    axes.set_title("ArchLM architectures: same data, seed and budget")
+    axes.set_title(f"ArchLM architectures: same data and seed, {budget}" if budget else "ArchLM architectures")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -153,14 +207,94 @@ def per_run_flags_in(train_args: list[str]) -> list[str]:
 
 def check_train_flags(train_command: list[str]):
     """Parses a run's train.py flags with train.py's parser and checks them as it does before anything else, so a
-    bad flag stops the comparison before the first run rather than in it; returns (model, run, training) args."""
+    bad flag stops the comparison before the first run rather than in it; returns (model, data, run, training) args."""
     try:
         model_args, data_args, run_args, training_args = parse_train_args(train_command)
         check_arguments(model_args, run_args, training_args, data_args.streaming)
         check_data_arguments(data_args)
     except SETUP_ERRORS as error:
         raise SystemExit(f"compare_architectures.py: error: the train.py flags after `--`: {error}") from None
-    return model_args, run_args, training_args
+    return model_args, data_args, run_args, training_args
+
+
+def budget_label(args: argparse.Namespace) -> str:
+    """Which budget every run was given, for the table and the plot."""
+    if args.budget_flops is not None:
+        return f"equal FLOPs ({args.budget_flops:.4g} training FLOPs per run)"
+    if args.budget_seconds is not None:
+        return f"equal wall-clock ({args.budget_seconds:g} s of training per run, evaluations included)"
+    return f"equal steps ({args.max_steps:,} per run)"
+
+
+def flops_per_step(config: ArchLMConfig, block_size: int, schedule: str | None,
+                   tokens_per_step: float) -> list[tuple[int, float]]:
+    """(first step, training FLOPs of each step from there on): one stage, or one per --block_size_schedule entry (a
+    step holds the same tokens at every stage; its blocks are cut into shorter rows, so attention reaches less)."""
+    model = config._meta_model()  # shapes only: nothing allocated
+    stages = parse_block_size_schedule(schedule) if schedule else [(0, block_size)]
+    return [(start, model.flops_per_token(size) * tokens_per_step) for start, size in stages]
+
+
+def _stage_ends(stages: list[tuple[int, float]]) -> list[float]:
+    return [start for start, _ in stages[1:]] + [math.inf]
+
+
+def steps_within(budget: float, stages: list[tuple[int, float]]) -> int:
+    """The most optimizer steps whose FLOPs stay within `budget`: floor(budget / FLOPs per step) for one stage."""
+    for (start, cost), end in zip(stages, _stage_ends(stages)):
+        affordable = math.floor(budget / cost)
+        if affordable < end - start:
+            return start + affordable
+        budget -= (end - start) * cost
+    raise AssertionError("the last stage never ends")
+
+
+def flops_of_steps(steps: float, stages: list[tuple[int, float]]) -> float:
+    return sum(min(max(steps - start, 0), end - start) * cost for (start, cost), end in zip(stages, _stage_ends(stages)))
+
+
+def budget_tokenizer(model_args, data_args, overrides: dict):
+    """The tokenizer whose vocabulary the FLOPs budget counts (the output layer's FLOPs grow with it), or None when
+    --config_overrides sets vocab_size. The one given with --tokenizer_name; else trained here on the training
+    data as train.py would, to be saved and given to every run."""
+    if "vocab_size" in overrides:
+        return None
+    if model_args.tokenizer_name is None:
+        logger.info("--budget_flops: training the shared tokenizer before the runs (its vocabulary sets the FLOPs)")
+        return load_or_train_tokenizer(model_args, load_raw_data(data_args).train, None)[0]
+    return load_or_train_tokenizer(model_args, None, None)[0]
+
+
+def flops_budget_steps(presets: list[str], budget: float, model_args, data_args, training_args,
+                       tokenizer) -> dict[str, tuple[int, float]]:
+    """Each preset's (steps, training FLOPs) within `budget`, from its config with the overrides and the tokenizer
+    on the meta device. Refuses a budget that buys some preset no step, or a block size a preset cannot take."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    plan, refused = {}, []
+    for preset in presets:
+        config = build_config(dataclasses.replace(model_args, preset=preset), overrides, tokenizer)
+        schedule = data_args.block_size_schedule
+        largest = max(size for _, size in parse_block_size_schedule(schedule)) if schedule else None
+        block_size = data_args.block_size or largest or min(1024, config.max_position_embeddings)  # as train.py's
+        try:
+            check_block_size(block_size, config)
+        except ValueError as error:
+            raise ValueError(f"preset {preset!r}: {error}") from None
+        tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                           * max(training_args.world_size, 1) * block_size)
+        stages = flops_per_step(config, block_size, schedule, tokens_per_step)
+        steps = steps_within(budget, stages)
+        plan[preset] = steps, flops_of_steps(steps, stages)
+        cost = stages[0][1]
+        logger.info("%s: %s steps of %.4g FLOPs (%s FLOPs/token x %s tokens)", preset, f"{steps:,}", cost,
+                    f"{cost / tokens_per_step:,.0f}", f"{tokens_per_step:,}")
+        if steps == 0:
+            refused.append(f"  {preset}: one step costs {cost:.4g} FLOPs ({cost / tokens_per_step:,.0f} FLOPs/token "
+                           f"x {tokens_per_step:,} tokens per step)")
+    if refused:
+        raise ValueError(f"--budget_flops {budget:.4g} buys these presets no training step:\n" + "\n".join(refused)
+                         + "\nGive a larger --budget_flops, or fewer tokens per step (batch size, block size).")
+    return plan
 
 
 def shared_peak_tflops(run_args, training_args) -> tuple[float, str]:
@@ -180,21 +314,30 @@ def shared_peak_tflops(run_args, training_args) -> tuple[float, str]:
     return peak, source
 
 
-def run_command(preset: str, folder: Path, max_steps: int, seed: int, overwrite: bool, train_args: list[str]) -> list[str]:
-    """One run's train.py flags: the per-run ones first, then those given after `--`."""
-    return ["--preset", preset, "--max_steps", str(max_steps), "--seed", str(seed), "--data_seed", str(seed),
+def run_command(preset: str, folder: Path, budget: list[str], seed: int, overwrite: bool, train_args: list[str]) -> list[str]:
+    """One run's train.py flags: the per-run ones first (`budget`: --max_steps N or --max_train_seconds N), then
+    those given after `--`."""
+    return ["--preset", preset, *budget, "--seed", str(seed), "--data_seed", str(seed),
             "--output_dir", str(folder), *(["--overwrite_output_dir"] if overwrite else []), *train_args]
 
 
-def train_presets(presets: list[str], output_dir: Path, max_steps: int, seed: int, overwrite: bool,
+def run_budget(args: argparse.Namespace, steps: dict[str, tuple[int, float]], preset: str) -> list[str]:
+    """The train.py flags of a preset's budget: its steps (equal steps, or those its FLOPs budget buys) or seconds."""
+    if args.budget_seconds is not None:
+        seconds = args.budget_seconds
+        return ["--max_train_seconds", str(int(seconds)) if seconds.is_integer() else repr(seconds)]
+    return ["--max_steps", str(steps[preset][0] if preset in steps else args.max_steps)]
+
+
+def train_presets(presets: list[str], output_dir: Path, budgets: dict[str, list[str]], seed: int, overwrite: bool,
                   train_args: list[str], shared_tokenizer: bool) -> list[Path]:
-    """Trains each preset with examples/train.py in its own process (so memory peaks are its own). With
-    `shared_tokenizer`, the first run's tokenizer is given to the others."""
+    """Trains each preset with examples/train.py in its own process (so memory peaks are its own), with its budget
+    flags. With `shared_tokenizer`, the first run's tokenizer is given to the others."""
     folders, tokenizer = [], []
     for preset in presets:
         folder = output_dir / preset
         command = [sys.executable, str(TRAIN_SCRIPT),
-                   *run_command(preset, folder, max_steps, seed, overwrite, [*tokenizer, *train_args])]
+                   *run_command(preset, folder, budgets[preset], seed, overwrite, [*tokenizer, *train_args])]
         logger.info("Training %s: %s", preset, " ".join(command))
         result = subprocess.run(command)
         if result.returncode != 0:
@@ -203,6 +346,26 @@ def train_presets(presets: list[str], output_dir: Path, max_steps: int, seed: in
         if shared_tokenizer and not tokenizer:
             tokenizer = ["--tokenizer_name", str(folder)]  # the same tokens for every architecture
     return folders
+
+
+def check_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One of BUDGET_FLAGS, with --presets, and a usable value; none given: --max_steps DEFAULT_MAX_STEPS."""
+    given = [flag for flag in BUDGET_FLAGS if getattr(args, flag[2:]) is not None]
+    if given and not args.presets:
+        parser.error(f"{' and '.join(given)} set(s) the budget of the runs of --presets: it needs --presets")
+    if len(given) > 1:
+        parser.error(f"give one budget, --max_steps (equal steps), --budget_flops (equal FLOPs) or --budget_seconds "
+                     f"(equal wall-clock), not {' and '.join(given)}.")
+    if not given:
+        args.max_steps = DEFAULT_MAX_STEPS
+    for flag, what in zip(BUDGET_FLAGS, ("a positive number of steps", "a positive number of FLOPs",
+                                         "a positive number of seconds")):
+        value = getattr(args, flag[2:])
+        if value is not None and not (value > 0 and math.isfinite(value)):  # NaN fails `>` too
+            parser.error(f"{flag} must be {what} (every run's budget), got {value:g}.")
+    if args.budget_seconds is not None and "max_train_seconds" not in {field.name for field in dataclasses.fields(RunArguments)}:
+        parser.error("--budget_seconds gives every run train.py's --max_train_seconds, which this version of archlm's "
+                     "train.py does not have; use --max_steps or --budget_flops.")
 
 
 def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namespace, train_args: list[str]) -> list[str]:
@@ -218,8 +381,6 @@ def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namesp
     if repeated:
         parser.error(f"--presets {args.presets!r} names {', '.join(repeated)} more than once: each preset trains once, "
                      "into OUTPUT_DIR/<preset>.")
-    if args.max_steps <= 0:
-        parser.error(f"--max_steps must be a positive number of steps (every run's budget), got {args.max_steps}.")
     refused = per_run_flags_in(train_args)
     if refused:
         reasons = "\n".join(f"  {flag}: {PER_RUN_FLAGS[flag]}" for flag in refused)
@@ -243,7 +404,15 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("runs", nargs="*", type=Path, help="Run folders (--output_dir of examples/train.py) to compare.")
     parser.add_argument("--presets", help="Comma-separated presets to train first, e.g. gpt2,llama,hybrid.")
-    parser.add_argument("--max_steps", type=int, default=200, help="Training steps of each preset (with --presets).")
+    budget = parser.add_argument_group("budget of each run (with --presets; give one)")
+    budget.add_argument("--max_steps", type=int,
+                        help=f"Equal steps: this many optimizer steps each (the default, {DEFAULT_MAX_STEPS}).")
+    budget.add_argument("--budget_flops", type=float,
+                        help="Equal compute: each run takes the steps that spend this many training FLOPs, "
+                             "floor(F / (FLOPs per token x tokens per step)).")
+    budget.add_argument("--budget_seconds", type=float,
+                        help="Equal wall-clock: each run gets train.py's --max_train_seconds (training and "
+                             "evaluations end within that many seconds).")
     parser.add_argument("--seed", type=int, default=42, help="Seed of every run (with --presets).")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/compare"), help="Where the table, plot and runs go.")
     parser.add_argument("--overwrite", action="store_true",
@@ -258,6 +427,7 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"flags for train.py ({' '.join(train_args)}) need --presets")
     if args.overwrite and not args.presets:
         parser.error("--overwrite replaces earlier runs of --presets: it needs --presets")
+    check_budget(parser, args)
     if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: find out before any training
         parser.error("the loss curves need matplotlib: pip install matplotlib")
     try:
@@ -265,23 +435,40 @@ def main(argv: list[str] | None = None) -> str:
     except ValueError as error:
         parser.error(str(error))
 
-    peak_source = None
+    peak_source, budget = None, None
     if args.presets:
         presets = check_before_training(parser, args, train_args)
-        model_args, run_args, training_args = check_train_flags(
-            run_command(presets[0], args.output_dir / presets[0], args.max_steps, args.seed, args.overwrite, train_args))
+        # with --budget_flops each run's steps are computed below: a placeholder here, to check the other flags
+        first = ["--max_steps", "1"] if args.budget_flops is not None else run_budget(args, {}, presets[0])
+        model_args, data_args, run_args, training_args = check_train_flags(
+            run_command(presets[0], args.output_dir / presets[0], first, args.seed, args.overwrite, train_args))
+        steps, tokenizer = {}, None
+        if args.budget_flops is not None:
+            try:
+                tokenizer = budget_tokenizer(model_args, data_args, parse_config_overrides(model_args.config_overrides))
+                steps = flops_budget_steps(presets, args.budget_flops, model_args, data_args, training_args, tokenizer)
+            except SETUP_ERRORS as error:
+                raise SystemExit(f"compare_architectures.py: error: {error}") from None
         peak, peak_source = shared_peak_tflops(run_args, training_args)
         if run_args.peak_tflops is None:
             train_args = [*train_args, "--peak_tflops", repr(peak)]  # repr: every run logs exactly this value
-        folders = train_presets(presets, args.output_dir, args.max_steps, args.seed, args.overwrite, train_args,
-                                shared_tokenizer=model_args.tokenizer_name is None)
+        if tokenizer is not None and model_args.tokenizer_name is None:  # trained here: every run gets it
+            tokenizer.save_pretrained(args.output_dir / "tokenizer")
+            train_args = ["--tokenizer_name", str(args.output_dir / "tokenizer"), *train_args]
+        folders = train_presets(presets, args.output_dir, {preset: run_budget(args, steps, preset) for preset in presets},
+                                args.seed, args.overwrite, train_args,
+                                shared_tokenizer=model_args.tokenizer_name is None and tokenizer is None)
         runs += [load_run(folder) for folder in folders]
+        budget = budget_label(args)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
     note = peak_note(runs, peak_source)
+    if budget:
+        note = (f"Budget: {budget}. Train FLOPs: the matmuls of training (forward and backward), FLOPs per token x "
+                f"tokens seen.\n\n{note}")
     (args.output_dir / "comparison.md").write_text(f"{table}\n\n{note}\n", encoding="utf-8")
-    plot_loss_curves(runs, args.output_dir / "loss_curves.png")
+    plot_loss_curves(runs, args.output_dir / "loss_curves.png", budget)
     print(table)
     print(note)
     logger.info("Wrote %s and %s", args.output_dir / "comparison.md", args.output_dir / "loss_curves.png")

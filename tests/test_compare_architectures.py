@@ -1,14 +1,17 @@
-"""examples/compare_architectures.py: the ranked table and plot, the checks made before any run starts, and one
-peak TFLOP/s for every run's MFU.
+"""examples/compare_architectures.py: the ranked table and plot, the checks made before any run starts, one
+peak TFLOP/s for every run's MFU, and the budgets (equal steps, equal FLOPs).
 
 The table is proven on run folders written here (training logs as train.py writes them); the refusals on real
 invocations that must stop before training anything; one slow test trains two tiny presets for real, then
-checks that a second comparison refuses their folders unless --overwrite.
+checks that a second comparison refuses their folders unless --overwrite; another trains two presets of different
+FLOPs per token on one FLOPs budget and checks that each took the steps the formula gives with its real FLOPs per
+token; a third gives two presets one wall-clock budget (train.py's --max_train_seconds).
 
     .venv/bin/python -m pytest tests/test_compare_architectures.py -q
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +33,7 @@ TINY_TRAIN_FLAGS = [
     "--disable_tqdm", "true", "--sample_prompt", "", "--report_to", "none",
     "--config_overrides", "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=2",
 ]
+TINY_MODEL = TINY_TRAIN_FLAGS[-1]
 
 
 compare = load_script(COMPARE_SCRIPT, "archlm_compare_script")
@@ -37,9 +41,10 @@ compare = load_script(COMPARE_SCRIPT, "archlm_compare_script")
 
 def fake_run(folder: Path, name: str, eval_loss: float | None, peak_tflops: float | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125, "peak_memory_mb": 512.3}
+    summary = {"eval_loss": eval_loss, "tokens_per_second": 1234.5, "mfu": 0.125, "peak_memory_mb": 512.3,
+               "global_step": 10, "tokens_seen": 10 * 128}
     write_json_atomically(folder / "training_log.json", {
-        "architecture_name": name, "parameters": 1_000_000, "summary": summary,
+        "architecture_name": name, "parameters": 1_000_000, "flops_per_token": 1.5e6, "summary": summary,
         **({"peak_tflops": peak_tflops} if peak_tflops is not None else {}),
         "steps": [{"step": step, "loss": 5.0 - step / 10} for step in range(1, 11)],
         "evals": [{"step": 10, "eval_loss": eval_loss}] if eval_loss is not None else [],
@@ -52,8 +57,11 @@ def test_compare_ranks_runs_by_eval_loss_and_plots_their_curves(tmp_path):
             fake_run(tmp_path / "broken", "C-arch", None)]
     output = Path(compare.main([*map(str, runs), "--output_dir", str(tmp_path / "compare")]))
     table = (output / "comparison.md").read_text().splitlines()
-    assert table[0] == "| rank | run | architecture | parameters | tokens/s | MFU | peak MiB | eval loss | perplexity |"
-    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 1,234 | 12.5% | 512 | 3.0000 | 20.09 |")
+    assert table[0] == ("| rank | run | architecture | parameters | steps | train FLOPs | tokens/s | MFU | peak MiB | "
+                        "eval loss | perplexity |")
+    # train FLOPs: 1.5e6 FLOPs/token x 1,280 tokens seen
+    assert table[2].startswith("| 1 | llama | B-arch | 1,000,000 | 10 | 1.92 GFLOP | 1,234 | 12.5% | 512 | 3.0000 | 20.09 |")
+    assert "Budget:" not in "\n".join(table)  # run folders given: this comparison set no budget
     assert table[3].startswith("| 2 | gpt2 | A-arch") and table[4].startswith("| 3 | broken | C-arch") and table[4].endswith("| - | - |")
     assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
@@ -71,7 +79,30 @@ REFUSED_UP_FRONT = {
     "output-dir-abbreviated-with-dashes": (["--presets", "gpt2,llama", "--", "--output-d={tmp}/X"], "override what this script sets for each run: --output_dir"),
     "preset-after-separator": (["--presets", "gpt2", "--", "--preset=llama"], "--preset: each run's preset comes from --presets"),
     "overwrite-output-dir-after-separator": (["--presets", "gpt2", "--", "--overwrite_output_dir"], "pass --overwrite before `--`"),
-    "max-steps-after-separator": (["--presets", "gpt2", "--", "--max_steps", "5"], "--max_steps: pass --max_steps before `--`"),
+    "max-steps-after-separator": (["--presets", "gpt2", "--", "--max_steps", "5"],
+                                  "--max_steps: pass --max_steps, --budget_flops or --budget_seconds before `--`"),
+    "max-train-seconds-after-separator": (["--presets", "gpt2", "--budget_flops", "1e12", "--", "--max-train-sec", "9"],
+                                          "--max_train_seconds: pass --budget_seconds before `--`"),
+    "two-budgets": (["--presets", "gpt2", "--max_steps", "3", "--budget_flops", "1e12"],
+                    "give one budget, --max_steps (equal steps), --budget_flops (equal FLOPs) or --budget_seconds "
+                    "(equal wall-clock), not --max_steps and --budget_flops."),
+    "three-budgets": (["--presets", "gpt2", "--budget_seconds", "60", "--max_steps", "3", "--budget_flops", "1e12"],
+                      "not --max_steps and --budget_flops and --budget_seconds."),
+    "no-flops": (["--presets", "llama", "--budget_flops", "0"], "--budget_flops must be a positive number of FLOPs"),
+    "infinite-flops": (["--presets", "llama", "--budget_flops", "inf"], "--budget_flops must be a positive number of FLOPs (every run's budget), got inf."),
+    "seconds-with-logging-at-a-fraction-of-unplanned-steps": (
+        ["--presets", "gpt2", "--budget_seconds", "60", "--", "--logging_steps", "0.5"],
+        "the train.py flags after `--`: --logging_steps 0.5 is a fraction of the run's steps"),
+    "no-seconds": (["--presets", "llama", "--budget_seconds", "-5"], "--budget_seconds must be a positive number of seconds"),
+    "budget-without-presets": (["{tmp}", "--budget_flops", "1e12"], "--budget_flops set(s) the budget of the runs of --presets"),
+    # FLOPs per step at 4 x 32 tokens: gpt2 2.8e7, qwen3 5.8e7 (vocab_size given: no tokenizer is trained to know it)
+    "flops-that-buy-no-step": (["--presets", "gpt2,qwen3", "--budget_flops", "4e7", "--", "--block_size", "32",
+                                "--per_device_train_batch_size", "4", "--config_overrides", "vocab_size=300," + TINY_MODEL],
+                               "--budget_flops 4e+07 buys these presets no training step:\n  qwen3: one step costs 5.79e+07 "
+                               "FLOPs (452,352 FLOPs/token x 128 tokens per step)\nGive a larger --budget_flops"),
+    "flops-with-a-block-size-a-preset-cannot-take": (
+        ["--presets", "llama,gpt2", "--budget_flops", "1e12", "--", "--block_size", "2048", "--config_overrides", "vocab_size=300"],
+        "preset 'gpt2': --block_size 2048 is larger than the model can take (max_position_embeddings=1024)"),
     "seeds-after-separator": (["--presets", "gpt2", "--", "--seed", "1", "--data_seed", "2"], "--seed, --data_seed\n"),
     "model-after-separator": (["--presets", "gpt2", "--", "--model_name_or_path", "{tmp}"], "would fine-tune that one model"),
     "misspelt-train-flag": (["--presets", "gpt2,llama", "--", "--max_stepz", "3"], "the train.py flags after `--`"),
@@ -146,6 +177,60 @@ def test_compare_trains_presets_on_the_same_data_seed_budget_and_peak(tmp_path):
     logs = [json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")]
     assert [log["peak_tflops"] for log in logs] == [0.05, 0.05]
     assert "every run against the same peak, 0.05 TFLOP/s (given with --peak_tflops)." in (tmp_path / "comparison.md").read_text()
+
+
+def test_steps_within_a_flops_budget_follow_the_block_size_schedule():
+    """A --block_size_schedule: steps of short blocks cost less (attention reaches less), so the budget buys more."""
+    stages = [(0, 10.0), (3, 20.0)]  # steps 0-2 cost 10 FLOPs each, then 20
+    assert compare.steps_within(25, stages) == 2 and compare.steps_within(30, stages) == 3
+    assert compare.steps_within(75, stages) == 5 and compare.flops_of_steps(5, stages) == 70
+    assert compare.steps_within(9, [(0, 10.0)]) == 0 and compare.steps_within(1e9, [(0, 10.0)]) == 10 ** 8
+
+
+@pytest.mark.slow
+def test_equal_flops_gives_the_costlier_model_fewer_steps(tmp_path):
+    """gpt2 and qwen3 (head_dim 128: about twice the FLOPs per token at these sizes) on one FLOPs budget: each run's
+    steps are floor(F / (its FLOPs per token x tokens per step)), with the FLOPs per token its training log records."""
+    budget = 1.8e8  # about 6 steps of the tiny gpt2, 3 of qwen3, at 4 x 32 tokens a step
+    command = [sys.executable, str(COMPARE_SCRIPT), "--presets", "gpt2,qwen3", "--budget_flops", str(budget),
+               "--output_dir", str(tmp_path), "--", *TINY_TRAIN_FLAGS, "--peak_tflops", "0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    logs = {preset: json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "qwen3")}
+    tokens_per_step = 4 * 1 * 1 * 32  # batch x accumulation x processes x block size
+    expected = {preset: math.floor(budget / (log["flops_per_token"] * tokens_per_step)) for preset, log in logs.items()}
+    assert logs["qwen3"]["flops_per_token"] > logs["gpt2"]["flops_per_token"]
+    assert 0 < expected["qwen3"] < expected["gpt2"]
+    assert {preset: log["summary"]["global_step"] for preset, log in logs.items()} == expected
+    # the tokenizer was trained before the runs (its vocabulary counts in the FLOPs) and every run got it
+    assert all(log["tokenizer"] == f"{tmp_path / 'tokenizer'} (--tokenizer_name)" for log in logs.values())
+    assert logs["gpt2"]["config"]["vocab_size"] == logs["qwen3"]["config"]["vocab_size"]
+    table = (tmp_path / "comparison.md").read_text()
+    assert "Budget: equal FLOPs (1.8e+08 training FLOPs per run)." in table
+    for preset, log in logs.items():
+        spent = log["flops_per_token"] * log["summary"]["tokens_seen"]
+        assert budget - log["flops_per_token"] * tokens_per_step < spent <= budget
+        assert f"| {preset} | {log['architecture_name']} | {log['parameters']:,} | {expected[preset]} | {spent / 1e6:.3g} MFLOP |" in table
+
+
+@pytest.mark.slow
+def test_equal_wall_clock_gives_every_run_max_train_seconds(tmp_path):
+    budget = 10  # seconds of training (evaluations included) per run; the process's start-up is not counted
+    command = [sys.executable, str(COMPARE_SCRIPT), "--presets", "gpt2,llama", "--budget_seconds", str(budget),
+               "--output_dir", str(tmp_path), "--", *TINY_TRAIN_FLAGS, "--logging_steps", "10", "--peak_tflops", "0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    logs = {preset: json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")}
+    table = (tmp_path / "comparison.md").read_text()
+    assert "Budget: equal wall-clock (10 s of training per run, evaluations included)." in table
+    for preset, log in logs.items():
+        steps = log["summary"]["global_step"]
+        assert log["budget"]["max_train_seconds"] == budget and 0 < steps <= log["planned_steps"]
+        assert f"| {preset} | {log['architecture_name']} | {log['parameters']:,} | {steps:,} |" in table
 
 
 def test_a_mixture_of_experts_shows_its_active_parameters_beside_the_total():
