@@ -504,3 +504,16 @@ def pack_datasets(raw: RawData, tokenizer, block_size: int, args: DataArguments)
     if validation is not None and args.max_eval_samples is not None:
         validation = validation.select(range(min(args.max_eval_samples, validation.num_rows)))
     return PackedData(train=train, validation=validation, block_size=block_size)
+
+
+def characters_per_token(blocks: Dataset | IterableDataset | None, tokenizer, max_blocks: int = 4096) -> float | None:
+    """Characters of text per predicted token of the validation blocks (the first `max_blocks`): eval_loss divided
+    by it is the loss in nats per character, which compares runs whose tokenizers differ (a loss per token does
+    not: a larger vocabulary has fewer, harder tokens). Each block's first token is not predicted, so not counted."""
+    if not isinstance(blocks, Dataset) or blocks.num_rows == 0:
+        return None
+    characters = tokens = 0
+    for ids in blocks.select(range(min(max_blocks, blocks.num_rows)))["input_ids"]:
+        characters += len(tokenizer.decode(ids[1:]))
+        tokens += len(ids) - 1
+    return characters / tokens if characters and tokens else None

@@ -29,11 +29,13 @@ from transformers.trainer_callback import TrainerState
 
 from . import ArchLMConfig, parse_config_overrides
 from .budget import PROVISIONAL_STEPS, TimeBudget
+from .recipes import RepeatDropout, apply_recipe
 from .data import (
     DataArguments,
     PackedData,
     RawData,
     block_size_at,
+    characters_per_token,
     check_data_arguments,
     load_raw_data,
     pack_datasets,
@@ -85,7 +87,13 @@ def parse_args(argv: list[str] | None = None):
         logging_steps=10,
         use_cpu=not has_accelerator,  # so torchrun / accelerate launch also work on a CPU-only machine
     )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv, recipe = apply_recipe(argv)
+    except ValueError as error:
+        parser.error(str(error))
     model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
+    run_args.recipe_record = recipe  # what --recipe chose, for training_log.json
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the count behind tokens/s and MFU
     return model_args, data_args, run_args, training_args
@@ -160,7 +168,19 @@ def time_budget(run: Setup, run_args: RunArguments, training_args: TrainingArgum
                       planned_steps=training_args.max_steps if run.checkpoint else None)
 
 
-def startup_report(run: Setup, data_args: DataArguments, training_args: TrainingArguments, peak: str) -> str:
+def repeat_dropout(run: Setup, recipe: dict | None, training_args: TrainingArguments) -> list[RepeatDropout]:
+    """The recipe's dropout fitted to the epochs the run makes (none for streamed data: their count is unknown)."""
+    if not recipe or "dropout" not in recipe or run.data.train_blocks is None:
+        return []
+    rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                     * max(training_args.world_size, 1))
+    fit = recipe["dropout"]
+    return [RepeatDropout(base_model(run.model), run.data.train_blocks, rows_per_step, fit["per_epoch"], fit["max"],
+                          tuple(fit["fields"]))]
+
+
+def startup_report(run: Setup, data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments,
+                   peak: str) -> str:
     """Architecture, parameters, FLOPs/token, data size and the steps it makes."""
     args, data, model = training_args, run.data, base_model(run.model)
     steps_per_epoch, total_steps = planned_steps(data.train_blocks, args)
@@ -188,6 +208,9 @@ def startup_report(run: Setup, data_args: DataArguments, training_args: Training
         ("batch", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation "
                   f"x {args.world_size} processes = {batch_rows} blocks/step"),
         ("steps", steps),
+        ("optimizer", f"{args.optim}, learning rate {args.learning_rate:g}, "
+                      f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule"
+                      + (f", recipe {run_args.recipe}" if run_args.recipe else "")),
         ("device", f"{args.device} ({peak})"),
         ("output", os.path.abspath(args.output_dir)),
     ]
@@ -237,13 +260,20 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     probe_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     peak_tflops = run_args.peak_tflops or measure_peak_tflops(device, probe_dtype)
     peak = f"peak {peak_tflops:.3g} TFLOP/s, {'given' if run_args.peak_tflops else 'measured'}"
-    logger.info(startup_report(run, data_args, training_args, peak))
+    logger.info(startup_report(run, data_args, run_args, training_args, peak))
 
+    reprobe = None if run_args.peak_tflops else lambda: measure_peak_tflops(device, probe_dtype, seconds=0.3) * 1e12
     throughput = ThroughputCallback(base_model(run.model).flops_per_token, peak_tflops * 1e12, device,
-                                    lambda step: block_size_at(run.schedule, step))
+                                    lambda step: block_size_at(run.schedule, step), reprobe=reprobe)
     training_log = TrainingLogCallback(output_dir, log_header(run, data_args, training_args, peak_tflops))
     router_stats = [RouterStatsCallback(base_model(run.model))] if run.config.num_experts else []
+    recipe = getattr(run_args, "recipe_record", None)
+    if recipe:
+        training_log.header["recipe"] = recipe
+    fitted_dropout = repeat_dropout(run, recipe, training_args)
     budget = time_budget(run, run_args, training_args)
+    chars_per_token = characters_per_token(run.data.validation, run.tokenizer)
+    training_log.header["validation_characters_per_token"] = chars_per_token
     if budget is not None:
         training_log.header["budget"] = budget.record()
     trainer = ArchLMTrainer(
@@ -253,9 +283,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         eval_dataset=run.data.validation,
         processing_class=run.tokenizer,
         data_collator=default_data_collator,
-        callbacks=[throughput, training_log, *router_stats, *(callbacks or [])],
+        callbacks=[throughput, training_log, *router_stats, *fitted_dropout, *(callbacks or [])],
         block_size_schedule=run.schedule if len(run.schedule) > 1 else None,
         time_budget=budget,
+        characters_per_token=chars_per_token,
     )
     try:
         check_launch(trainer)
@@ -273,9 +304,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # the final weights' eval, unless the last step already ran one
     if evals:
-        logger.info("Final eval_loss %.4f, perplexity %.2f", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]))
+        per_char = f", {evals[-1]['eval_nats_per_char']:.4f} nats/character" if chars_per_token else ""
+        logger.info("Final eval_loss %.4f, perplexity %.2f%s", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]),
+                    per_char)
     save_model_folder(trainer, run.tokenizer, output_dir, lora=bool(model_args.lora_r))
     summary = {**run_summary(trainer.state, throughput, device), **distributed_summary(trainer)}
+    for callback in fitted_dropout:  # the rate the recipe's dropout settled on, for the epochs the run made
+        training_log.header["recipe"]["dropout"].update(callback.record())
     if budget is not None:  # the plan as it ended, and the seconds it took up to the saved model
         training_log.header["budget"] = summary["budget"] = budget.record(trainer.state)
         training_log.header["planned_steps"] = budget.planned_steps

@@ -523,6 +523,29 @@ def test_throughput_and_log_callbacks_report_rates_and_perplexity(tmp_path):
     assert written["status"] == "running" and written["evals"][0]["perplexity"] == pytest.approx(math.exp(2.0))
 
 
+def test_a_peak_probed_on_a_busy_machine_is_probed_again_before_mfu_passes_one(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState()
+    # the start-up probe read 1e6 FLOP/s (the machine was busy); this interval achieves ~1e9 x 1e3 tokens/s
+    probes = iter([2e12, 1e12])
+    throughput = ThroughputCallback(lambda block: 1e6, 1e6, torch.device("cpu"), lambda step: 64,
+                                    reprobe=lambda: next(probes))
+    throughput.on_train_begin(args, state, None)
+    for step in (1, 2):
+        throughput.on_step_begin(args, state, None)
+        time.sleep(0.01)
+        throughput.on_step_end(args, state, None)
+        state.num_input_tokens_seen, state.global_step = 1000 * step, step
+        metrics = throughput.metrics(args, state)
+        assert 0 < metrics["mfu"] < 1
+    assert throughput.probes == [1e6, 2e12]  # probed again once; the second interval was not suspicious
+    assert throughput.peak_flops == 2e12
+    assert throughput.mean_mfu() == pytest.approx(
+        sum(rate for rate, _ in throughput.intervals) / 2 * 1e6 / 2e12, rel=1e-6)
+
+
 def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
     """`--report_to tensorboard` goes through transformers' own callback: the event files hold the logged loss and
     ArchLM's throughput figures."""
