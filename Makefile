@@ -27,8 +27,8 @@ DEMO_ARGS ?=
 demo: $(VENV)/.installed
 	$(PY) examples/train.py --preset llama \
 		--config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,num_key_value_heads=2" \
-		--tokenizer_vocab_size 4096 --max_corpus_mb 3 --block_size 128 --per_device_train_batch_size 8 \
-		--recipe speedrun --max_train_seconds 100 --logging_steps 25 --max_eval_samples 64 \
+		--tokenizer_vocab_size 4096 --max_corpus_mb 6 --block_size 128 --per_device_train_batch_size 16 \
+		--recipe speedrun --max_train_seconds 140 --logging_steps 10 --max_eval_samples 64 \
 		--output_dir runs/demo --overwrite_output_dir \
 		$(DEMO_ARGS)
 
