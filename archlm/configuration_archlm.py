@@ -441,6 +441,7 @@ class ArchLMConfig(PreTrainedConfig):
     attention_multiplier: float | int | None = None  # attention score scale; None: 1/sqrt(head_dim) (Granite)
     query_pre_attn_scalar: float | int | None = None  # attention score scale is 1/sqrt(this) (Gemma 2/3)
     logits_scaling: float | int = 1.0  # final logits / this (Granite; Cohere's logit_scale is its inverse)
+    z_loss_coef: float | int = 0.0  # output z-loss weight (PaLM): + coef x mean logsumexp(logits)^2 in training
     attn_logit_softcapping: float | int | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | int | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- regularisation and init ---
@@ -580,6 +581,10 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`attention_multiplier`={self.attention_multiplier} and `query_pre_attn_scalar`="
                 f"{self.query_pre_attn_scalar} both set the attention score scale; give one of them."
             )
+
+    def validate_z_loss(self):
+        if not _is_number(self.z_loss_coef) or not math.isfinite(self.z_loss_coef) or self.z_loss_coef < 0:
+            raise ValueError(f"`z_loss_coef` must be a finite number >= 0 (PaLM used 1e-4), got {self.z_loss_coef!r}.")
 
     def validate_experts(self):
         """Mixture of experts: sizes, a top-k within the experts, layer choices that exist, finite coefficients."""

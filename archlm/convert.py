@@ -270,7 +270,7 @@ _RELEVANT = {
     "_dense_layers": lambda config: config.num_experts,
 }
 # Dropped on export with a warning: inference is unchanged (dropout is off), training the export further is not
-DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef")
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef", "z_loss_coef")
 
 
 def _facets(config: ArchLMConfig) -> dict:

@@ -988,10 +988,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     Each chunk's gradients are computed in the forward pass, while its logits exist, and kept: the backward pass
     only scales them by the incoming gradient (the Trainer's 1 / num_items_in_batch). The logits are computed as
     the plain path computes them (`lm_head`, / logits_scaling, the soft cap, then float32), so both agree to
-    float tolerance. Returns the loss summed over the targets that are not ignore_index, in float32."""
+    float tolerance. Returns the loss summed over the targets that are not ignore_index, in float32, with
+    z_loss_coef x logsumexp(logits)^2 of each such target added (PaLM's z-loss; 0 adds nothing)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, logits_scaling, softcap, chunk_size, ignore_index, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, logits_scaling, softcap, chunk_size, ignore_index, grad_enabled,
+                z_loss_coef=0.0):
         # hidden (N, C), weight (V, C), bias (V,) or None, targets (N,)
         want = [grad_enabled and needed for needed in ctx.needs_input_grad[:3]]
         grad_hidden = torch.empty_like(hidden) if want[0] else None
@@ -1008,14 +1010,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
             log_probs = torch.log_softmax(logits.float(), dim=-1)
-            del logits
             valid = target != ignore_index
             safe_target = torch.where(valid, target, 0)[:, None]
             total -= torch.where(valid, log_probs.gather(1, safe_target).squeeze(1), 0.0).sum()
+            if z_loss_coef:
+                lse = logits.float()[:, 0] - log_probs[:, 0]  # logsumexp, from what log_softmax computed
+                total += z_loss_coef * torch.where(valid, lse.square(), 0.0).sum()
+            del logits
             if not any(want):
                 continue
-            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; then back through the cap and scale
+            # d loss / d logits = softmax - one_hot(target) (+ 2 z lse softmax for the z-loss), zero on ignored rows;
+            # then back through the cap and scale
             grad = log_probs.exp_()
+            if z_loss_coef:
+                grad.mul_((1 + 2 * z_loss_coef * lse)[:, None])
             grad.scatter_add_(1, safe_target, grad.new_full(safe_target.shape, -1.0))
             if not valid.all():
                 grad[~valid] = 0.0
@@ -1044,10 +1052,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype), scaled(grad_bias, weight_dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
-def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, softcap, ignore_index) -> torch.Tensor:
+def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, softcap, ignore_index,
+                               z_loss_coef: float = 0.0) -> torch.Tensor:
     """Liger-Kernel's fused linear cross-entropy (Triton kernels, GPUs only), where it is installed: the summed loss,
     as ChunkedLinearCrossEntropy returns it. Liger caps the logits but does not scale them: Granite's
     logits_scaling goes into the weight. (No GPU runs in this project's tests: this path is exercised on GPUs.)"""
@@ -1056,7 +1065,7 @@ def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, so
     if logits_scaling != 1:
         weight, bias = weight / logits_scaling, None if bias is None else bias / logits_scaling
     loss = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                            reduction="sum", softcap=softcap)
+                                            reduction="sum", softcap=softcap, lse_square_scale=z_loss_coef)
     return (loss[0] if isinstance(loss, tuple) else loss).float()  # older releases return (loss, z_loss)
 
 
@@ -1126,6 +1135,8 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             loss = self.fused_loss(hidden_states, labels, **kwargs)
         elif labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if self.config.z_loss_coef and self.training:
+                loss = loss + self.z_loss(logits, labels, **kwargs)
         if skip_logits:
             logits = None
         if outputs.router_logits:  # transformers' load-balancing loss (Switch / Mixtral), padding excluded
@@ -1161,6 +1172,17 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def z_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100,
+               shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """PaLM's z-loss: z_loss_coef x logsumexp(logits)^2 over the targets, normalised as the loss is (the mean
+        over the targets, or the sum / num_items_in_batch): it keeps the softmax normaliser near 1 (log 0)."""
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        valid = shift_labels.to(logits.device) != ignore_index
+        total = torch.where(valid, torch.logsumexp(logits.float(), dim=-1).square(), 0.0).sum()
+        count = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        return self.config.z_loss_coef * total / (count.to(total.device) if torch.is_tensor(count) else count)
+
     def fused_loss_supported(self) -> bool:
         """The chunked loss reads the LM head's weight directly: only a plain nn.Linear holding ordinary tensors.
         ZeRO-3 gathers a partitioned weight only inside the module's own forward, PEFT wraps a targeted head,
@@ -1180,12 +1202,15 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         head = getattr(self.lm_head, "_orig_mod", self.lm_head)
         scaling, softcap = self.config.logits_scaling, self.config.final_logit_softcapping
+        z_loss_coef = self.config.z_loss_coef if self.training else 0.0  # a training loss: evaluation reports the CE
         if hidden.is_cuda and is_liger_kernel_available():
-            total = liger_linear_cross_entropy(hidden, head.weight, head.bias, targets, scaling, softcap, ignore_index)
+            total = liger_linear_cross_entropy(hidden, head.weight, head.bias, targets, scaling, softcap, ignore_index,
+                                               z_loss_coef)
         else:
             total = ChunkedLinearCrossEntropy.apply(
                 hidden, head.weight, head.bias, targets, scaling, softcap,
-                loss_chunk_size(hidden.shape[0], *head.weight.shape), ignore_index, torch.is_grad_enabled())
+                loss_chunk_size(hidden.shape[0], *head.weight.shape), ignore_index, torch.is_grad_enabled(),
+                z_loss_coef)
         if num_items_in_batch is None:
             return total / (targets != ignore_index).sum()
         if torch.is_tensor(num_items_in_batch):

@@ -76,6 +76,7 @@ class StackedMuon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            updates: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -85,8 +86,16 @@ class StackedMuon(torch.optim.Optimizer):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(param.grad, 1 - momentum)
                 update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(orthogonalize(update, group["ns_dtype"]), alpha=-lr * self.lr_ratio(param.shape, group["adjust_lr_fn"]))
+                updates.setdefault((param.shape, param.dtype, param.device), []).append((param, update))
+            # matrices of one shape are orthogonalised together, as one batch of matmuls: the same arithmetic,
+            # fewer and larger kernel calls (the layers of a model repeat their shapes)
+            for (shape, _, _), pairs in updates.items():
+                params, stacked = [param for param, _ in pairs], torch.stack([update for _, update in pairs])
+                orthogonal = orthogonalize(stacked, group["ns_dtype"])
+                step_size = -lr * self.lr_ratio(shape, group["adjust_lr_fn"])
+                for param, update in zip(params, orthogonal.unbind(0)):
+                    param.mul_(1 - lr * group["weight_decay"])
+                    param.add_(update, alpha=step_size)
         return loss
 
 

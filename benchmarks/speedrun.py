@@ -49,6 +49,7 @@ VARIANTS.update({
     "muon_lr4_tied": ([*MUON4, "+tie_word_embeddings=true"], "tied embeddings"),
     "muon_lr4_theta1k": ([*MUON4, '+rope_parameters={"rope_type":"default","rope_theta":1000.0}'], "rope theta 1000"),
     "muon_lr4_warm100": ([*MUON4[:-1], "100"], "100 warm-up steps instead of 20"),
+    "muon_lr4_zloss": ([*MUON4, "+z_loss_coef=1e-4"], "PaLM's z-loss, 1e-4"),
 })
 
 

@@ -1015,7 +1015,8 @@ def small_loss_chunks(monkeypatch):
     dict(tie_word_embeddings=False, lm_head_bias=True),
     dict(final_logit_softcapping=3.0, logits_scaling=2.5),  # Gemma 2's cap over Granite's scaling
     dict(num_experts=4, moe_intermediate_size=32, output_router_logits=True, router_z_loss_coef=0.01),
-], ids=["tied", "untied-bias", "softcap-scaling", "moe-aux"])
+    dict(z_loss_coef=0.1, tie_word_embeddings=False, lm_head_bias=True, logits_scaling=2.5),
+], ids=["tied", "untied-bias", "softcap-scaling", "moe-aux", "z-loss"])
 @pytest.mark.parametrize("num_items_in_batch", [None, 23])
 def test_fused_loss_equals_the_plain_loss_and_gradients(small_loss_chunks, overrides, num_items_in_batch):
     torch.manual_seed(0)
@@ -1034,6 +1035,24 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(small_loss_chunks, overr
     assert plain_grads.keys() == fused_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_z_loss_adds_the_mean_squared_logsumexp_in_training_only():
+    torch.manual_seed(0)
+    model = build(tiny_config(z_loss_coef=0.1))
+    plain = build(tiny_config())
+    plain.load_state_dict(model.state_dict())
+    input_ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        model.train(), plain.train()
+        logits = plain(input_ids, skip_logits=False).logits[:, :-1]
+        expected = torch.logsumexp(logits.float(), dim=-1).square().mean() * 0.1
+        cross_entropy = plain(input_ids, labels=input_ids).loss
+        torch.testing.assert_close(model(input_ids, labels=input_ids).loss, cross_entropy + expected)
+        model.eval(), plain.eval()  # evaluation reports the cross-entropy alone
+        torch.testing.assert_close(model(input_ids, labels=input_ids).loss, plain(input_ids, labels=input_ids).loss)
+    with pytest.raises(VALIDATION_ERRORS, match="`z_loss_coef` must be a finite number >= 0"):
+        tiny_config(z_loss_coef=-1e-4)
 
 
 def test_fused_loss_shift_labels_and_no_grad_and_bfloat16(small_loss_chunks):
