@@ -46,6 +46,14 @@ def orthogonalize(matrices: torch.Tensor, dtype: torch.dtype = torch.float32, st
     return (x.mT if transposed else x).to(matrices.dtype)
 
 
+def evaluate_closure(closure):
+    """The loss of an optimizer's closure (which recomputes it with gradients), as torch's optimizers take it."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class StackedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, decoupled weight decay, the learning-rate rule of
     `adjust_lr_fn`) for 2-D matrices and for stacks of them (..., out, in), each matrix orthogonalised on its own,
@@ -70,10 +78,7 @@ class StackedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             updates: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -139,10 +144,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
