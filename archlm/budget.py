@@ -29,6 +29,19 @@ BUDGET_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "
                      "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 
 
+def agree(value: float, op: str) -> float:
+    """The MIN or MAX of `value` over the processes of a distributed run (itself in a single process): every
+    process measures its own pace, and all of them must stop at the same step or the last collective hangs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def plan_steps(budget: float, elapsed: float, done: int, step_seconds: float, eval_seconds: float,
                eval_every: int | None, final_eval: bool, reserve: float) -> int:
     """The largest total number of steps N >= done whose remaining steps, the evaluations every `eval_every` steps
@@ -109,8 +122,8 @@ class TimeBudget(TrainerCallback):
         if eval_seconds is None:  # none measured yet: a forward pass costs about a third of a training step
             eval_seconds = step_seconds * self.eval_tokens / max(self.tokens_per_step, 1) / 2
         eval_every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else None
-        total = plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
-                           eval_seconds, eval_every, self.final_eval, self.reserve)
+        total = int(agree(plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
+                                     eval_seconds, eval_every, self.final_eval, self.reserve), "min"))
         self.planned_steps = state.max_steps = total
         if total * REPLAN_UNTIL <= state.global_step:
             self._next_replan = math.inf
@@ -123,8 +136,9 @@ class TimeBudget(TrainerCallback):
 
     def stop_if_over(self, args, state, control, now: float) -> None:
         """At the planned step, or as soon as one more step and the end of the run would pass the budget."""
-        late = (now - self.start + self.pace(state.global_step, now) + self.reserve
-                + (self.eval_seconds or 0.0) * self.final_eval > self.seconds) and not self.fixed
+        late = not self.fixed and bool(agree(float(
+            now - self.start + self.pace(state.global_step, now) + self.reserve
+            + (self.eval_seconds or 0.0) * self.final_eval > self.seconds), "max"))
         if state.global_step >= state.max_steps or late:
             self.planned_steps = state.max_steps = state.global_step
             # what DefaultFlowCallback does at the last step, which it has already passed for this one

@@ -210,6 +210,19 @@ def test_zero3_offload_trains_saves_and_reloads(tmp_path):
     reload(out)
 
 
+def test_a_budgeted_ddp_run_plans_the_same_steps_on_both_processes(tmp_path):
+    """Each process measures its own pace: the plan is agreed (the fewest steps), or one process would stop
+    early and the other hang in its next collective."""
+    out = tmp_path / "budget"
+    run(torchrun(), "--config_overrides", TINY_MODEL, "--max_train_seconds", "12", "--lr_scheduler_type", "cosine",
+        "--output_dir", str(out), name="ddp-budget", timeout=240)
+    log = read_log(out)
+    summary = check_distributed(out, "MULTI_CPU", "DistributedDataParallel")
+    budget = summary["budget"]
+    assert budget["planned_steps"] == budget["done_steps"] == summary["global_step"] > 1
+    assert [entry["step"] for entry in log["steps"]] == list(range(1, budget["done_steps"] + 1))
+
+
 # ------------------------------------------------------------------------------------------------
 # accelerate launch
 # ------------------------------------------------------------------------------------------------
