@@ -7,9 +7,10 @@ schedule (`--lr_scheduler_type`, with its warm-up) is laid over the planned step
 ends: the schedule's function is asked for each step's learning rate with the planned total of that moment.
 
 The plan is made after the first step and refined while the pace settles: at every step of the first
-WARMUP_STEPS, at each evaluation (the first one measures what an evaluation costs) and every tenth of the run up
-to its half; after that it holds, so the end of the schedule is not moved (the safety net: a run that falls
-behind its plan stops as soon as the rest would not fit). A resumed run keeps the plan its checkpoint holds.
+WARMUP_STEPS, every tenth of the run up to its half, and after an evaluation in that half (and after the first
+one, whenever it comes: until then its cost is estimated); after that it holds, so the end of the schedule is not
+moved (the safety net: a run that falls behind its plan stops as soon as the rest would not fit). A resumed run
+keeps the plan its checkpoint holds.
 """
 
 import functools
@@ -97,9 +98,11 @@ class TimeBudget(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         seconds = (metrics or {}).get("eval_runtime")
         if seconds is not None:
+            first = self.eval_seconds is None
             self.eval_seconds = seconds
             self.eval_total += seconds
-            self._next_replan = state.global_step  # an evaluation's cost is now known: plan again at once
+            if first or self._next_replan != math.inf:  # the first measured cost, or in the first half: plan again
+                self._next_replan = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         now, step = time.perf_counter(), state.global_step
