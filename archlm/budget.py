@@ -152,14 +152,20 @@ class TimeBudget(TrainerCallback):
                 control.should_evaluate = True
 
 
+def check_schedule(args) -> str:
+    """The name of --lr_scheduler_type, refused unless the schedule is a function of (step, total steps)."""
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if name not in BUDGET_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler_type {name} cannot be laid over steps planned while training; with "
+                         f"--max_train_seconds use one of {', '.join(BUDGET_SCHEDULERS)}.")
+    return name
+
+
 def planned_schedule(args, budget: TimeBudget):
     """A transformers schedule (`--lr_scheduler_type`, its warm-up and kwargs) as a function of the step alone,
     laid over the steps the budget has planned at the moment it is asked. A function, not an object: LambdaLR
     saves an object's attributes into checkpoints, and the plan belongs to the trainer state, not there."""
-    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    if name not in BUDGET_SCHEDULERS:
-        raise ValueError(f"--lr_scheduler_type {name} cannot follow a plan made while training; with "
-                         f"--max_train_seconds use one of {', '.join(BUDGET_SCHEDULERS)}.")
+    name = check_schedule(args)
 
     @functools.lru_cache(maxsize=4)
     def for_total(total: int):

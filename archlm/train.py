@@ -71,6 +71,7 @@ from .training import (
     perplexity,
     planned_steps,
     resolve_checkpoint,
+    rows_per_step,
     run_summary,
     sample,
     save_model_folder,
@@ -158,8 +159,7 @@ def time_budget(run: Setup, run_args: RunArguments, training_args: TrainingArgum
     if run_args.max_train_seconds is None:
         return None
     args, data = training_args, run.data
-    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-                       * data.block_size)
+    tokens_per_step = rows_per_step(args) * data.block_size
     bytes_to_write = count_parameters(base_model(run.model)) * base_model(run.model).dtype.itemsize
     return TimeBudget(run_args.max_train_seconds, tokens_per_step,
                       eval_tokens=(data.validation_blocks or 0) * data.block_size,
@@ -172,11 +172,9 @@ def repeat_dropout(run: Setup, recipe: dict | None, training_args: TrainingArgum
     """The recipe's dropout fitted to the epochs the run makes (none for streamed data: their count is unknown)."""
     if not recipe or "dropout" not in recipe or run.data.train_blocks is None:
         return []
-    rows_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                     * max(training_args.world_size, 1))
     fit = recipe["dropout"]
-    return [RepeatDropout(base_model(run.model), run.data.train_blocks, rows_per_step, fit["per_epoch"], fit["max"],
-                          tuple(fit["fields"]))]
+    return [RepeatDropout(base_model(run.model), run.data.train_blocks, rows_per_step(training_args),
+                          fit["per_epoch"], fit["max"], tuple(fit["fields"]))]
 
 
 def startup_report(run: Setup, data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments,
@@ -185,7 +183,7 @@ def startup_report(run: Setup, data_args: DataArguments, run_args: RunArguments,
     args, data, model = training_args, run.data, base_model(run.model)
     steps_per_epoch, total_steps = planned_steps(data.train_blocks, args)
     budgeted = args.max_steps == PROVISIONAL_STEPS
-    batch_rows = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    batch_rows = rows_per_step(args)
     trainable = count_parameters(run.model, trainable_only=True)
     if data.train_blocks is None:
         blocks, steps = "streamed", f"{total_steps:,} (--max_steps)"

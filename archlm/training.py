@@ -36,7 +36,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Progr
                           TrainingArguments)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .budget import BUDGET_SCHEDULERS, TimeBudget, planned_schedule
+from .budget import TimeBudget, check_schedule, planned_schedule
 from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
@@ -184,10 +184,7 @@ def check_time_budget(seconds: float, args: TrainingArguments) -> None:
     if args.max_steps > 0:
         raise ValueError(f"--max_train_seconds {seconds:g} plans the number of steps itself: drop --max_steps "
                          f"{args.max_steps}.")
-    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    if scheduler not in BUDGET_SCHEDULERS:
-        raise ValueError(f"--lr_scheduler_type {scheduler} cannot be laid over steps planned while training; with "
-                         f"--max_train_seconds use one of {', '.join(BUDGET_SCHEDULERS)}.")
+    check_schedule(args)
     for flag in ("logging_steps", "eval_steps", "save_steps"):
         value = getattr(args, flag)
         if value is not None and 0 < value < 1:
@@ -465,6 +462,11 @@ def peak_memory_mb(device: torch.device) -> float:
         import psutil
 
         return psutil.Process().memory_info().rss / 2**20
+
+
+def rows_per_step(args: TrainingArguments) -> int:
+    """Blocks of training data per optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
 
 
 def planned_steps(train_blocks: int | None, args: TrainingArguments) -> tuple[int | None, int]:
