@@ -680,14 +680,13 @@ class ArchLMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, ThroughputCallback) and callback.wall_start is not None:
-                logs["elapsed_seconds"] = round(time.perf_counter() - callback.wall_start, 2)  # loss-vs-time plots
-        if "loss" in logs:
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, ThroughputCallback):
+            if isinstance(callback, ThroughputCallback):
+                if callback.wall_start is not None:  # every log: loss-vs-time plots
+                    logs["elapsed_seconds"] = round(time.perf_counter() - callback.wall_start, 2)
+                if "loss" in logs:
                     logs.update(callback.metrics(self.args, self.state))
-                elif isinstance(callback, RouterStatsCallback):
-                    logs.update(callback.metrics())
+            elif isinstance(callback, RouterStatsCallback) and "loss" in logs:
+                logs.update(callback.metrics())
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
             if self.characters_per_token:
