@@ -931,19 +931,45 @@ def reference_moe(block, hidden_states):
     dict(num_experts=4, num_experts_per_tok=1, mlp_type="standard", hidden_act="gelu", mlp_bias=True),
     dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True),
 ], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias"])
-def test_sparse_block_equals_routing_token_by_token(overrides, dtype):
+@pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["sorted-by-expert", "decoding-few-pairs"])
+def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
     model = ArchLMForCausalLM(tiny_config(moe_intermediate_size=32, **overrides)).to(dtype)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)
     block = model.model.layers[0].mlp
-    hidden_states = torch.randn(2, 7, 32, dtype=dtype)
+    hidden_states = torch.randn(*shape, 32, dtype=dtype)
     with torch.no_grad():
         output, router_logits = block(hidden_states)
         expected = reference_moe(block, hidden_states)
-    assert router_logits.shape == (14, overrides["num_experts"])
+    assert router_logits.shape == (shape[0] * shape[1], overrides["num_experts"])
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_decoding_path_of_the_experts_has_the_gradients_of_the_sorted_path(tokens):
+    """A few token-expert pairs on CPU take `forward_few`; gradients (inputs, experts, routing weights) must be those of
+    the sort-and-group path, which larger batches take."""
+    torch.manual_seed(0)
+    config = tiny_config(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_bias=True)
+    experts = ArchLMForCausalLM(config).model.layers[0].mlp.experts
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0.0, 0.2)
+    hidden_states = torch.randn(tokens, 32, requires_grad=True)
+    weights = torch.rand(tokens, 2, requires_grad=True)
+    top_k_index = torch.tensor([[0, 3], [3, 5], [0, 3]][:tokens])  # expert 3 shared by every token
+    grads = []
+    for path in (experts.forward_few, experts.forward_sorted):
+        output = path(hidden_states, top_k_index, weights)
+        output.pow(2).sum().backward()
+        grads.append([output.detach()] + [t.grad.clone() for t in (hidden_states, weights, *experts.parameters())])
+        for tensor in (hidden_states, weights, *experts.parameters()):
+            tensor.grad = None
+    assert tokens * 2 <= config.num_experts  # forward takes the decoding path at these sizes
+    for few, grouped in zip(*grads):
+        torch.testing.assert_close(few, grouped, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_loss_is_cross_entropy_plus_the_weighted_aux_and_z_losses():
