@@ -6,7 +6,6 @@ to the weights of an uninterrupted run, and setups where Muon cannot see whole m
 """
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

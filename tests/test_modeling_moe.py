@@ -1,0 +1,140 @@
+"""The sparse mixture-of-experts block: routing equal to a token-by-token reference on both paths (sorted by expert,
+and decoding's few pairs), the auxiliary and z-losses, active parameters and FLOPs, and bad settings refused."""
+
+import pytest
+import torch
+from conftest import VALIDATION_ERRORS, tiny_config
+from test_modeling import build, left_padded_batch
+
+from archlm import ArchLMForCausalLM
+
+
+
+# ------------------------------------------------------------------------------------------------
+# mixture of experts
+# ------------------------------------------------------------------------------------------------
+def reference_moe(block, hidden_states):
+    """The sparse block written token by token: softmax, top-k, (renormalise), sum of the chosen experts' MLPs."""
+    experts = block.experts
+    outputs = []
+    for token in hidden_states.reshape(-1, hidden_states.shape[-1]):
+        probabilities = torch.softmax(block.gate(token).float(), dim=-1)
+        weights, chosen = probabilities.topk(block.top_k)
+        if block.norm_topk_prob:
+            weights = weights / weights.sum()
+        total = torch.zeros_like(token)
+        for weight, expert in zip(weights, chosen):
+            if experts.gated:
+                projected = experts.gate_up_proj[expert] @ token
+                if hasattr(experts, "gate_up_proj_bias"):
+                    projected = projected + experts.gate_up_proj_bias[expert]
+                gate, up = projected.chunk(2)
+                inner = experts.act_fn(gate) * up
+            else:
+                inner = experts.up_proj[expert] @ token
+                if hasattr(experts, "up_proj_bias"):
+                    inner = inner + experts.up_proj_bias[expert]
+                inner = experts.act_fn(inner)
+            out = experts.down_proj[expert] @ inner
+            if hasattr(experts, "down_proj_bias"):
+                out = out + experts.down_proj_bias[expert]
+            total = total + weight.to(token.dtype) * out
+        if hasattr(block, "shared_expert"):
+            total = total + torch.sigmoid(block.shared_expert_gate(token)) * block.shared_expert(token)
+        outputs.append(total)
+    return torch.stack(outputs).view(hidden_states.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-grouped-mm", "fp64-per-expert"])
+@pytest.mark.parametrize("overrides", [
+    dict(num_experts=4, num_experts_per_tok=2),
+    dict(num_experts=5, num_experts_per_tok=3, norm_topk_prob=False, shared_expert_intermediate_size=12),
+    dict(num_experts=4, num_experts_per_tok=1, mlp_type="standard", hidden_act="gelu", mlp_bias=True),
+    dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True),
+], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias"])
+@pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["sorted-by-expert", "decoding-few-pairs"])
+def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
+    torch.manual_seed(0)
+    model = ArchLMForCausalLM(tiny_config(moe_intermediate_size=32, **overrides)).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    block = model.model.layers[0].mlp
+    hidden_states = torch.randn(*shape, 32, dtype=dtype)
+    with torch.no_grad():
+        output, router_logits = block(hidden_states)
+        expected = reference_moe(block, hidden_states)
+    assert router_logits.shape == (shape[0] * shape[1], overrides["num_experts"])
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_decoding_path_of_the_experts_has_the_gradients_of_the_sorted_path(tokens):
+    """A few token-expert pairs on CPU take `forward_few`; gradients (inputs, experts, routing weights) must be those of
+    the sort-and-group path, which larger batches take."""
+    torch.manual_seed(0)
+    config = tiny_config(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, mlp_bias=True)
+    experts = ArchLMForCausalLM(config).model.layers[0].mlp.experts
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0.0, 0.2)
+    hidden_states = torch.randn(tokens, 32, requires_grad=True)
+    weights = torch.rand(tokens, 2, requires_grad=True)
+    top_k_index = torch.tensor([[0, 3], [3, 5], [0, 3]][:tokens])  # expert 3 shared by every token
+    grads = []
+    for path in (experts.forward_few, experts.forward_sorted):
+        output = path(hidden_states, top_k_index, weights)
+        output.pow(2).sum().backward()
+        grads.append([output.detach()] + [t.grad.clone() for t in (hidden_states, weights, *experts.parameters())])
+        for tensor in (hidden_states, weights, *experts.parameters()):
+            tensor.grad = None
+    assert tokens * 2 <= config.num_experts  # forward takes the decoding path at these sizes
+    for few, grouped in zip(*grads):
+        torch.testing.assert_close(few, grouped, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_loss_is_cross_entropy_plus_the_weighted_aux_and_z_losses():
+    config = tiny_config(num_experts=4, moe_intermediate_size=32, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    model = build(config).eval()
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=input_ids)
+    plain = model(**inputs)
+    assert plain.aux_loss is None and plain.router_logits is None  # off unless asked for
+    routed = model(**inputs, output_router_logits=True)
+    assert len(routed.router_logits) == config.num_hidden_layers
+    real = attention_mask.reshape(-1).bool()
+    z_loss = torch.stack([torch.logsumexp(logits, -1)[real] ** 2 for logits in routed.router_logits]).mean()
+    torch.testing.assert_close(routed.loss, plain.loss + 0.1 * routed.aux_loss + 0.01 * z_loss)
+    assert routed.aux_loss >= config.num_experts_per_tok * 0.99  # num_experts_per_tok when perfectly balanced
+
+
+def test_moe_counts_active_parameters_and_flops_of_the_routed_experts_only():
+    config = tiny_config(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[0])
+    model = build(config)
+    expert_params = 8 * 3 * 32 * 16  # one sparse layer: 8 gated experts of width 16
+    assert model.inactive_parameters() == expert_params * 6 // 8
+    assert config.num_parameters_estimate() == model.num_parameters()
+    assert config.num_parameters_estimate(active_only=True) == model.num_parameters() - expert_params * 6 // 8
+    dense = build(tiny_config(num_experts=None))
+    extra = model.flops_per_token(16, training=False) - dense.flops_per_token(16, training=False)
+    assert extra == pytest.approx(2 * (32 * 8 + expert_params * 2 / 8 - 3 * 32 * 64))  # router + 2 experts - dense MLP
+    assert "-MoE8x2" in config.architecture_name and "active per token" in config.summary()
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (dict(num_experts=2, num_experts_per_tok=3), ["num_experts_per_tok", "3", "num_experts", "2"]),
+    (dict(num_experts=0), ["num_experts", "0"]),
+    (dict(num_experts=4, mlp_only_layers=[2]), ["mlp_only_layers", "[2]"]),
+    (dict(num_experts=4, mlp_only_layers=[0, 1]), ["no layer is sparse"]),
+    (dict(num_experts=4, router_aux_loss_coef=-0.1), ["router_aux_loss_coef", "-0.1"]),
+    (dict(num_experts=4, shared_expert_intermediate_size=0), ["shared_expert_intermediate_size", "0"]),
+])
+def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
+    with pytest.raises(VALIDATION_ERRORS) as error:
+        tiny_config(**overrides)
+    for fragment in fragments:
+        assert fragment in str(error.value), fragment
+
+
+def test_mixtral_name_for_the_expert_count_is_accepted():
+    assert tiny_config(num_local_experts=4).num_experts == 4
