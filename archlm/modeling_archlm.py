@@ -489,8 +489,7 @@ class ArchLMExperts(nn.Module):
         standard: up_proj      (E, I, C)                             down_proj (E, C, I)
         mlp_bias: gate_up_proj_bias (E, 2I) or up_proj_bias (E, I),  down_proj_bias (E, C)
 
-    Many pairs (training, prefill) are sorted by expert for a grouped matmul; a few (decoding on CPU) run expert by
-    expert."""
+    Each token-expert pair is sorted by expert, so that every expert multiplies its own block of rows once."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__()
@@ -507,16 +506,13 @@ class ArchLMExperts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """hidden_states (T, C), top_k_index and top_k_weights (T, k) -> (T, C)."""
-        if (top_k_index.numel() <= self.num_experts and hidden_states.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
-            return self.forward_few(hidden_states, top_k_index, top_k_weights)
-        return self.forward_sorted(hidden_states, top_k_index, top_k_weights)
+    def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        output = grouped_linear(routed, getattr(self, name), counts)
+        bias = getattr(self, f"{name}_bias", None)
+        return output if bias is None else output + bias[expert_ids]
 
-    def forward_sorted(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Every token-expert pair sorted by expert, so that each expert multiplies its own block of rows once."""
-        tokens, top_k = top_k_index.shape
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
         expert_ids, order = top_k_index.reshape(-1).sort()  # the T * k token-expert pairs, grouped by expert
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         # index_select, not indexing: its backward is an index_add, ~3x cheaper on CPU than indexing's
@@ -530,38 +526,6 @@ class ArchLMExperts(nn.Module):
         routed = self.project(routed, "down_proj", expert_ids, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
         output = torch.zeros_like(routed).index_copy(0, order, routed)  # back to token-major order
         return output.view(tokens, top_k, -1).sum(dim=1)
-
-    def forward_few(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Decoding on CPU (a few token-expert pairs): each chosen expert runs on its rows directly. Sorting, counting
-        and a grouped matmul that visits every expert, most of them empty here, cost more than the pairs' matmuls."""
-        tokens, top_k = top_k_index.shape
-        rows_of: dict[int, list[int]] = {}  # expert -> its pairs, as token * k + slot
-        for pair, expert in enumerate(top_k_index.reshape(-1).tolist()):
-            rows_of.setdefault(expert, []).append(pair)
-        weights, device = top_k_weights.reshape(-1, 1), hidden_states.device
-        outputs, done = [], []  # each expert's pair outputs, and those pairs in the same order
-        for expert, pairs in rows_of.items():
-            index = torch.tensor(pairs, device=device)
-            outputs.append(self.expert(hidden_states.index_select(0, index // top_k), expert) * weights[index])
-            done += pairs
-        back = torch.tensor(sorted(range(len(done)), key=done.__getitem__), device=device)  # to pair order
-        return torch.cat(outputs).index_select(0, back).view(tokens, top_k, -1).sum(dim=1)
-
-    def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        output = grouped_linear(routed, getattr(self, name), counts)
-        bias = getattr(self, f"{name}_bias", None)
-        return output if bias is None else output + bias[expert_ids]
-
-    def expert(self, rows: torch.Tensor, index: int) -> torch.Tensor:
-        """Expert `index`'s MLP on its rows (R, C) -> (R, C)."""
-        def linear(name: str, x: torch.Tensor) -> torch.Tensor:
-            bias = getattr(self, f"{name}_bias", None)
-            return F.linear(x, getattr(self, name)[index], None if bias is None else bias[index])
-
-        if self.gated:
-            gate, up = linear("gate_up_proj", rows).chunk(2, dim=-1)
-            return linear("down_proj", self.act_fn(gate) * up)
-        return linear("down_proj", self.act_fn(linear("up_proj", rows)))
 
 
 class ArchLMSparseMoeBlock(nn.Module):
