@@ -617,7 +617,8 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         return output if isinstance(output, tuple) else (output, None)
 
     def residual(self, sublayer_output: torch.Tensor) -> torch.Tensor:
-        sublayer_output = self.dropout(sublayer_output)
+        if self.training:  # dropout is the identity in eval: decoding skips the call, which it would pay per token
+            sublayer_output = self.dropout(sublayer_output)
         return sublayer_output if self.residual_multiplier == 1 else sublayer_output * self.residual_multiplier
 
     def forward(
