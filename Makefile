@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # The default suite skips the long and multi-process tests; CI runs with PYTEST_ARGS= (everything).
 PYTEST_ARGS ?= -m "not slow and not distributed"
+# Two pytest-xdist workers: most tests are start-up, imports and tiny models on one thread, so two workers take
+# ~60% of one's time on 2 cores. The multi-process tests stay on one worker, one at a time (their xdist_group).
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: test demo clean
 
@@ -18,7 +22,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The main job on the default corpus (Python's standard library, offline): a 4-layer llama-style model trained with
 # --recipe speedrun (docs/training.md) for a fixed wall-clock budget on 2 CPU cores, under 3 minutes in all; shows

@@ -28,7 +28,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "tensorboard>=2.18"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "tensorboard>=2.18"],
         "deepspeed": ["deepspeed>=0.17"],
         "wandb": ["wandb>=0.19"],
         "tensorboard": ["tensorboard>=2.18"],

@@ -27,7 +27,8 @@ from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
-pytestmark = pytest.mark.distributed
+# one at a time under pytest-xdist: two 2-process runs at once would put 4 processes on the 2 cores they assume
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
