@@ -474,10 +474,18 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, counts: torch.Ten
 
     torch's grouped matmul where it has one for this dtype and shape (one kernel for all experts, as transformers'
     default), else one matmul per expert over its block of rows: either way the cost follows the routed tokens."""
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    compiling = torch.compiler.is_compiling()
     aligned = all(size * inputs.element_size() % 16 == 0 for size in weight.shape[1:])
-    if (hasattr(F, "grouped_mm") and inputs.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
-            and not torch.compiler.is_compiling()):
-        return F.grouped_mm(inputs, weight.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
+    # inductor lowers grouped_mm for bfloat16 only (transformers' rule too)
+    dtypes = (torch.bfloat16,) if compiling else (torch.float32, torch.bfloat16, torch.float16)
+    if hasattr(F, "grouped_mm") and inputs.dtype in dtypes and aligned:
+        return F.grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)
+    if compiling and hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        # the per-expert loop reads the counts on the host: transformers' custom op (registered by its MoE
+        # integration, which Mixtral's modeling imports) hides it from the compiler, so the graph stays whole, as
+        # generate needs when it compiles a static cache's decoding step (fullgraph=True)
+        return torch.ops.transformers.grouped_mm_fallback(inputs, weight.transpose(1, 2), offsets)
     blocks = inputs.split(counts.tolist())
     return torch.cat([block @ expert.T for block, expert in zip(blocks, weight)])
 
@@ -514,7 +522,8 @@ class ArchLMExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
         expert_ids, order = top_k_index.reshape(-1).sort()  # the T * k token-expert pairs, grouped by expert
-        counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        ones = torch.ones_like(expert_ids)  # counted into a fixed size: bincount's size depends on the ids' values
+        counts = ones.new_zeros(self.num_experts).scatter_add_(0, expert_ids, ones)
         # index_select, not indexing: its backward is an index_add, ~3x cheaper on CPU than indexing's
         # accumulating index_put (each token is copied k times, so the gradient rows must be summed)
         routed = hidden_states.index_select(0, order // top_k)  # (T*k, C)

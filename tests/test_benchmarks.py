@@ -72,7 +72,8 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
                   "--decode_prompt", "8", "--decode_tokens", "4", "--output_dir", str(tmp_path))
     results = json.loads((tmp_path / "vs_mixtral.json").read_text())
     assert [row["measure"] for row in results["rows"]] == [
-        "forward tokens/s", "train step tokens/s", "decode tokens/s (dynamic cache)"]
+        "forward tokens/s", "train step tokens/s", "decode tokens/s (dynamic cache)",
+        "decode tokens/s (static cache, compiled)"]
     assert all(row["archlm"] > 0 and row["mixtral"] > 0 for row in results["rows"])
     assert 0 < results["active_parameters"] < results["parameters"]
     assert "| forward tokens/s |" in (tmp_path / "vs_mixtral.md").read_text()

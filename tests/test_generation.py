@@ -205,12 +205,16 @@ def test_generating_past_learned_positions_stops_with_a_clear_error():
         model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
 
 
-def test_torch_compile_with_a_static_cache_generates_what_eager_generates():
-    model = make_model(num_key_value_heads=2)
+@pytest.mark.parametrize("overrides", [{}, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)],
+                         ids=["dense", "moe"])
+def test_torch_compile_with_a_static_cache_generates_what_eager_generates(overrides):
+    """fullgraph=True, as generate compiles a static cache's decoding step: nothing may break the graph (the experts'
+    per-expert loop of a float32 mixture runs inside an opaque custom op)."""
+    model = make_model(num_key_value_heads=2, **overrides)
     ids, mask = prompts()
     expected = greedy(model, ids, mask, new_tokens=4, cache_implementation="static")
     torch._dynamo.reset()
-    compiled_forward = torch.compile(model.forward, dynamic=False)
+    compiled_forward = torch.compile(model.forward, dynamic=False, fullgraph=True)
     original_forward, model.forward = model.forward, compiled_forward
     try:
         got = greedy(model, ids, mask, new_tokens=4, cache_implementation="static")
