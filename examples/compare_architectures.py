@@ -56,6 +56,7 @@ from archlm.training import (
     check_block_size,
     load_or_train_tokenizer,
     measure_peak_tflops,
+    rows_per_step,
 )
 
 logger = logging.getLogger("compare_architectures")
@@ -280,8 +281,7 @@ def flops_budget_steps(presets: list[str], budget: float, model_args, data_args,
             check_block_size(block_size, config)
         except ValueError as error:
             raise ValueError(f"preset {preset!r}: {error}") from None
-        tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                           * max(training_args.world_size, 1) * block_size)
+        tokens_per_step = rows_per_step(training_args) * block_size
         stages = flops_per_step(config, block_size, schedule, tokens_per_step)
         steps = steps_within(budget, stages)
         plan[preset] = steps, flops_of_steps(steps, stages)
