@@ -5,10 +5,9 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # The default suite skips the long and multi-process tests; CI runs with PYTEST_ARGS= (everything).
 PYTEST_ARGS ?= -m "not slow and not distributed"
-# TEST_WORKERS=2 runs two pytest-xdist workers (the multi-process tests stay on one worker, one at a time: their
-# xdist_group): the default suite in ~60% of the time on 2 cores. Off by default: in one of two full CI runs with it,
-# a worker died mid-run and the run then hung, which is not yet understood.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers (the multi-process tests stay on one worker, one at a time: their xdist_group): the suite
+# in ~60% of the time on 2 cores. TEST_WORKERS=0 runs it in this process, one test after another.
+TEST_WORKERS ?= 2
 
 .PHONY: test demo clean
 
