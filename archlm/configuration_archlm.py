@@ -461,6 +461,9 @@ class ArchLMConfig(PreTrainedConfig):
     mlp_only_layers: list[int] | None = None  # layers that stay dense
     router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
     router_z_loss_coef: float | int = 0.0  # router z-loss weight (ST-MoE: mean squared logsumexp of the router logits)
+    # auxiliary-loss-free balancing (DeepSeek-V3, which used 1e-3): a routing bias per expert, moved by this after each
+    # optimizer step toward the less-loaded experts (ArchLMTrainer does it: RouterBiasCallback); 0: no bias
+    router_bias_update_rate: float | int = 0.0
     output_router_logits: bool = False  # return the router logits and add the auxiliary losses to the loss
     # --- provenance ---
     converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
@@ -614,7 +617,7 @@ class ArchLMConfig(PreTrainedConfig):
                 f"mlp_only_layers={self.mlp_only_layers}, {self.num_hidden_layers} layers); set num_experts=None for a "
                 "dense model."
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
@@ -808,7 +811,8 @@ class ArchLMConfig(PreTrainedConfig):
         scope = QK_NORM_SCOPES[self.qk_norm_scope][0]
         rows = [
             (bool(self.num_experts), f"MoE{self.num_experts}x{self.num_experts_per_tok}"
-             + ("+Shared" if self.shared_expert_intermediate_size else "")),
+             + ("+Shared" if self.shared_expert_intermediate_size else "")
+             + ("+RouterBias" if self.router_bias_update_rate else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
             (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
             (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
@@ -877,7 +881,8 @@ class ArchLMConfig(PreTrainedConfig):
             ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
                          f"{' renormalised' if self.norm_topk_prob else ''}, in {sparse} of {self.num_hidden_layers} layers"
                          + (f", shared expert {self.shared_expert_intermediate_size}" if self.shared_expert_intermediate_size else "")
-                         + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}")
+                         + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}"
+                         + (f", bias update rate {self.router_bias_update_rate}" if self.router_bias_update_rate else ""))
              if self.num_experts else "-"),
             ("norm", f"{self.norm_type} ({NORM_POSITIONS[self.norm_position][1]}), eps {self.norm_eps}"
              + (", Sub-LN" if self.sub_layernorm else "")),

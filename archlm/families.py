@@ -222,6 +222,7 @@ NEUTRAL = {
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
     "attn_logit_softcapping": None, "final_logit_softcapping": None,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
+    "router_bias_update_rate": 0.0,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
@@ -231,6 +232,7 @@ _RELEVANT = {
     "norm_topk_prob": lambda config: config.num_experts,
     "_shared_expert": lambda config: config.num_experts,
     "_dense_layers": lambda config: config.num_experts,
+    "router_bias_update_rate": lambda config: config.num_experts,
 }
 # Dropped on export with a warning: inference is unchanged (dropout is off), training the export further is not
 DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef", "z_loss_coef")

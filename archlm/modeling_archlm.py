@@ -553,15 +553,37 @@ class ArchLMSparseMoeBlock(nn.Module):
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP_CLASSES[config.mlp_type](config, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.bias_update_rate = config.router_bias_update_rate
+        if self.bias_update_rate:
+            # DeepSeek-V3's auxiliary-loss-free balancing (its name): a bias per expert that enters the choice of
+            # the top-k only, not the weights that mix their outputs; part of the model (saved, used in inference)
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+
+    def choose(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing: (T, E) logits -> the top-k experts' weights (float32) and indices, each (T, k)."""
+        probabilities = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        if self.bias_update_rate:
+            top_k_index = (probabilities + self.e_score_correction_bias.float()).topk(self.top_k, dim=-1).indices
+            top_k_weights = probabilities.gather(-1, top_k_index)
+        else:
+            top_k_weights, top_k_index = probabilities.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return top_k_weights, top_k_index
+
+    @torch.no_grad()
+    def update_routing_bias(self, expert_tokens: torch.Tensor) -> None:
+        """DeepSeek-V3's rule, once per optimizer step: `expert_tokens` (E,), the tokens routed to each expert in the
+        step (every process's), moves each bias by router_bias_update_rate toward balance: down for an expert above
+        the mean load, up for one below. Only the sign of each expert's difference from the mean counts."""
+        load = expert_tokens.to(self.e_score_correction_bias.device, torch.float32)
+        self.e_score_correction_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, shape[-1])  # (T, C)
         router_logits = self.gate(hidden_states)  # (T, E)
-        probabilities = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = probabilities.topk(self.top_k, dim=-1)  # (T, k)
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        top_k_weights, top_k_index = self.choose(router_logits)
         output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         if hasattr(self, "shared_expert"):
             output = output + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
@@ -765,6 +787,8 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 inv_freq, _ = module.frequencies(layer_type)
                 init.copy_(getattr(module, f"{prefix}inv_freq"), inv_freq)
                 init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
+        elif isinstance(module, ArchLMSparseMoeBlock) and module.bias_update_rate:
+            init.zeros_(module.e_score_correction_bias)
         else:
             super()._init_weights(module)
 

@@ -585,7 +585,7 @@ class RouterStatsCallback(TrainerCallback):
     def _count_routed(self, index, block, inputs, output):
         if not block.training:
             return
-        chosen = output[1].topk(block.top_k, dim=-1).indices  # the router's choice (softmax keeps the order)
+        chosen = block.choose(output[1])[1]  # the experts the block ran (router logits -> top-k)
         counts = torch.bincount(chosen.reshape(-1), minlength=block.experts.num_experts).cpu()
         self.counts[index] = counts if self.counts[index] is None else self.counts[index] + counts
 
@@ -605,6 +605,56 @@ class RouterStatsCallback(TrainerCallback):
             metrics["expert_imbalance"] = round(max((layer.max() / layer.float().mean()).item() for layer in counts), 3)
         self.counts, self.aux_losses = [None] * len(self.blocks), []
         return metrics
+
+
+class RouterBiasCallback(TrainerCallback):
+    """Auxiliary-loss-free load balancing (DeepSeek-V3) for a mixture of experts with `router_bias_update_rate` > 0:
+    counts the tokens each sparse block routes to each expert during an optimizer step (its gradient-accumulation
+    micro-batches included), sums the counts over the processes, and after the step moves every block's routing bias
+    (`update_routing_bias`). ArchLMTrainer adds it by itself; with another Trainer, pass it in `callbacks`.
+
+    The counts come from forward hooks, so nothing runs inside the model's (possibly compiled) forward. Gradient
+    checkpointing runs a block's forward twice per micro-batch: every count doubles, and the update, which reads
+    only each expert's side of the mean, is unchanged."""
+
+    def __init__(self, model):
+        self.blocks = [module for module in base_model(model).modules()
+                       if isinstance(module, ArchLMSparseMoeBlock) and module.bias_update_rate]
+        self.counts = [None] * len(self.blocks)
+        self.handles = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.handles:
+            self.handles = [block.register_forward_hook(partial(self._count, index))
+                            for index, block in enumerate(self.blocks)]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _count(self, index, block, inputs, output):
+        if not block.training:
+            return
+        with torch.no_grad():
+            chosen = block.choose(output[1])[1].reshape(-1)
+            counts = torch.zeros(block.experts.num_experts, device=chosen.device).index_add_(
+                0, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        self.counts[index] = counts if self.counts[index] is None else self.counts[index] + counts
+
+    def on_step_end(self, args, state, control, **kwargs):
+        present = [counts is not None for counts in self.counts]
+        if not any(present):
+            return
+        counts = torch.stack([counts if counts is not None else torch.zeros(block.experts.num_experts,
+                                                                                  device=block.gate.weight.device)
+                              for counts, block in zip(self.counts, self.blocks)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every process moves the biases alike
+        for block, block_counts, counted in zip(self.blocks, counts, present):
+            if counted:
+                block.update_routing_bias(block_counts)
+        self.counts = [None] * len(self.blocks)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -645,6 +695,10 @@ class ArchLMTrainer(Trainer):
             time_budget.progress_callbacks = [callback for callback in self.callback_handler.callbacks
                                               if isinstance(callback, ProgressCallback)]
             self.add_callback(time_budget)
+        config = getattr(base_model(self.model), "config", None)
+        if getattr(config, "router_bias_update_rate", 0) and not any(
+                isinstance(callback, RouterBiasCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(RouterBiasCallback(self.model))
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.args.optim == MUON:

@@ -369,6 +369,9 @@ NON_EXPORTABLE = {
                                "LlamaForCausalLM", ["use_parallel_residual", "sub_layernorm", "attn_logit_softcapping"]),
     "qk-norm-with-layernorm-and-mlp-bias": ("qwen3", dict(norm_type="layernorm", mlp_bias=True), "Qwen3ForCausalLM",
                                             ["norm_type", "mlp_bias"]),
+    # the routing bias changes which experts run; none of the MoE families has one
+    "moe-with-routing-bias": ("mixtral", dict(num_experts=4, router_bias_update_rate=1e-3), "MixtralForCausalLM",
+                              ["router_bias_update_rate"]),
 }
 
 

@@ -348,16 +348,25 @@ def test_fsdp2_on_two_cpu_processes_saves_tied_embeddings_once(tmp_path):
 def test_mixture_of_experts_trains_under_zero_and_reloads_every_expert(tmp_path, zero):
     """The mixtral preset (stacked 3-D expert weights, a router per layer) under ZeRO-2 and ZeRO-3 on 2 processes:
     the load-balancing loss and the tokens per expert are logged at every step, and the saved folder reloads in a
-    fresh process with every parameter (ZeRO-3 gathers the partitioned expert tensors on save)."""
+    fresh process with every parameter (ZeRO-3 gathers the partitioned expert tensors on save). The routing bias
+    (router_bias_update_rate) moves at every step from both processes' counts (summed across them) and is saved."""
     out = tmp_path / zero
-    run(torchrun(), "--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4", "--max_steps", "3",
-        "--output_dir", str(out), "--deepspeed", str(DEEPSPEED / f"{zero}.json"), name=f"torchrun + {zero}.json, MoE")
+    rate = 0.01
+    run(torchrun(), "--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4,router_bias_update_rate={rate}",
+        "--max_steps", "3", "--output_dir", str(out), "--deepspeed", str(DEEPSPEED / f"{zero}.json"),
+        name=f"torchrun + {zero}.json, MoE")
     check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")
     steps = read_log(out)["steps"]
     assert len(steps) == 3 and all(math.isfinite(step["aux_loss"]) for step in steps)
     assert all(len(step["expert_tokens"]) == 2 and len(step["expert_tokens"][0]) == 4 for step in steps)
     loaded = reload(out)
     assert loaded["parameters"] > 0
+    biases = [value for key, value in load_file(out / "model.safetensors").items() if key.endswith("e_score_correction_bias")]
+    assert len(biases) == 2
+    for bias in biases:  # 3 updates of +-rate (or 0, at the mean load) each
+        steps_moved = bias / rate
+        torch.testing.assert_close(steps_moved, steps_moved.round(), atol=1e-4, rtol=0)
+        assert bias.abs().max() <= 3 * rate + 1e-6 and bias.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------

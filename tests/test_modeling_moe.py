@@ -19,7 +19,9 @@ def reference_moe(block, hidden_states):
     outputs = []
     for token in hidden_states.reshape(-1, hidden_states.shape[-1]):
         probabilities = torch.softmax(block.gate(token).float(), dim=-1)
-        weights, chosen = probabilities.topk(block.top_k)
+        # a routing bias (DeepSeek-V3) enters the choice of the experts, not their weights
+        chosen = (probabilities + getattr(block, "e_score_correction_bias", 0.0)).topk(block.top_k).indices
+        weights = probabilities[chosen]
         if block.norm_topk_prob:
             weights = weights / weights.sum()
         total = torch.zeros_like(token)
@@ -51,7 +53,8 @@ def reference_moe(block, hidden_states):
     dict(num_experts=5, num_experts_per_tok=3, norm_topk_prob=False, shared_expert_intermediate_size=12),
     dict(num_experts=4, num_experts_per_tok=1, mlp_type="standard", hidden_act="gelu", mlp_bias=True),
     dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True),
-], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias"])
+    dict(num_experts=6, num_experts_per_tok=2, router_bias_update_rate=1e-3),
+], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -62,6 +65,10 @@ def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     block = model.model.layers[0].mlp
     hidden_states = torch.randn(*shape, 32, dtype=dtype)
     with torch.no_grad():
+        if hasattr(block, "e_score_correction_bias"):  # large enough to change which experts are chosen
+            unbiased = block.choose(block.gate(hidden_states.reshape(-1, 32)))[1]
+            block.e_score_correction_bias.copy_(torch.linspace(0.3, -0.3, 6))
+            assert not torch.equal(block.choose(block.gate(hidden_states.reshape(-1, 32)))[1], unbiased) or shape == (1, 1)
         output, router_logits = block(hidden_states)
         expected = reference_moe(block, hidden_states)
     assert router_logits.shape == (shape[0] * shape[1], overrides["num_experts"])
@@ -96,8 +103,23 @@ def test_moe_counts_active_parameters_and_flops_of_the_routed_experts_only():
     assert "-MoE8x2" in config.architecture_name and "active per token" in config.summary()
 
 
+def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved():
+    """DeepSeek-V3's update: down by the rate for an expert above the mean load, up below it, unchanged at it."""
+    config = tiny_config(num_experts=4, moe_intermediate_size=16, router_bias_update_rate=0.01)
+    assert "+RouterBias" in config.architecture_name and "bias update rate 0.01" in config.summary()
+    model = build(config)
+    block = model.model.layers[1].mlp
+    assert block.e_score_correction_bias.tolist() == [0.0] * 4  # initialised to zero
+    block.update_routing_bias(torch.tensor([10, 0, 5, 5]))
+    block.update_routing_bias(torch.tensor([10, 2, 9, 3]))  # mean 6
+    torch.testing.assert_close(block.e_score_correction_bias, torch.tensor([-0.02, 0.02, -0.01, 0.01]))
+    assert "model.layers.1.mlp.e_score_correction_bias" in model.state_dict()  # saved with the weights
+    assert not hasattr(build(tiny_config(num_experts=4)).model.layers[1].mlp, "e_score_correction_bias")
+
+
 @pytest.mark.parametrize("overrides, fragments", [
     (dict(num_experts=2, num_experts_per_tok=3), ["num_experts_per_tok", "3", "num_experts", "2"]),
+    (dict(num_experts=4, router_bias_update_rate=-1e-3), ["router_bias_update_rate", "-0.001"]),
     (dict(num_experts=0), ["num_experts", "0"]),
     (dict(num_experts=4, mlp_only_layers=[2]), ["mlp_only_layers", "[2]"]),
     (dict(num_experts=4, mlp_only_layers=[0, 1]), ["no layer is sparse"]),

@@ -295,6 +295,33 @@ def test_curriculum_cuts_each_batch_into_rows_of_the_scheduled_size(tmp_path):
     assert samples[0]["input_ids"].shape == (2, 16) and int(items) == 2 * 15
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_routing_bias_moves_once_per_optimizer_step_from_every_micro_batch(tmp_path, accumulation):
+    """ArchLMTrainer adds RouterBiasCallback by itself for router_bias_update_rate > 0. With biases that send every
+    token to expert 2 (one of its top-2) and never to expert 0, each optimizer step lowers expert 2's bias and
+    raises expert 0's by exactly the rate: 3 steps, 3 x the rate, with or without gradient accumulation (one
+    update per step, from all its micro-batches)."""
+    from transformers import TrainingArguments
+
+    rate = 0.01
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_experts=4,
+                          moe_intermediate_size=8, router_bias_update_rate=rate)
+    model = ArchLMForCausalLM(config)
+    block = model.model.layers[0].mlp
+    block.e_score_correction_bias.copy_(torch.tensor([-10.0, 0.0, 10.0, 0.0]))  # beyond any probability
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 50, (24, 8)).tolist()}).map(
+        lambda row: {"labels": row["input_ids"]})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=0.0,
+                             per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation,
+                             max_steps=3, save_strategy="no", disable_tqdm=True)
+    chosen = []
+    block.register_forward_hook(lambda module, inputs, output: chosen.append(module.choose(output[1])[1]))
+    ArchLMTrainer(model=model, args=args, train_dataset=data).train()
+    picked = torch.cat(chosen).reshape(-1)
+    assert (picked == 2).sum() == picked.numel() // 2 and not (picked == 0).any()  # the router's fixed choice
+    torch.testing.assert_close(block.e_score_correction_bias[[0, 2]], torch.tensor([-10 + 3 * rate, 10 - 3 * rate]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Streaming and file formats
 # ------------------------------------------------------------------------------------------------
