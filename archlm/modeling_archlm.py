@@ -727,6 +727,8 @@ class ArchLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ArchLMDecoderLayer"]
+    # the routing bias moves by steps of ~1e-3, which bfloat16 rounds away at its size (DeepSeek-V3 does the same)
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True

@@ -103,8 +103,9 @@ def test_moe_counts_active_parameters_and_flops_of_the_routed_experts_only():
     assert "-MoE8x2" in config.architecture_name and "active per token" in config.summary()
 
 
-def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved():
-    """DeepSeek-V3's update: down by the rate for an expert above the mean load, up below it, unchanged at it."""
+def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_path):
+    """DeepSeek-V3's update: down by the rate for an expert above the mean load, up below it, unchanged at it. The
+    bias is saved, and stays float32 in a model loaded in bfloat16 (its steps would round away)."""
     config = tiny_config(num_experts=4, moe_intermediate_size=16, router_bias_update_rate=0.01)
     assert "+RouterBias" in config.architecture_name and "bias update rate 0.01" in config.summary()
     model = build(config)
@@ -113,7 +114,10 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved():
     block.update_routing_bias(torch.tensor([10, 0, 5, 5]))
     block.update_routing_bias(torch.tensor([10, 2, 9, 3]))  # mean 6
     torch.testing.assert_close(block.e_score_correction_bias, torch.tensor([-0.02, 0.02, -0.01, 0.01]))
-    assert "model.layers.1.mlp.e_score_correction_bias" in model.state_dict()  # saved with the weights
+    model.save_pretrained(tmp_path)
+    loaded = ArchLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).model.layers[1].mlp
+    assert loaded.gate.weight.dtype == torch.bfloat16 and loaded.e_score_correction_bias.dtype == torch.float32
+    torch.testing.assert_close(loaded.e_score_correction_bias, block.e_score_correction_bias)
     assert not hasattr(build(tiny_config(num_experts=4)).model.layers[1].mlp, "e_score_correction_bias")
 
 
