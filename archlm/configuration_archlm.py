@@ -462,7 +462,7 @@ class ArchLMConfig(PreTrainedConfig):
     router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
     router_z_loss_coef: float | int = 0.0  # router z-loss weight (ST-MoE: mean squared logsumexp of the router logits)
     # auxiliary-loss-free balancing (DeepSeek-V3, which used 1e-3): a routing bias per expert, moved by this after each
-    # optimizer step toward the less-loaded experts (ArchLMTrainer does it: RouterBiasCallback); 0: no bias
+    # optimizer step toward the less-loaded experts (ArchLMTrainer does it: archlm.routing.RouterBiasCallback); 0: no bias
     router_bias_update_rate: float | int = 0.0
     output_router_logits: bool = False  # return the router logits and add the auxiliary losses to the loss
     # --- provenance ---
