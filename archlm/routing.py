@@ -13,8 +13,7 @@ from .modeling_archlm import ArchLMSparseMoeBlock
 class _RoutedTokens(TrainerCallback):
     """Counts, per sparse block, the tokens its training forwards route to each expert (the experts the block ran),
     through forward hooks held from the start of training to its end: nothing runs inside the model's (possibly
-    compiled) forward. Gradient checkpointing runs a block's forward again in the backward pass, and each count
-    doubles."""
+    compiled) forward."""
 
     def __init__(self, blocks: list[ArchLMSparseMoeBlock]):
         self.blocks = blocks
@@ -34,8 +33,8 @@ class _RoutedTokens(TrainerCallback):
         self.handles = []
 
     def _count(self, index, block, inputs, output):
-        if not block.training:
-            return
+        if not block.training or torch._C._current_graph_task_id() != -1:
+            return  # evaluation, or a reentrant checkpoint's recompute in the backward pass (counted in the forward)
         with torch.no_grad():
             chosen = block.choose(output[1])[1]  # router logits -> the top-k the block ran
             counts = torch.bincount(chosen.reshape(-1), minlength=block.experts.num_experts)
@@ -78,8 +77,7 @@ class RouterBiasCallback(_RoutedTokens):
     counts the tokens each sparse block routes to each expert during an optimizer step (its gradient-accumulation
     micro-batches included), sums the counts over the processes, and after the step moves every block's routing bias
     (`update_routing_bias`). ArchLMTrainer adds it by itself; with another Trainer, pass it in `callbacks`
-    (built on the ArchLM model itself, not a PEFT wrapper). The update reads only each expert's side of the mean,
-    so the doubled counts of gradient checkpointing leave it unchanged."""
+    (built on the ArchLM model itself, not a PEFT wrapper)."""
 
     def __init__(self, model):
         super().__init__([module for module in model.modules()

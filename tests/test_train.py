@@ -322,6 +322,25 @@ def test_routing_bias_moves_once_per_optimizer_step_from_every_micro_batch(tmp_p
     torch.testing.assert_close(block.e_score_correction_bias[[0, 2]], torch.tensor([-10 + 3 * rate, 10 - 3 * rate]))
 
 
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
+                         ids=["none", "reentrant", "non-reentrant"])
+def test_routed_tokens_are_counted_once_under_gradient_checkpointing(checkpointing):
+    """A reentrant checkpoint runs each block's forward again inside the backward pass: not counted twice."""
+    from archlm.routing import RouterStatsCallback
+
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
+                          moe_intermediate_size=8)
+    model = ArchLMForCausalLM(config).train()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    stats = RouterStatsCallback(model)
+    stats.on_train_begin(None, None, None)
+    ids = torch.randint(0, 50, (3, 8))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    stats.on_train_end(None, None, None)
+    assert [sum(layer) for layer in stats.metrics()["expert_tokens"]] == [3 * 8 * 2] * 2  # tokens x top-2
+
+
 # ------------------------------------------------------------------------------------------------
 # Streaming and file formats
 # ------------------------------------------------------------------------------------------------
