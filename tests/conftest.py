@@ -84,6 +84,8 @@ NEW_OPTIONS = {
     "gemma2-like-on-alibi-parallel": dict(position_embedding_type="alibi", use_parallel_residual=True,
                                           norm_position="sandwich", norm_type="rmsnorm_unit_offset",
                                           attn_logit_softcapping=2.0, layer_types=SLIDING_THEN_FULL, sliding_window=3),
+    "experts-routing-bias": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 router_bias_update_rate=0.01),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),
