@@ -40,6 +40,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def set_router_logits(models: dict, on: bool) -> None:
+    for model in models.values():
+        model.config.output_router_logits = on
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -53,7 +58,15 @@ def main(argv=None):
     prompt = torch.randint(3, args.vocab, (1, args.decode_prompt))
     tokens = args.batch * args.seq
     logger.info("measuring %s: forward, train step, decode", config.architecture_name)
+    # the same work on both sides: inference without router logits, training with the load-balancing loss (the
+    # export leaves Mixtral's output_router_logits off: transformers' MoE classes cannot generate with it on)
+    set_router_logits(models, False)
     forward = interleaved(models, forward_seconds(ids, "cpu"), args.pairs)
+    set_router_logits(models, True)
+    with torch.no_grad():
+        for name, model in models.items():  # both train with the load-balancing loss
+            if model(input_ids=ids[:1, :8], labels=ids[:1, :8]).aux_loss is None:
+                raise SystemExit(f"{name} computes no load-balancing loss: the train step would compare unequal work")
     train = interleaved(models, train_step_seconds(ids, "cpu"), args.pairs)
     for model in models.values():
         model.eval()
