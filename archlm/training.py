@@ -40,8 +40,8 @@ from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
 from .modeling_archlm import ArchLMForCausalLM
-from .routing import RouterBiasCallback, RouterStatsCallback  # noqa: F401 (also imported from here)
 from .optim import muon_optimizer
+from .routing import RouterBiasCallback, RouterStatsCallback  # noqa: F401 (also imported from here)
 from .tokenization_archlm import train_tokenizer
 
 logger = logging.getLogger(__name__)
