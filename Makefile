@@ -6,7 +6,8 @@ PYTHON ?= python3
 # The default suite skips the long and multi-process tests; CI runs with PYTEST_ARGS= (everything).
 PYTEST_ARGS ?= -m "not slow and not distributed"
 # Two pytest-xdist workers (the multi-process tests stay on one worker, one at a time: their xdist_group): the suite
-# in ~60% of the time on 2 cores. TEST_WORKERS=0 runs it in this process, one test after another.
+# in ~60% of the time on 2 cores. TEST_WORKERS=0 runs it in this process, one test after another. A worker that dies
+# (the OOM killer) fails the run there and then (--max-worker-restart 0): a replaced worker once left a run hanging.
 TEST_WORKERS ?= 2
 
 .PHONY: test demo clean
@@ -21,7 +22,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart 0 $(PYTEST_ARGS)
 
 # The main job on the default corpus (Python's standard library, offline): a 4-layer llama-style model trained with
 # --recipe speedrun (docs/training.md) for a fixed wall-clock budget on 2 CPU cores, under 3 minutes in all; shows
