@@ -78,7 +78,8 @@ class ModelArguments:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
     lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": 'Modules that get adapters, comma-separated, or "all-linear".'}
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": 'Modules that get adapters, comma-separated, or "all-linear"; a mixture\'s expert stacks by their '
+                                                              'names (gate_up_proj, up_proj, down_proj).'}
     )
 
 
@@ -380,21 +381,38 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
 
 
 def apply_lora(model, model_args: ModelArguments):
-    """Wraps the model with LoRA adapters on `--lora_target_modules` (PEFT); only the adapters train."""
+    """Wraps the model with LoRA adapters on `--lora_target_modules` (PEFT); only the adapters train.
+
+    A mixture's experts are stacked parameters (E, out, in), not nn.Linear modules: their names in the list
+    (gate_up_proj, up_proj, down_proj) become PEFT's `target_parameters`, one adapter per stack; the same names
+    still reach any dense layers' nn.Linear modules."""
     from peft import LoraConfig, get_peft_model
 
     targets = model_args.lora_target_modules.strip()
     target_modules = targets if targets == "all-linear" else [name.strip() for name in targets.split(",") if name.strip()]
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    unknown = [name for name in target_modules if name not in names] if isinstance(target_modules, list) else []
-    if unknown:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
-        raise ValueError(f"--lora_target_modules {unknown} are not modules of this model; its linear layers are {linear}.")
+    modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    stacks = {name.rsplit(".", 1)[-1] for name, parameter in model.named_parameters()
+              if ".experts." in f".{name}" and parameter.dim() == 3}
+    target_parameters = []
+    if isinstance(target_modules, list):
+        unknown = [name for name in target_modules if name not in modules and name not in stacks]
+        if unknown:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+            experts = f"; its experts' stacked weights are {sorted(stacks)}" if stacks else ""
+            raise ValueError(f"--lora_target_modules {unknown} are not modules of this model; its linear layers are "
+                             f"{linear}{experts}.")
+        target_parameters = [f"experts.{name}" for name in target_modules if name in stacks]
+        target_modules = [name for name in target_modules if name in modules]
+        if target_parameters and model_args.lora_dropout:
+            raise ValueError(f"--lora_dropout {model_args.lora_dropout}: PEFT has no dropout for adapters on the experts' "
+                             f"stacked weights ({', '.join(name.split('.')[-1] for name in target_parameters)}); "
+                             "pass --lora_dropout 0 or leave them out of --lora_target_modules.")
     lora_config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha if model_args.lora_alpha is not None else 2 * model_args.lora_r,
         lora_dropout=model_args.lora_dropout,
         target_modules=target_modules,
+        target_parameters=target_parameters or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config)

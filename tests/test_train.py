@@ -412,6 +412,34 @@ def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
     assert load_file(base_folder / "model.safetensors").keys() == base_weights.keys()  # the base is untouched
 
 
+def test_lora_on_a_mixtures_experts_adapts_their_stacked_weights(tmp_path):
+    """Expert names in --lora_target_modules reach the stacked (E, out, in) weights through PEFT's
+    target_parameters: the merged model changes the attention and expert weights asked for and nothing else (the
+    routers stay), and equals the saved adapter merged onto the base in a fresh load."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_folder = train("--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4,moe_intermediate_size=16",
+                        "--max_steps", "2", "--output_dir", str(tmp_path / "base"))
+    targets = ["--lora_r", "4", "--lora_target_modules", "q_proj,gate_up_proj,down_proj"]
+    with pytest.raises(SystemExit, match=r"--lora_dropout 0.1: .*experts' stacked weights \(gate_up_proj, down_proj\)"):
+        train("--model_name_or_path", str(base_folder), *targets, "--lora_dropout", "0.1", "--output_dir", str(tmp_path / "x"))
+    output = train("--model_name_or_path", str(base_folder), *targets, "--max_steps", "3", "--learning_rate", "2e-2",
+                   "--output_dir", str(tmp_path / "lora"))
+    base_weights, merged_weights = load_file(base_folder / "model.safetensors"), load_file(output / "model.safetensors")
+    changed = {name.split(".")[-1] for name in base_weights if not torch.equal(base_weights[name], merged_weights[name])}
+    assert changed == {"weight", "gate_up_proj", "down_proj"}  # q_proj.weight and both expert stacks
+    assert [name for name in base_weights if name.endswith(".weight") and ".q_proj." not in name
+            and not torch.equal(base_weights[name], merged_weights[name])] == []  # routers, norms, k/v/o untouched
+
+    merged = AutoModelForCausalLM.from_pretrained(output).eval()
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), output / "adapter")
+    rebuilt = rebuilt.merge_and_unload().eval()
+    input_ids = torch.randint(4, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, rebuilt(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any training step, and nothing written
 # ------------------------------------------------------------------------------------------------
