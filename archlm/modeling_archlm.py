@@ -474,6 +474,12 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, counts: torch.Ten
 
     torch's grouped matmul where it has one for this dtype and shape (one kernel for all experts, as transformers'
     default), else one matmul per expert over its block of rows: either way the cost follows the routed tokens."""
+    if hasattr(weight, "tensor_data_names"):
+        # a torchao-quantized stack (int8 values and scales): grouped_mm and transpose do not take it, so each expert
+        # with tokens is dequantized on its own (a temporary fp32 copy of one expert, never of the whole stack)
+        blocks = inputs.split(counts.tolist())
+        return torch.cat([block @ weight[expert].dequantize().to(block.dtype).T
+                          for expert, block in enumerate(blocks) if len(block)] or [inputs.new_empty(0, weight.shape[1])])
     offsets = counts.cumsum(0, dtype=torch.int32)
     compiling = torch.compiler.is_compiling()
     aligned = all(size * inputs.element_size() % 16 == 0 for size in weight.shape[1:])

@@ -141,6 +141,45 @@ def test_int8_folder_loads_in_a_fresh_process_without_archlm(models, saved_int8,
     assert "INT8 RELOAD OK" in result.stdout
 
 
+def test_a_mixtures_expert_stacks_quantize_by_name_and_its_routers_stay_fp32(tmp_path):
+    """torchao quantizes nn.Linear weights; a mixture's experts are stacked parameters, reached by name through
+    FqnToConfig (`re:.*_proj` names every projection and both stacks, not the routers `gate`). Each stack holds int8
+    values with one scale per (expert, output row); the experts that receive tokens are dequantized one at a time."""
+    from torchao.quantization import FqnToConfig
+
+    torch.manual_seed(0)
+    ArchLMForCausalLM(tiny_config(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)).save_pretrained(tmp_path / "moe")
+    fp32 = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True).eval()
+    config = TorchAoConfig(FqnToConfig({r"re:.*_proj": Int8WeightOnlyConfig()}))
+    int8 = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True, quantization_config=config).eval()
+    for layer, reference in zip(int8.model.layers, fp32.model.layers):
+        assert type(layer.mlp.gate.weight) is torch.nn.Parameter  # routing keeps full precision
+        assert isinstance(layer.self_attn.q_proj.weight, Int8Tensor)
+        for name in ("gate_up_proj", "down_proj"):
+            stack, expected = getattr(layer.mlp.experts, name), getattr(reference.mlp.experts, name)
+            assert isinstance(stack, Int8Tensor) and stack.qdata.dtype == torch.int8, name
+            assert stack.scale.squeeze(-1).shape == expected.shape[:2], name  # per expert and output row
+            step = expected.abs().amax(dim=-1, keepdim=True) / 127
+            assert (stack.dequantize() - expected).abs().le(step / 2 + 1e-7).all(), name
+    ids = input_ids()
+    with torch.no_grad():
+        expected, logits = fp32(ids).logits, int8(ids).logits
+    relative = ((logits - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < relative < RELATIVE_LOGIT_TOLERANCE, relative
+    generated = int8.generate(ids[:1, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 8:]
+    with torch.no_grad():  # the cached steps (one token, two experts) computed what a full forward computes
+        full = int8(torch.cat([ids[0, :8], generated])[None]).logits[0, 7:-1].argmax(-1)
+    assert torch.equal(full, generated)
+
+    int8.save_pretrained(tmp_path / "int8")
+    with safe_open(tmp_path / "int8" / "model.safetensors", "pt") as tensors:
+        assert tensors.get_slice("model.layers.0.mlp.experts._gate_up_proj_qdata").get_dtype() == "I8"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8", trust_remote_code=True).eval()
+    assert isinstance(reloaded.model.layers[1].mlp.experts.down_proj, Int8Tensor)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
 @pytest.mark.slow
 def test_quantized_benchmark_trains_a_model_and_reports_every_figure_for_the_four_models(tmp_path):
     result = subprocess.run(
