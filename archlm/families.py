@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -319,7 +320,11 @@ class Family:
         fields = {**_shared_fields(native), **self.fixed}
         fields.update({ours: getattr(native, theirs) for ours, theirs in self.fields.items()})
         fields.update(self.import_fields(native), converted_from=self.name)
-        config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
+        try:
+            config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
+        except StrictDataclassError as error:  # huggingface_hub's validation errors are not ValueErrors
+            raise ValueError(f"Cannot convert this {native.model_type} model: ArchLM refuses the config it maps to: "
+                             f"{error}") from error
         # What the family cannot express on export, it does not compute either: a native setting read into ArchLM
         # that this class ignores (Llama's partial_rotary_factor) would change the logits silently.
         mismatches = self.mismatches(config)
@@ -402,12 +407,19 @@ def _any_bias(config: ArchLMConfig) -> bool:
 
 
 def _native_layer_types(native: PreTrainedConfig) -> dict:
-    """A native `layer_types` as the model runs it: with no window (Qwen without use_sliding_window), a layer
-    called sliding attends to everything."""
+    """A native `layer_types` and window as the model runs them: with no window (Qwen without use_sliding_window:
+    None, or 0 in Qwen2-MoE), a layer called sliding attends to everything."""
     layer_types = list(native.layer_types or ["full_attention"] * native.num_hidden_layers)
-    if native.sliding_window is None:
-        layer_types = ["full_attention"] * len(layer_types)
-    return dict(layer_types=layer_types)
+    if not native.sliding_window:
+        return dict(layer_types=["full_attention"] * len(layer_types), sliding_window=None)
+    return dict(layer_types=layer_types, sliding_window=native.sliding_window)
+
+
+def _window_of_every_native_layer(native: PreTrainedConfig) -> dict:
+    """Families whose one `sliding_window` (None: off) applies to every layer, with no layer_types."""
+    window = native.sliding_window or None
+    return dict(sliding_window=window,
+                layer_types=["sliding_attention" if window else "full_attention"] * native.num_hidden_layers)
 
 
 def _qwen_layer_fields(config: ArchLMConfig) -> dict:
@@ -742,22 +754,27 @@ FAMILY_LIST += [
         fields={**_LLAMA_FIELDS, **_QWEN_MOE_FIELDS, "norm_eps": "rms_norm_eps", "attention_bias": "qkv_bias",
                 "shared_expert_intermediate_size": "shared_expert_intermediate_size"},
         fixed=dict(attention_output_bias=False),  # qkv_bias: q/k/v only
-        allows={"_dense_layers": ANY, "_shared_expert": ANY},
+        allows={"_dense_layers": ANY, "_shared_expert": ANY, "_layer_types": ANY},
         # Qwen2-MoE always has its shared expert
-        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_layer_types": {"full"}, "_shared_expert": {True}},
-        import_fields=lambda native: dict(output_router_logits=native.output_router_logits),
-        export_fields=lambda config: dict(hidden_act="silu"),
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_shared_expert": {True}},
+        # its config writes sliding_window 0 (not None) when use_sliding_window is off
+        import_fields=lambda native: dict(_native_layer_types(native), output_router_logits=native.output_router_logits),
+        export_fields=lambda config: dict(_qwen_layer_fields(config), hidden_act="silu"),
     ),
     Family(
         Qwen3MoeForCausalLM, Qwen3MoeConfig,
-        fields={**_LLAMA_FIELDS, **_QWEN_MOE_FIELDS, "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
-                "attention_bias": "attention_bias"},
+        # no head_dim field in its config (the model reads it with a hidden / heads fallback): written on export
+        fields={**_LLAMA_FIELDS, **_QWEN_MOE_FIELDS, "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias"},
         fixed=dict(qk_norm=True),
-        allows={"attention_output_bias": ANY, "_dense_layers": ANY},
-        requires={"hidden_act": LLAMA_ACTIVATIONS, "_layer_types": {"full"}},
-        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias,
+        # one sliding_window for every layer (use_sliding_window), no layer_types
+        allows={"attention_output_bias": ANY, "_dense_layers": ANY, "_layer_types": {"sliding"}},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(_window_of_every_native_layer(native), head_dim=_head_dim(native),
+                                          attention_output_bias=native.attention_bias,
                                           output_router_logits=native.output_router_logits),
-        export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+        export_fields=lambda config: dict(_window_of_every_layer(config), head_dim=config.head_dim,
+                                          use_sliding_window="sliding_attention" in config.layer_types,
+                                          attention_bias=_any_bias(config), hidden_act="silu"),
     ),
     Family(
         OlmoeForCausalLM, OlmoeConfig,

@@ -231,6 +231,17 @@ def test_unsupported_config_field_is_refused_by_name(case):
         from_transformers(model)
 
 
+def test_a_native_config_archlm_cannot_hold_is_refused_with_a_value_error_naming_the_field():
+    """transformers builds a Qwen2-MoE whose sparse step skips every layer (a dense model with expert settings);
+    ArchLM's config refuses that, and the conversion says so as a ValueError (what the CLI reports), not as
+    huggingface_hub's validation error."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**TINY, num_key_value_heads=4, num_experts=4, decoder_sparse_step=3))
+    with pytest.raises(ValueError, match=r"(?s)Cannot convert this qwen2_moe model.*`num_experts`=4 but no layer is sparse"):
+        from_transformers(model)
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------

@@ -115,6 +115,12 @@ MOE_CASES = {
     "qwen3_moe-qknorm-normtopk-step2": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
         **dict(GQA, num_hidden_layers=4), num_experts=4, moe_intermediate_size=32, decoder_sparse_step=2,
         norm_topk_prob=True, head_dim=32, **EXPERTS), ("eager", "sdpa")),
+    "qwen2_moe-sliding4-firstlayer": (Qwen2MoeForCausalLM, lambda: Qwen2MoeConfig(
+        **GQA, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=24, use_sliding_window=True,
+        sliding_window=4, max_window_layers=1, **EXPERTS), ("eager", "sdpa")),
+    "qwen3_moe-sliding4-noheaddimfield": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
+        **GQA, num_experts=4, moe_intermediate_size=32, use_sliding_window=True, sliding_window=4, **EXPERTS),
+        ("eager", "sdpa")),
     "olmoe-fullwidthqknorm-clipqkv-top3": (OlmoeForCausalLM, lambda: OlmoeConfig(
         **dict(GQA, pad_token_id=0), num_experts=5, clip_qkv=0.5, **dict(EXPERTS, num_experts_per_tok=3)),
         ("eager", "sdpa")),
