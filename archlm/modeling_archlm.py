@@ -295,8 +295,9 @@ def eager_attention_forward(
         per_head = attention_mask.shape[1] != 1  # (B, 1 or nh, T, S) -> (B, 1 or nkv, 1 or g, T, S)
         scores = scores + attention_mask.view(attention_mask.shape[0], num_kv_heads if per_head else 1,
                                               groups if per_head else 1, query_length, key_length)
-    # float32 softmax; a fully masked row (all min) becomes uniform instead of NaN
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # softmax in float32 at least; a fully masked row (all min) becomes uniform instead of NaN. Not float32 for
+    # float64 scores: float64's min would round to -inf there, and a row of -inf gives NaN
+    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value.unsqueeze(2))  # (B, nkv, g, T, hd)
     output = output.view(batch, num_heads, query_length, head_dim).transpose(1, 2).contiguous()  # (B, T, nh, hd)

@@ -275,10 +275,11 @@ def test_left_padded_batch_gives_the_same_logits_as_each_prompt_alone(position, 
         torch.testing.assert_close(batched[row, length - len(prompt):], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("attn_implementation", ATTENTION)
-def test_fully_masked_row_gives_finite_logits(position, attn_implementation):
-    model = build(tiny_config(**POSITIONS[position])).eval()
+def test_fully_masked_row_gives_finite_logits(position, attn_implementation, dtype):
+    model = build(tiny_config(**POSITIONS[position])).eval().to(dtype)
     input_ids = random_ids(2, 6)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0] = 0
