@@ -487,8 +487,12 @@ class ArchLMConfig(PreTrainedConfig):
                 self.intermediate_size = 4 * self.hidden_size
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
-        if self.num_experts is None and "num_local_experts" in kwargs:  # Mixtral's name, needed before the defaults
-            self.num_experts = kwargs.pop("num_local_experts")
+        if "num_local_experts" in kwargs:  # Mixtral's name, needed before the defaults
+            local = kwargs.pop("num_local_experts")
+            if self.num_experts is not None and local != self.num_experts:
+                raise ValueError(f"`num_experts`={self.num_experts} and `num_local_experts`={local} (Mixtral's name for "
+                                 "the same field) disagree: pass one of them.")
+            self.num_experts = local
         if self.moe_intermediate_size is None and self.num_experts:
             self.moe_intermediate_size = self.intermediate_size
         if self.sub_layernorm is None:
@@ -592,12 +596,21 @@ class ArchLMConfig(PreTrainedConfig):
     def validate_experts(self):
         """Mixture of experts: sizes, a top-k within the experts, layer choices that exist, finite coefficients."""
         self._check_sizes()
-        if self.num_experts is None:
-            return
+        # the values are checked in a dense config too: a bad one is a typo there, and would bite once experts are on
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if (value is not None or name in ("num_experts_per_tok", "decoder_sparse_step")) and (
+                    not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.num_experts is None:
+            if self.shared_expert_intermediate_size is not None:
+                raise ValueError(f"`shared_expert_intermediate_size`={self.shared_expert_intermediate_size} is a mixture's "
+                                 "shared expert, but this model is dense (num_experts=None): set num_experts too.")
+            return
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be at most `num_experts` ({self.num_experts}):"
@@ -617,10 +630,6 @@ class ArchLMConfig(PreTrainedConfig):
                 f"mlp_only_layers={self.mlp_only_layers}, {self.num_hidden_layers} layers); set num_experts=None for a "
                 "dense model."
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
     def layer_is_sparse(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has a mixture of experts (Qwen-MoE's rule: every decoder_sparse_step-th layer,
@@ -783,12 +792,18 @@ class ArchLMConfig(PreTrainedConfig):
         an override that is not a field is refused: a typo must not train the wrong model silently."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; available presets: {cls.presets()}.")
-        known = {f.name for f in dataclasses.fields(cls)} | _LEGACY_KWARGS
+        known = {f.name for f in dataclasses.fields(cls)} | _LEGACY_KWARGS | set(cls.attribute_map)
         unknown = sorted(set(overrides) - known)
         if unknown:
             hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
             listed = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
             raise ValueError(f"Unknown config field(s) {listed}; fields are: {sorted(f.name for f in dataclasses.fields(cls))}.")
+        for alias, field_name in cls.attribute_map.items():  # Mixtral's num_local_experts overrides num_experts
+            if alias in overrides:
+                value = overrides.pop(alias)
+                if overrides.setdefault(field_name, value) != value:
+                    raise ValueError(f"`{field_name}`={overrides[field_name]} and `{alias}`={value} (another name for "
+                                     "the same field) disagree: pass one of them.")
         fields = {**copy.deepcopy(PRESETS[name]), **overrides}
         # A preset's special ids belong to its family's tokenizer: with a smaller vocabulary they point nowhere, so
         # they are dropped (ids the caller passes are kept, and validated like any field).

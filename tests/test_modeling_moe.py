@@ -6,7 +6,7 @@ import torch
 from conftest import VALIDATION_ERRORS, tiny_config
 from test_modeling import build, left_padded_batch
 
-from archlm import ArchLMForCausalLM
+from archlm import ArchLMConfig, ArchLMForCausalLM
 
 
 
@@ -147,6 +147,12 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(num_experts=4, mlp_only_layers=[0, 1]), ["no layer is sparse"]),
     (dict(num_experts=4, router_aux_loss_coef=-0.1), ["router_aux_loss_coef", "-0.1"]),
     (dict(num_experts=4, shared_expert_intermediate_size=0), ["shared_expert_intermediate_size", "0"]),
+    # in a dense config too: a typo there, and wrong once experts are turned on
+    (dict(router_aux_loss_coef=-1), ["router_aux_loss_coef", "-1"]),
+    (dict(decoder_sparse_step=0), ["decoder_sparse_step", "0"]),
+    (dict(moe_intermediate_size=-3), ["moe_intermediate_size", "-3"]),
+    (dict(shared_expert_intermediate_size=12), ["shared_expert_intermediate_size", "dense", "num_experts"]),
+    (dict(num_experts=6, num_local_experts=4), ["num_experts`=6", "num_local_experts`=4", "disagree"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:
@@ -157,3 +163,6 @@ def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides,
 
 def test_mixtral_name_for_the_expert_count_is_accepted():
     assert tiny_config(num_local_experts=4).num_experts == 4
+    assert ArchLMConfig.from_preset("mixtral", num_local_experts=4).num_experts == 4  # the preset has 8
+    with pytest.raises(ValueError, match="`num_experts`=6 and `num_local_experts`=4"):
+        ArchLMConfig.from_preset("mixtral", num_local_experts=4, num_experts=6)
