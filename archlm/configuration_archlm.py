@@ -203,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     rope_parameters={"rope_type": "default", "rope_theta": 2000000.0},
                     pad_token_id=128004, bos_token_id=128000, eos_token_id=128001),
     # Mixtral: Llama whose every MLP is 8 experts, each token routed to 2 (renormalised).
-    "mixtral": dict(_LLAMA_LIKE, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+    "mixtral": dict(_LLAMA_LIKE, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02, router_weights_fp32=True,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     # Qwen3-MoE: Qwen3 with 16 narrow experts per layer, top-4 renormalised.
     "qwen3_moe": dict(
@@ -457,6 +457,9 @@ class ArchLMConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None  # each expert's MLP width; None: intermediate_size
     shared_expert_intermediate_size: int | None = None  # an always-on shared expert behind a sigmoid gate (Qwen2-MoE)
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral always does)
+    # the top-k weights stay float32 and the experts' weighted outputs are summed in float32 (Mixtral); False: both
+    # in the activations' dtype (Qwen-MoE, OLMoE). The same in a float32 model; in bf16/fp16 it is the native rounding
+    router_weights_fp32: bool = False
     decoder_sparse_step: int = 1  # every N-th layer is sparse (Qwen-MoE)
     mlp_only_layers: list[int] | None = None  # layers that stay dense
     router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
@@ -894,7 +897,8 @@ class ArchLMConfig(PreTrainedConfig):
              if self.use_parallel_residual else "sequential (attention, then MLP)"),
             ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),
             ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
-                         f"{' renormalised' if self.norm_topk_prob else ''}, in {sparse} of {self.num_hidden_layers} layers"
+                         f"{' renormalised' if self.norm_topk_prob else ''}{' (mixed in fp32)' if self.router_weights_fp32 else ''}"
+                         f", in {sparse} of {self.num_hidden_layers} layers"
                          + (f", shared expert {self.shared_expert_intermediate_size}" if self.shared_expert_intermediate_size else "")
                          + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}"
                          + (f", bias update rate {self.router_bias_update_rate}" if self.router_bias_update_rate else ""))

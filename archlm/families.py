@@ -744,8 +744,9 @@ FAMILY_LIST += [
         fixed=dict(norm_topk_prob=True),  # Mixtral always renormalises the top-k weights
         allows={"_layer_types": {"sliding"}},
         requires={"hidden_act": LLAMA_ACTIVATIONS},
+        # its router hands the experts float32 weights (the others cast them to the activations' dtype)
         import_fields=lambda native: dict(head_dim=_head_dim(native), intermediate_size=native.intermediate_size,
-                                          output_router_logits=native.output_router_logits),
+                                          output_router_logits=native.output_router_logits, router_weights_fp32=True),
         export_fields=lambda config: dict(hidden_act="silu", **_window_of_every_layer(config)),
         refuse=(("router_jitter_noise", 0.0, "multiplies the router's input by noise in training"),),
     ),

@@ -581,6 +581,7 @@ class ArchLMSparseMoeBlock(nn.Module):
     def __init__(self, config: ArchLMConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.router_weights_fp32 = config.router_weights_fp32
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = ArchLMExperts(config)
         if config.shared_expert_intermediate_size:
@@ -617,7 +618,8 @@ class ArchLMSparseMoeBlock(nn.Module):
         hidden_states = hidden_states.reshape(-1, shape[-1])  # (T, C)
         router_logits = self.gate(hidden_states)  # (T, E)
         top_k_weights, top_k_index = self.choose(router_logits)
-        output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        weights = top_k_weights if self.router_weights_fp32 else top_k_weights.to(hidden_states.dtype)
+        output = self.experts(hidden_states, top_k_index, weights).to(hidden_states.dtype)
         if hasattr(self, "shared_expert"):
             output = output + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
         return output.view(shape), router_logits

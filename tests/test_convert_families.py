@@ -243,3 +243,20 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
     assert native.config.output_router_logits is False
     native.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert from_transformers(build("mixtral-8experts-top2-sliding5", "sdpa")).config.output_router_logits is True
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_mixtures_are_bit_identical_in_bfloat16(case):
+    """In bf16 every rounding counts: Mixtral mixes its experts' outputs with float32 weights (summed in float32),
+    Qwen3-MoE and OLMoE cast the weights to bf16 first; the import keeps each family's choice (router_weights_fp32),
+    so logits and greedy tokens are identical, the one-token decoding path included."""
+    reference = build(case, "sdpa").to(torch.bfloat16).eval()
+    converted = from_transformers(reference).to(torch.bfloat16).eval()
+    assert converted.config.router_weights_fp32 == (case.startswith("mixtral"))
+    inputs = batch(left_padding=False)
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits)
+        prompt = inputs["input_ids"][:1, :6]
+        generate = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(converted.generate(prompt, **generate), reference.generate(prompt, **generate))
+
