@@ -385,10 +385,20 @@ def test_trains_on_text_files_with_a_validation_file(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # LoRA: train -> save -> merge
 # ------------------------------------------------------------------------------------------------
-def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
+def assert_merged_model_is_the_adapter_on_its_base(output: Path, base_folder: Path) -> None:
+    """The run's merged model equals its saved adapter loaded onto the base and merged, in a fresh load."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    merged = AutoModelForCausalLM.from_pretrained(output).eval()
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), output / "adapter")
+    rebuilt = rebuilt.merge_and_unload().eval()
+    input_ids = torch.randint(4, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, rebuilt(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
     base_folder = trained[0]
     base_weights = load_file(base_folder / "model.safetensors")
     output = train("--model_name_or_path", str(base_folder), "--lora_r", "4", "--max_steps", "4",
@@ -400,12 +410,7 @@ def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
     log = read_log(output)
     assert 0 < log["trainable_parameters"] < log["parameters"]
 
-    merged = AutoModelForCausalLM.from_pretrained(output).eval()
-    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), output / "adapter")
-    rebuilt = rebuilt.merge_and_unload().eval()
-    input_ids = torch.randint(4, 300, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids).logits, rebuilt(input_ids).logits, atol=1e-5, rtol=1e-5)
+    assert_merged_model_is_the_adapter_on_its_base(output, base_folder)
     merged_weights = load_file(output / "model.safetensors")
     changed = [name for name in base_weights if not torch.equal(base_weights[name], merged_weights[name])]
     assert changed and all(name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for name in changed)
@@ -416,9 +421,6 @@ def test_lora_on_a_mixtures_experts_adapts_their_stacked_weights(tmp_path):
     """Expert names in --lora_target_modules reach the stacked (E, out, in) weights through PEFT's
     target_parameters: the merged model changes the attention and expert weights asked for and nothing else (the
     routers stay), and equals the saved adapter merged onto the base in a fresh load."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base_folder = train("--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4,moe_intermediate_size=16",
                         "--max_steps", "2", "--output_dir", str(tmp_path / "base"))
     targets = ["--lora_r", "4", "--lora_target_modules", "q_proj,gate_up_proj,down_proj"]
@@ -432,12 +434,7 @@ def test_lora_on_a_mixtures_experts_adapts_their_stacked_weights(tmp_path):
     assert [name for name in base_weights if name.endswith(".weight") and ".q_proj." not in name
             and not torch.equal(base_weights[name], merged_weights[name])] == []  # routers, norms, k/v/o untouched
 
-    merged = AutoModelForCausalLM.from_pretrained(output).eval()
-    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), output / "adapter")
-    rebuilt = rebuilt.merge_and_unload().eval()
-    input_ids = torch.randint(4, 300, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids).logits, rebuilt(input_ids).logits, atol=1e-5, rtol=1e-5)
+    assert_merged_model_is_the_adapter_on_its_base(output, base_folder)
 
 
 # ------------------------------------------------------------------------------------------------
