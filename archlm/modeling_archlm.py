@@ -526,25 +526,29 @@ class ArchLMExperts(nn.Module):
         bias = getattr(self, f"{name}_bias", None)
         return output if bias is None else output + bias[expert_ids]
 
-    def expert_linear(self, inputs: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        weight = getattr(self, name)[expert]
-        if hasattr(weight, "tensor_data_names"):  # torchao-quantized (see grouped_linear)
-            weight = weight.dequantize().to(inputs.dtype)
-        bias = getattr(self, f"{name}_bias", None)
-        return F.linear(inputs, weight, None if bias is None else bias[expert])
-
     def one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decoding one sequence on a CPU: each of the token's k (distinct) experts on its own. The grouped path's
         sort, counts, gathers and per-expert loop inside grouped_mm cost ~0.5 ms a layer at 1 token there, more than
         reading the two experts' weights; the same matmuls and the same sum over k as the grouped path."""
+        up_name = "gate_up_proj" if self.gated else "up_proj"
+        # each stack read once: under PEFT's target_parameters every read of it recomputes the adapted stack
+        stacks = {name: (getattr(self, name), getattr(self, f"{name}_bias", None)) for name in (up_name, "down_proj")}
+
+        def linear(inputs: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+            weight, bias = stacks[name]
+            weight = weight[expert]
+            if hasattr(weight, "tensor_data_names"):  # torchao-quantized (see grouped_linear)
+                weight = weight.dequantize().to(inputs.dtype)
+            return F.linear(inputs, weight, None if bias is None else bias[expert])
+
         routed = []
         for expert in top_k_index[0].tolist():
             if self.gated:
-                gate, up = self.expert_linear(hidden_states, "gate_up_proj", expert).chunk(2, dim=-1)
+                gate, up = linear(hidden_states, up_name, expert).chunk(2, dim=-1)
                 inner = self.act_fn(gate) * up
             else:
-                inner = self.act_fn(self.expert_linear(hidden_states, "up_proj", expert))
-            routed.append(self.expert_linear(inner, "down_proj", expert))
+                inner = self.act_fn(linear(hidden_states, up_name, expert))
+            routed.append(linear(inner, "down_proj", expert))
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
