@@ -94,7 +94,10 @@ def native_family(config: ArchLMConfig) -> type[PreTrainedModel]:
     for target in preferred + list(mismatches):
         if not mismatches[target]:
             return target
-    target = min(mismatches, key=lambda model_class: len(mismatches[model_class]))
+    # ties go to the class it came from, then to a family with experts for a mixture (one without, for a dense model)
+    target = min(mismatches, key=lambda model_class: (
+        len(mismatches[model_class]), model_class not in preferred,
+        ("num_experts" in FAMILIES[model_class].fields) != bool(config.num_experts)))
     listed = "\n".join(f"  - {line}" for line in mismatches[target])
     raise ValueError(
         f"Cannot export this ArchLM model ({config.architecture_name}) to a native transformers family. The "
