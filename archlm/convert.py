@@ -118,7 +118,18 @@ def to_transformers(model: ArchLMForCausalLM) -> PreTrainedModel:
     for key, value in target.state_dict().items():
         if key not in state_dict and key.endswith(".bias"):
             state_dict[key] = torch.zeros_like(value, dtype=model.dtype, device=model.device)
-    return _load_like(target, model, state_dict)
+    target = _load_like(target, model, state_dict)
+    if model.config.num_experts and not _grouped_mm_takes(model):
+        # transformers' default experts implementation, torch's grouped_mm, takes fp32/bf16/fp16 weights whose rows
+        # are multiples of 16 bytes; ArchLM falls back by itself (grouped_linear), the native class would fail
+        target.set_experts_implementation("eager")
+    return target
+
+
+def _grouped_mm_takes(model: ArchLMForCausalLM) -> bool:
+    stacks = [parameter for name, parameter in model.named_parameters() if ".experts." in name and parameter.dim() == 3]
+    return all(stack.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               and all(size * stack.element_size() % 16 == 0 for size in stack.shape[1:]) for stack in stacks)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -399,6 +399,25 @@ def test_non_exportable_config_is_refused_naming_every_field(case):
     assert str(error.value).count("\n  - ") == len(fields)  # those, and nothing else
 
 
+@pytest.mark.parametrize("dtype, width", [(torch.float64, 32), (torch.bfloat16, 12)], ids=["fp64", "bf16-unaligned-width"])
+def test_exported_mixture_runs_where_torchs_grouped_mm_cannot(dtype, width):
+    """torch's grouped_mm (transformers' default for experts) takes fp32/bf16/fp16 rows of 16-byte multiples; an
+    export outside that gets transformers' eager experts, so the native model runs and computes the same logits."""
+    torch.manual_seed(0)
+    model = ArchLMForCausalLM(ArchLMConfig.from_preset("mixtral", **{**ARCHLM_TINY, "num_experts": 4,
+                                                                     "moe_intermediate_size": width})).to(dtype).eval()
+    native = to_transformers(model)
+    assert native.config._experts_implementation == "eager"
+    input_ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        expected, logits = model(input_ids).logits.float(), native(input_ids).logits.float()
+    # float64: transformers computes rope in float32 there (~1e-8); bf16: the eager experts sum in another order
+    tolerance = 1e-6 if dtype == torch.float64 else 2e-2 * expected.abs().max().item()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=tolerance)
+    fp32 = to_transformers(model.float())  # where grouped_mm works, it stays transformers' default
+    assert fp32.config._experts_implementation == "grouped_mm"
+
+
 def test_export_refuses_what_is_not_a_causal_lm():
     with pytest.raises(ValueError, match="ArchLMModel"):
         to_transformers(build_archlm("llama-llama3rope-gqa").model)
