@@ -610,9 +610,10 @@ class ArchLMConfig(PreTrainedConfig):
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if self.num_experts is None:
-            if self.shared_expert_intermediate_size is not None:
-                raise ValueError(f"`shared_expert_intermediate_size`={self.shared_expert_intermediate_size} is a mixture's "
-                                 "shared expert, but this model is dense (num_experts=None): set num_experts too.")
+            for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0)):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
+                                     "dense (num_experts=None): set num_experts too.")
             return
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(

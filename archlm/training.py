@@ -323,6 +323,12 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **overrides)
         if not isinstance(config, ArchLMConfig):
             raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is a {type(config).__name__}, not an ArchLM model.")
+        if overrides.get("router_bias_update_rate", None) == 0 and AutoConfig.from_pretrained(
+                model_args.model_name_or_path).router_bias_update_rate:
+            # the model routes with its learned biases; a model without them would route (and compute) differently
+            raise ValueError(f"--config_overrides router_bias_update_rate=0 would drop the routing biases "
+                             f"(e_score_correction_bias) {model_args.model_name_or_path!r} learned and change its "
+                             "routing: keep the rate (fine-tuning moves them on) or train a new model.")
     else:
         from_tokenizer = {}
         if tokenizer is not None:
@@ -615,9 +621,18 @@ class ArchLMTrainer(Trainer):
                                               if isinstance(callback, ProgressCallback)]
             self.add_callback(time_budget)
         config = getattr(base_model(self.model), "config", None)
-        if getattr(config, "router_bias_update_rate", 0) and not any(
+        if getattr(config, "router_bias_update_rate", 0) and base_model(self.model) is self.model and not any(
                 isinstance(callback, RouterBiasCallback) for callback in self.callback_handler.callbacks):
+            # not under LoRA: the routing biases belong to the frozen base, and an adapter saved without them
+            # (its checkpoints too) would not reproduce the model it trained
             self.add_callback(RouterBiasCallback(base_model(self.model)))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training and getattr(getattr(base_model(model), "config", None), "num_experts", None):
+            # evaluation reports the cross-entropy alone (eval_loss, perplexity, nats/char compare across
+            # architectures): without router logits there is no load-balancing or router z-loss term in it
+            inputs = {**inputs, "output_router_logits": False}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.args.optim == MUON:
@@ -789,6 +804,9 @@ def save_model_folder(trainer: Trainer, tokenizer, output_dir: str, lora: bool) 
         model = model.merge_and_unload()
         trainer.model = model
     model.config.use_cache = True  # the Trainer turns it off for training; generation wants it
+    # training turns router logits on for the load-balancing loss; inference has no use for them (each decoding step
+    # would compute the loss), and fine-tuning turns them on again
+    model.config.output_router_logits = False
     if lora:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)

@@ -152,6 +152,7 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(decoder_sparse_step=0), ["decoder_sparse_step", "0"]),
     (dict(moe_intermediate_size=-3), ["moe_intermediate_size", "-3"]),
     (dict(shared_expert_intermediate_size=12), ["shared_expert_intermediate_size", "dense", "num_experts"]),
+    (dict(router_bias_update_rate=0.01), ["router_bias_update_rate", "dense", "num_experts"]),
     (dict(num_experts=6, num_local_experts=4), ["num_experts`=6", "num_local_experts`=4", "disagree"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):

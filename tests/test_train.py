@@ -322,6 +322,47 @@ def test_routing_bias_moves_once_per_optimizer_step_from_every_micro_batch(tmp_p
     torch.testing.assert_close(block.e_score_correction_bias[[0, 2]], torch.tensor([-10 + 3 * rate, 10 - 3 * rate]))
 
 
+def test_evaluation_of_a_mixture_reports_the_cross_entropy_alone(tmp_path):
+    """Training adds the load-balancing and router z-losses (router logits on); eval_loss (and so perplexity and
+    nats/char, compared across architectures) is the cross-entropy alone, as for a dense model."""
+    from transformers import TrainingArguments
+
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_experts=4,
+                          moe_intermediate_size=8, output_router_logits=True, router_aux_loss_coef=0.5,
+                          router_z_loss_coef=0.1)
+    model = ArchLMForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (4, 8))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=4,
+                             disable_tqdm=True)
+    eval_loss = ArchLMTrainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"]
+    with torch.no_grad():
+        with_router_losses = model(input_ids=ids, labels=ids).loss.item()
+        cross_entropy = model(input_ids=ids, labels=ids, output_router_logits=False).loss.item()
+    assert with_router_losses > cross_entropy + 0.5  # 0.5 x aux (>= 2 for top-2) + the z-loss
+    assert eval_loss == pytest.approx(cross_entropy, abs=1e-6)
+    assert model.config.output_router_logits is True  # evaluation leaves the model's config as it was
+
+
+def test_lora_leaves_the_routing_biases_of_its_frozen_base_alone(tmp_path):
+    """The routing biases belong to the base model, which LoRA freezes: an adapter saved without them must
+    reproduce what was trained, so ArchLMTrainer moves them only when the whole model trains."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_experts=4,
+                          moe_intermediate_size=8, router_bias_update_rate=0.01)
+    model = ArchLMForCausalLM(config)
+    model.model.layers[0].mlp.e_score_correction_bias.copy_(torch.tensor([-10.0, 0.0, 10.0, 0.0]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 50, (8, 8)).tolist()}).map(
+        lambda row: {"labels": row["input_ids"]})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4,
+                             max_steps=2, save_strategy="no", disable_tqdm=True)
+    ArchLMTrainer(model=peft_model, args=args, train_dataset=data).train()
+    torch.testing.assert_close(model.model.layers[0].mlp.e_score_correction_bias, torch.tensor([-10.0, 0.0, 10.0, 0.0]))
+
+
 @pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
                          ids=["none", "reentrant", "non-reentrant"])
 def test_routed_tokens_are_counted_once_under_gradient_checkpointing(checkpointing):
@@ -508,6 +549,16 @@ def test_fine_tuning_with_overrides_that_change_weight_shapes_is_refused_by_name
     assert not (tmp_path / "out").exists()
 
 
+def test_fine_tuning_refuses_to_drop_learned_routing_biases(tmp_path):
+    base = train("--preset", "mixtral", "--config_overrides",
+                 f"{TINY_MODEL},num_experts=4,moe_intermediate_size=16,router_bias_update_rate=0.01",
+                 "--max_steps", "2", "--output_dir", str(tmp_path / "base"))
+    with pytest.raises(SystemExit, match=r"router_bias_update_rate=0 would drop the routing biases"):
+        train("--model_name_or_path", str(base), "--config_overrides", "router_bias_update_rate=0",
+              "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_lora_target_that_does_not_exist_lists_the_linear_layers(trained, tmp_path):
     with pytest.raises(SystemExit, match=r"\['nope'\] are not modules.*'q_proj'"):
         train("--model_name_or_path", str(trained[0]), "--lora_r", "4", "--lora_target_modules", "q_proj,nope",
@@ -659,7 +710,9 @@ def test_mixture_of_experts_logs_the_aux_loss_and_the_tokens_routed_to_each_expe
         assert step["aux_loss"] >= 2 * 0.99  # top-k (2) when perfectly balanced, more otherwise
         assert [sum(layer) for layer in step["expert_tokens"]] == [tokens_per_interval * 2] * 2  # k = 2 per token
         assert step["expert_imbalance"] >= 1.0
-    assert ArchLMForCausalLM.from_pretrained(out).config.num_experts == 4
+    saved = ArchLMForCausalLM.from_pretrained(out).config
+    assert saved.num_experts == 4
+    assert saved.output_router_logits is False  # inference (each decoding step) computes no load-balancing loss
 
 
 @pytest.mark.slow  # inductor compiles the decoder layer: ~a minute on 2 CPU cores
