@@ -628,7 +628,8 @@ class ArchLMTrainer(Trainer):
             self.add_callback(RouterBiasCallback(base_model(self.model)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training and getattr(getattr(base_model(model), "config", None), "num_experts", None):
+        unwrapped = base_model(self.accelerator.unwrap_model(model))  # under DeepSpeed/DDP, PEFT
+        if not model.training and getattr(getattr(unwrapped, "config", None), "num_experts", None):
             # evaluation reports the cross-entropy alone (eval_loss, perplexity, nats/char compare across
             # architectures): without router logits there is no load-balancing or router z-loss term in it
             inputs = {**inputs, "output_router_logits": False}
