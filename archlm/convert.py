@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .check import missing_local_folder
 from .configuration_archlm import ArchLMConfig
 from .families import FAMILIES, FAMILY_LIST, Family, StateDict
-from .modeling_archlm import ArchLMForCausalLM
+from .modeling_archlm import ArchLMForCausalLM, grouped_mm_takes
 from .tokenization_archlm import VOCABULARY_FILES
 
 logger = logging.getLogger(__name__)
@@ -119,17 +119,12 @@ def to_transformers(model: ArchLMForCausalLM) -> PreTrainedModel:
         if key not in state_dict and key.endswith(".bias"):
             state_dict[key] = torch.zeros_like(value, dtype=model.dtype, device=model.device)
     target = _load_like(target, model, state_dict)
-    if model.config.num_experts and not _grouped_mm_takes(model):
-        # transformers' default experts implementation, torch's grouped_mm, takes fp32/bf16/fp16 weights whose rows
-        # are multiples of 16 bytes; ArchLM falls back by itself (grouped_linear), the native class would fail
+    stacks = [parameter for name, parameter in model.named_parameters() if ".experts." in name and parameter.dim() == 3]
+    if not all(grouped_mm_takes(stack.dtype, stack.shape) for stack in stacks):
+        # transformers' default experts implementation is torch's grouped_mm too; ArchLM falls back by itself
+        # (grouped_linear), the native class would fail
         target.set_experts_implementation("eager")
     return target
-
-
-def _grouped_mm_takes(model: ArchLMForCausalLM) -> bool:
-    stacks = [parameter for name, parameter in model.named_parameters() if ".experts." in name and parameter.dim() == 3]
-    return all(stack.dtype in (torch.float32, torch.bfloat16, torch.float16)
-               and all(size * stack.element_size() % 16 == 0 for size in stack.shape[1:]) for stack in stacks)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ length, hidden), nh / nkv = query / key-value heads, hd = head_dim, S = key leng
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -470,31 +470,40 @@ MLP_CLASSES: dict[str, type[nn.Module]] = {"gated": ArchLMGatedMLP, "standard": 
 # ------------------------------------------------------------------------------------------------
 # Mixture of experts
 # ------------------------------------------------------------------------------------------------
+def grouped_mm_takes(dtype: torch.dtype, weight_shape: Sequence[int]) -> bool:
+    """Whether torch's grouped_mm (transformers' default experts implementation too) takes expert stacks of this
+    dtype and shape (E, out, in): fp32/bf16/fp16, with rows of 16-byte multiples."""
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+        size * dtype.itemsize % 16 == 0 for size in weight_shape[1:])
+
+
+def expert_weight(stack: torch.Tensor, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's (out, in) weight. A torchao-quantized stack (int8 values and scales, which neither grouped_mm nor
+    transpose takes) is dequantized one expert at a time: a temporary copy of one expert, never of the whole stack."""
+    weight = stack[expert]
+    return weight.dequantize().to(dtype) if hasattr(weight, "tensor_data_names") else weight
+
+
 def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """inputs (S, in) sorted by expert, counts[e] rows each; weight (E, out, in) -> (S, out), row block e by expert e.
 
     torch's grouped matmul where it has one for this dtype and shape (one kernel for all experts, as transformers'
     default), else one matmul per expert over its block of rows: either way the cost follows the routed tokens."""
-    if hasattr(weight, "tensor_data_names"):
-        # a torchao-quantized stack (int8 values and scales): grouped_mm and transpose do not take it, so each expert
-        # with tokens is dequantized on its own (a temporary fp32 copy of one expert, never of the whole stack)
-        blocks = inputs.split(counts.tolist())
-        return torch.cat([block @ weight[expert].dequantize().to(block.dtype).T
-                          for expert, block in enumerate(blocks) if len(block)] or [inputs.new_empty(0, weight.shape[1])])
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    compiling = torch.compiler.is_compiling()
-    aligned = all(size * inputs.element_size() % 16 == 0 for size in weight.shape[1:])
-    # inductor lowers grouped_mm for bfloat16 only (transformers' rule too)
-    dtypes = (torch.bfloat16,) if compiling else (torch.float32, torch.bfloat16, torch.float16)
-    if hasattr(F, "grouped_mm") and inputs.dtype in dtypes and aligned:
-        return F.grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)
-    if compiling and hasattr(torch.ops.transformers, "grouped_mm_fallback"):
-        # the per-expert loop reads the counts on the host: transformers' custom op (registered by its MoE
-        # integration, which Mixtral's modeling imports) hides it from the compiler, so the graph stays whole, as
-        # generate needs when it compiles a static cache's decoding step (fullgraph=True)
-        return torch.ops.transformers.grouped_mm_fallback(inputs, weight.transpose(1, 2), offsets)
+    if not hasattr(weight, "tensor_data_names"):  # not torchao-quantized (see expert_weight)
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        compiling = torch.compiler.is_compiling()
+        # inductor lowers grouped_mm for bfloat16 only (transformers' rule too)
+        if hasattr(F, "grouped_mm") and grouped_mm_takes(inputs.dtype, weight.shape) and (
+                not compiling or inputs.dtype == torch.bfloat16):
+            return F.grouped_mm(inputs, weight.transpose(1, 2), offs=offsets)
+        if compiling and hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+            # the per-expert loop reads the counts on the host: transformers' custom op (registered by its MoE
+            # integration, which Mixtral's modeling imports) hides it from the compiler, so the graph stays whole, as
+            # generate needs when it compiles a static cache's decoding step (fullgraph=True)
+            return torch.ops.transformers.grouped_mm_fallback(inputs, weight.transpose(1, 2), offsets)
     blocks = inputs.split(counts.tolist())
-    return torch.cat([block @ expert.T for block, expert in zip(blocks, weight)])
+    return torch.cat([block @ expert_weight(weight, expert, block.dtype).T
+                      for expert, block in enumerate(blocks) if len(block)] or [inputs.new_empty(0, weight.shape[1])])
 
 
 class ArchLMExperts(nn.Module):
@@ -535,11 +544,8 @@ class ArchLMExperts(nn.Module):
         stacks = {name: (getattr(self, name), getattr(self, f"{name}_bias", None)) for name in (up_name, "down_proj")}
 
         def linear(inputs: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-            weight, bias = stacks[name]
-            weight = weight[expert]
-            if hasattr(weight, "tensor_data_names"):  # torchao-quantized (see grouped_linear)
-                weight = weight.dequantize().to(inputs.dtype)
-            return F.linear(inputs, weight, None if bias is None else bias[expert])
+            stack, bias = stacks[name]
+            return F.linear(inputs, expert_weight(stack, expert, inputs.dtype), None if bias is None else bias[expert])
 
         routed = []
         for expert in top_k_index[0].tolist():

@@ -620,18 +620,17 @@ class ArchLMTrainer(Trainer):
             time_budget.progress_callbacks = [callback for callback in self.callback_handler.callbacks
                                               if isinstance(callback, ProgressCallback)]
             self.add_callback(time_budget)
-        config = getattr(base_model(self.model), "config", None)
-        if getattr(config, "router_bias_update_rate", 0) and base_model(self.model) is self.model and not any(
-                isinstance(callback, RouterBiasCallback) for callback in self.callback_handler.callbacks):
-            # not under LoRA: the routing biases belong to the frozen base, and an adapter saved without them
-            # (its checkpoints too) would not reproduce the model it trained
-            self.add_callback(RouterBiasCallback(base_model(self.model)))
+        # not under LoRA (a PEFT wrapper): the routing biases belong to the frozen base, and an adapter saved without
+        # them (its checkpoints too) would not reproduce the model it trained
+        if getattr(getattr(self.model, "config", None), "router_bias_update_rate", 0) and base_model(self.model) is self.model \
+                and not any(isinstance(callback, RouterBiasCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(RouterBiasCallback(self.model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        unwrapped = base_model(self.accelerator.unwrap_model(model))  # under DeepSpeed/DDP, PEFT
-        if not model.training and getattr(getattr(unwrapped, "config", None), "num_experts", None):
-            # evaluation reports the cross-entropy alone (eval_loss, perplexity, nats/char compare across
-            # architectures): without router logits there is no load-balancing or router z-loss term in it
+        # evaluation reports the cross-entropy alone (eval_loss, perplexity, nats/char compare across architectures):
+        # without router logits there is no load-balancing or router z-loss term in it. Training steps skip the check.
+        if not model.training and getattr(getattr(base_model(self.accelerator.unwrap_model(model)), "config", None),
+                                          "num_experts", None):
             inputs = {**inputs, "output_router_logits": False}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
