@@ -202,7 +202,8 @@ def export_logit_error(archlm_model: ArchLMForCausalLM, native: PreTrainedModel,
     """Max relative logit difference between the two models on a seeded random batch of 2 x `seq_len` tokens."""
     config = archlm_model.config
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (2, min(seq_len, config.max_position_embeddings)), generator=generator)
+    input_ids = torch.randint(0, config.vocab_size, (2, min(seq_len, config.max_position_embeddings)), generator=generator,
+                              device="cpu")
     input_ids = input_ids.to(archlm_model.device)
     modes = {model: model.training for model in (archlm_model, native)}
     for model in modes:

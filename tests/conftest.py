@@ -1,6 +1,7 @@
 """Shared helpers for the ArchLM tests: tiny configs that build and run in milliseconds on a CPU."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +12,11 @@ from archlm import ArchLMConfig, ArchLMForCausalLM, tokenization_archlm
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's contention makes
 # the suite ~10x slower.
 torch.set_num_threads(1)
+
+# ARCHLM_TEST_DEVICE=cuda runs the tests on a GPU: every tensor and model created without a device lands there (the
+# suite is written for a CPU; on a GPU it is a check of the same code paths there, run by hand: CI has no GPU)
+if os.environ.get("ARCHLM_TEST_DEVICE"):
+    torch.set_default_device(os.environ["ARCHLM_TEST_DEVICE"])
 
 # What a bad config raises at construction: our `validate_*` rules (a ValueError, wrapped by @strict in the class
 # error) and @strict's own type checks (the field error).

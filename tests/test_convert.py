@@ -101,7 +101,7 @@ def build_reference(case: str, attn_implementation: str = "sdpa") -> PreTrainedM
 
 def batch(left_padding: bool) -> dict[str, torch.Tensor]:
     """Random tokens; with left padding, the mask and the `position_ids` that `generate` passes."""
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(1)
     input_ids = torch.randint(3, VOCAB, (len(LEFT_PADDING), SEQ_LEN), generator=generator)
     if not left_padding:
         return {"input_ids": input_ids, "labels": input_ids}
@@ -535,7 +535,7 @@ def test_exported_folders_load_with_plain_auto_classes_in_a_process_without_arch
              "qwen3-qknorm-headdim32-gqa", "gpt2-preset-tied"]
     inputs = batch(left_padding=True)
     inputs.pop("labels")
-    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save({key: value.cpu() for key, value in inputs.items()}, tmp_path / "inputs.pt")  # (a fresh CPU process)
     expected = {}
     for case in cases:
         ours = build_archlm(case)
@@ -571,7 +571,7 @@ def test_exported_folders_load_with_plain_auto_classes_in_a_process_without_arch
         assert (auto_ids == probe_ids) is not warned, case
         assert not list(Path(folder).glob("*.py"))
         assert "auto_map" not in json.loads((Path(folder) / "config.json").read_text())
-        logits = torch.load(folder + ".logits.pt")
+        logits = torch.load(folder + ".logits.pt").to(expected[case].device)
         torch.testing.assert_close(logits[real_tokens], expected[case][real_tokens], rtol=1e-4, atol=1e-5)
 
 

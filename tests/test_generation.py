@@ -42,7 +42,7 @@ def greedy(model, ids, mask=None, new_tokens=6, **kwargs):
 
 def prompts(lengths=(9, 5), vocab=64, seed=1):
     """Left-padded batch of prompts with the given lengths (ids avoid the pad id 0)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(torch.get_default_device()).manual_seed(seed)
     longest = max(lengths)
     ids = torch.zeros(len(lengths), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -39,7 +39,7 @@ def build(config: ArchLMConfig, cls=ArchLMForCausalLM, seed: int = 0):
 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     """Ids in [3, VOCAB): never pad (0), bos (1) or eos (2)."""
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator(torch.get_default_device()).manual_seed(seed))
 
 
 def left_padded_batch(length: int = 10, pad: int = 3):
