@@ -95,6 +95,22 @@ def test_fused_loss_shift_labels_and_no_grad_and_bfloat16(small_loss_chunks):
         assert cosine > 0.99, name
 
 
+def test_fused_loss_under_autocast_matches_the_plain_loss(small_loss_chunks):
+    """The Trainer's --bf16 on float32 weights: autocast runs the head in bf16, and the chunked loss computes its
+    gradient products in that dtype too (as the plain path's backward does), accumulating the weight's in float32."""
+    torch.manual_seed(0)
+    model = build(tiny_config(tie_word_embeddings=False)).train()
+    input_ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, plain_grads = loss_and_grads_with(model, False, input_ids=input_ids, labels=input_ids)
+        fused, fused_grads = loss_and_grads_with(model, True, input_ids=input_ids, labels=input_ids)
+    assert fused_grads["lm_head.weight"].dtype == torch.float32
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-2, atol=1e-2)
+    for name, grad in plain_grads.items():
+        cosine = F.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
 def test_logits_are_kept_in_eval_and_on_request_and_a_loss_without_labels_is_refused():
     model = build(tiny_config())
     input_ids = torch.randint(3, VOCAB, (2, 6))
