@@ -513,7 +513,8 @@ class ArchLMExperts(nn.Module):
         standard: up_proj      (E, I, C)                             down_proj (E, C, I)
         mlp_bias: gate_up_proj_bias (E, 2I) or up_proj_bias (E, I),  down_proj_bias (E, C)
 
-    Each token-expert pair is sorted by expert, so that every expert multiplies its own block of rows once."""
+    Three ways to the same function, chosen by `forward`: `grouped` (sorted by expert, each expert's rows in one
+    matmul: prefill and training), `gathered` (decoding on an accelerator) and `one_token` (decoding on a CPU)."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__()
@@ -530,10 +531,30 @@ class ArchLMExperts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        output = grouped_linear(routed, getattr(self, name), counts)
+    def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor,
+                counts: torch.Tensor | None) -> torch.Tensor:
+        """One projection of every token-expert pair (row i by expert expert_ids[i]): rows grouped by expert with
+        `counts`, else each row by its own expert's weights, gathered."""
+        weight = getattr(self, name)
+        if counts is None:
+            if hasattr(weight, "tensor_data_names"):  # torchao's quantized stacks cannot be indexed (expert_weight)
+                chosen = torch.stack([expert_weight(weight, expert, routed.dtype) for expert in expert_ids.tolist()])
+            else:
+                chosen = weight[expert_ids]
+            output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
+        else:
+            output = grouped_linear(routed, weight, counts)
         bias = getattr(self, f"{name}_bias", None)
         return output if bias is None else output + bias[expert_ids]
+
+    def mlp(self, routed: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Each token-expert pair's expert MLP, (S, C) -> (S, C), projected as `project` says."""
+        if self.gated:
+            gate, up = self.project(routed, "gate_up_proj", expert_ids, counts).chunk(2, dim=-1)
+            routed = self.act_fn(gate) * up  # (S, I)
+        else:
+            routed = self.act_fn(self.project(routed, "up_proj", expert_ids, counts))
+        return self.project(routed, "down_proj", expert_ids, counts)
 
     def one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decoding one sequence on a CPU: each of the token's k (distinct) experts on its own. The grouped path's
@@ -557,27 +578,39 @@ class ArchLMExperts(nn.Module):
             routed.append(linear(inner, "down_proj", expert))
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
-        if tokens == 1 and hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
-            return self.one_token(hidden_states, top_k_index, top_k_weights)
+    def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Decoding on an accelerator: each token-expert pair multiplies its expert's weights, gathered, in one
+        batched matmul per projection. At a few rows the grouped path's sort, counts, permutations and grouped
+        kernel cost more launches than the matmuls take (transformers switches Mixtral to this `batched_mm` for
+        decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in any dtype."""
+        tokens, top_k = top_k_index.shape
+        routed = self.mlp(hidden_states.repeat_interleave(top_k, dim=0), top_k_index.reshape(-1), None)  # (T*k, C)
+        return (routed * top_k_weights.reshape(-1, 1)).view(tokens, top_k, -1).sum(dim=1)
+
+    def grouped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Each token-expert pair sorted by expert, so that every expert multiplies its own block of rows once."""
+        tokens, top_k = top_k_index.shape
         expert_ids, order = top_k_index.reshape(-1).sort()  # the T * k token-expert pairs, grouped by expert
         ones = torch.ones_like(expert_ids)  # counted into a fixed size: bincount's size depends on the ids' values
         counts = ones.new_zeros(self.num_experts).scatter_add_(0, expert_ids, ones)
         # index_select, not indexing: its backward is an index_add, ~3x cheaper on CPU than indexing's
         # accumulating index_put (each token is copied k times, so the gradient rows must be summed)
-        routed = hidden_states.index_select(0, order // top_k)  # (T*k, C)
-        if self.gated:
-            gate, up = self.project(routed, "gate_up_proj", expert_ids, counts).chunk(2, dim=-1)
-            routed = self.act_fn(gate) * up  # (T*k, I)
-        else:
-            routed = self.act_fn(self.project(routed, "up_proj", expert_ids, counts))
-        routed = self.project(routed, "down_proj", expert_ids, counts) * top_k_weights.reshape(-1)[order, None]  # (T*k, C)
+        routed = self.mlp(hidden_states.index_select(0, order // top_k), expert_ids, counts)  # (T*k, C)
+        routed = routed * top_k_weights.reshape(-1)[order, None]
         # back to token-major order: `order` is a permutation, so an empty tensor filled in place (no zero fill, no
         # copy of it as out-of-place index_copy makes: 2x faster here), then the k outputs of each token summed as
         # transformers does (a fixed order, where index_add_ would accumulate nondeterministically on a GPU)
         output = routed.new_empty(routed.shape).index_copy_(0, order, routed)
         return output.view(tokens, top_k, -1).sum(dim=1)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
+        if hidden_states.device.type == "cpu":
+            if tokens == 1 and not torch.compiler.is_compiling():
+                return self.one_token(hidden_states, top_k_index, top_k_weights)
+        elif tokens * top_k <= self.num_experts:  # decoding sizes: no more weights copied than a layer holds
+            return self.gathered(hidden_states, top_k_index, top_k_weights)
+        return self.grouped(hidden_states, top_k_index, top_k_weights)
 
 
 class ArchLMSparseMoeBlock(nn.Module):
