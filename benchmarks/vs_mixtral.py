@@ -7,7 +7,8 @@ Both models in one process, interleaved as in vs_llama.py (the median over --pai
 first): forward tokens/s, training-step tokens/s (forward + backward + fused AdamW, the load-balancing loss on, as
 train.py trains a mixture of experts) and batch-1 cached decode tokens/s, eager with a dynamic cache and compiled
 with a static cache (as generate compiles it on a GPU: fullgraph). Both route tokens the same way (their
-logits are tested equal); transformers' experts run its default `grouped_mm` implementation. Writes
+logits are tested equal); transformers' experts run its default `grouped_mm` implementation (which its generate
+switches to `batched_mm` on an accelerator). fp32 on a CPU, bf16 on a GPU (--device, --dtype). Writes
 vs_mixtral.json, vs_mixtral.md and vs_mixtral.png to --output_dir.
 """
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=5, help="interleaved measurement pairs per figure")
     parser.add_argument("--decode_prompt", type=int, default=32)
     parser.add_argument("--decode_tokens", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--output_dir", default="benchmarks/results")
     return parser.parse_args(argv)
 
@@ -52,22 +55,24 @@ def main(argv=None):
     config = llama_config(args, num_experts=args.experts, num_experts_per_tok=args.top_k,
                           moe_intermediate_size=args.expert_width, output_router_logits=True,
                           max_position_embeddings=max(2048, args.seq * 2), bos_token_id=1, eos_token_id=2)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     archlm = ArchLMForCausalLM(config)
-    models = {"archlm": archlm, "mixtral": to_transformers(archlm)}  # same weights
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
-    prompt = torch.randint(3, args.vocab, (1, args.decode_prompt))
+    mixtral = to_transformers(archlm)  # same weights
+    models = {"archlm": archlm.to(args.device, dtype), "mixtral": mixtral.to(args.device, dtype)}
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    prompt = torch.randint(3, args.vocab, (1, args.decode_prompt), device=args.device)
     tokens = args.batch * args.seq
     logger.info("measuring %s: forward, train step, decode", config.architecture_name)
     # the same work on both sides: inference without router logits, training with the load-balancing loss (the
     # export leaves Mixtral's output_router_logits off: transformers' MoE classes cannot generate with it on)
     set_router_logits(models, False)
-    forward = interleaved(models, forward_seconds(ids, "cpu"), args.pairs)
+    forward = interleaved(models, forward_seconds(ids, args.device), args.pairs)
     set_router_logits(models, True)
     with torch.no_grad():
         for name, model in models.items():  # both train with the load-balancing loss
             if model(input_ids=ids[:1, :8], labels=ids[:1, :8]).aux_loss is None:
                 raise SystemExit(f"{name} computes no load-balancing loss: the train step would compare unequal work")
-    train = interleaved(models, train_step_seconds(ids, "cpu"), args.pairs)
+    train = interleaved(models, train_step_seconds(ids, args.device), args.pairs)
     for model in models.values():
         model.eval()
     with torch.no_grad():
@@ -87,7 +92,7 @@ def main(argv=None):
     ]
     results = {
         "architecture": config.architecture_name, "parameters": archlm.num_parameters(),
-        "active_parameters": config.num_parameters_estimate(active_only=True), "dtype": "torch.float32",
+        "active_parameters": config.num_parameters_estimate(active_only=True), "dtype": str(dtype),
         "batch": args.batch, "seq": args.seq, "attn": archlm.config._attn_implementation, "pairs": args.pairs,
         "machine": machine_description(), "rows": rows,
     }
