@@ -1154,24 +1154,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if z_loss_coef:
                 grad.mul_((1 + 2 * z_loss_coef * lse)[:, None])
             grad.scatter_add_(1, safe_target, grad.new_full(safe_target.shape, -1.0))
-            if not valid.all():
-                grad[~valid] = 0.0
             if softcap is not None:
                 grad.mul_(1 - capped.float().square())
             if logits_scaling != 1:
                 grad.div_(logits_scaling)
+            # ignored rows get no gradient: zeroed in what multiplies `grad` (rows of h, of the hidden gradient, the
+            # bias sum's weights), not in the (tokens x vocabulary) `grad` itself, and without asking the host
+            # whether there are any (a wait for the device at every chunk, and a graph break under torch.compile)
             if grad_hidden is not None:
                 torch.mm(grad.to(weight.dtype), weight, out=grad_hidden[rows])
+                grad_hidden[rows] = torch.where(valid[:, None], grad_hidden[rows], 0.0)
             if grad_weight is not None:
+                kept = torch.where(valid[:, None], h, 0.0)
                 if product_dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h.float())
+                    grad_weight.addmm_(grad.T, kept.float())
                 else:
                     # in the dtype of the head's forward product (a bf16 model, or autocast), as the plain path's
                     # backward computes it, summed over chunks in float32: a float32 product runs at a fraction of a
                     # GPU's bf16 rate (the whole training step ran 0.64x transformers' Llama on an H200)
-                    grad_weight += torch.mm(grad.T.to(product_dtype), h.to(product_dtype))
+                    grad_weight += torch.mm(grad.T.to(product_dtype), kept.to(product_dtype))
             if grad_bias is not None:
-                grad_bias += grad.sum(0)
+                grad_bias += valid.to(grad.dtype) @ grad
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -1183,7 +1186,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         def scaled(grad, dtype):
             if grad is None:
                 return None
-            return (grad if torch.all(grad_output == 1) else grad * grad_output).to(dtype)
+            return (grad * grad_output).to(dtype)  # 1 / the targets counted, from fused_loss
 
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype), scaled(grad_bias, weight_dtype),
