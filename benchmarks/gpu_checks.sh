@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in one run on a CUDA machine (CI has none; nothing else needs one):
 #
-#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR] [STEPS]      # STEPS: any of parity,mixtral,mixtral64,llama
+#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR] [STEPS]      # STEPS: any of syncs,parity,mixtral,mixtral64,llama
 #
-# 1. parity: the conversion and mixture-of-experts tests with every tensor on the GPU (ARCHLM_TEST_DEVICE=cuda):
-#    each family's logits, losses and greedy tokens against transformers' own class there (fp32 sdpa, bf16).
+# 0. syncs: benchmarks/decode_syncs.py, whether a decoding step makes the host wait for the device.
+# 1. parity: the modeling, loss, conversion, generation and mixture-of-experts tests with every tensor on the GPU
+#    (ARCHLM_TEST_DEVICE=cuda): each family's logits, losses and greedy tokens against transformers' own class there.
 # 2. mixtral, mixtral64: benchmarks/vs_mixtral.py in bf16 at 8 experts top-2 and 64 experts top-8.
 # 3. llama: benchmarks/vs_llama.py in bf16.
 # Each step has its own time limit, so one that hangs leaves the others' results; logs and JSON go to OUTPUT_DIR.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-benchmarks/results/gpu}"
-STEPS="${2:-parity,mixtral,mixtral64,llama}"
+STEPS="${2:-syncs,parity,mixtral,mixtral64,llama}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
@@ -22,9 +23,13 @@ step() { [[ ",$STEPS," == *",$1,"* ]]; }
 # a 1024-wide, 8-layer model: large enough that the matmuls fill an H200 in the forward and training step
 MODEL=(--hidden 1024 --layers 8 --heads 16 --kv_heads 4 --vocab 32000 --seq 1024 --batch 8 --pairs 7)
 
+if step syncs; then
+  timeout 120 $PYTHON benchmarks/decode_syncs.py 2>&1 | tee "$OUT_DIR/syncs.log" | grep -vi warn | tail -6
+fi
 if step parity; then
-  ARCHLM_TEST_DEVICE=cuda timeout 200 $PYTHON -m pytest -q -p no:cacheprovider -n 8 -m "not slow and not distributed" \
+  ARCHLM_TEST_DEVICE=cuda timeout 300 $PYTHON -m pytest -q -p no:cacheprovider -n 8 -m "not slow and not distributed" \
     tests/test_convert_families.py tests/test_modeling_moe.py tests/test_convert.py tests/test_generation.py \
+    tests/test_modeling.py tests/test_modeling_loss.py \
     2>&1 | tee "$OUT_DIR/parity.log" | grep -E "passed|failed|FAILED|Error|error" | tail -40
 fi
 if step mixtral; then
