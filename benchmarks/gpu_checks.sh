@@ -8,6 +8,7 @@
 #    (ARCHLM_TEST_DEVICE=cuda): each family's logits, losses and greedy tokens against transformers' own class there.
 # 2. mixtral, mixtral64: benchmarks/vs_mixtral.py in bf16 at 8 experts top-2 and 64 experts top-8.
 # 3. llama: benchmarks/vs_llama.py in bf16.
+# Needs the versions constraints.txt pins for transformers and datasets (torch: any CUDA build with grouped_mm, 2.10+).
 # Each step has its own time limit, so one that hangs leaves the others' results; logs and JSON go to OUTPUT_DIR.
 set -u
 cd "$(dirname "$0")/.."
