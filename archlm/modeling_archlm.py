@@ -547,14 +547,15 @@ class ArchLMExperts(nn.Module):
         bias = getattr(self, f"{name}_bias", None)
         return output if bias is None else output + bias[expert_ids]
 
-    def mlp(self, routed: torch.Tensor, expert_ids: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        """Each token-expert pair's expert MLP, (S, C) -> (S, C), projected as `project` says."""
+    def mlp(self, routed: torch.Tensor, project: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+        """The experts' MLP on rows (S, C) -> (S, C), the one definition every path uses: `project(inputs, name)`
+        applies stack `name` to each row, with that row's expert."""
         if self.gated:
-            gate, up = self.project(routed, "gate_up_proj", expert_ids, counts).chunk(2, dim=-1)
+            gate, up = project(routed, "gate_up_proj").chunk(2, dim=-1)
             routed = self.act_fn(gate) * up  # (S, I)
         else:
-            routed = self.act_fn(self.project(routed, "up_proj", expert_ids, counts))
-        return self.project(routed, "down_proj", expert_ids, counts)
+            routed = self.act_fn(project(routed, "up_proj"))
+        return project(routed, "down_proj")
 
     def one_token(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decoding one sequence on a CPU: each of the token's k (distinct) experts on its own. The grouped path's
@@ -568,14 +569,7 @@ class ArchLMExperts(nn.Module):
             stack, bias = stacks[name]
             return F.linear(inputs, expert_weight(stack, expert, inputs.dtype), None if bias is None else bias[expert])
 
-        routed = []
-        for expert in top_k_index[0].tolist():
-            if self.gated:
-                gate, up = linear(hidden_states, up_name, expert).chunk(2, dim=-1)
-                inner = self.act_fn(gate) * up
-            else:
-                inner = self.act_fn(linear(hidden_states, up_name, expert))
-            routed.append(linear(inner, "down_proj", expert))
+        routed = [self.mlp(hidden_states, partial(linear, expert=expert)) for expert in top_k_index[0].tolist()]
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
     def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -584,7 +578,8 @@ class ArchLMExperts(nn.Module):
         kernel cost more launches than the matmuls take (transformers switches Mixtral to this `batched_mm` for
         decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in any dtype."""
         tokens, top_k = top_k_index.shape
-        routed = self.mlp(hidden_states.repeat_interleave(top_k, dim=0), top_k_index.reshape(-1), None)  # (T*k, C)
+        routed = self.mlp(hidden_states.repeat_interleave(top_k, dim=0),  # (T*k, C)
+                          partial(self.project, expert_ids=top_k_index.reshape(-1), counts=None))
         return (routed * top_k_weights.reshape(-1, 1)).view(tokens, top_k, -1).sum(dim=1)
 
     def grouped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -595,7 +590,8 @@ class ArchLMExperts(nn.Module):
         counts = ones.new_zeros(self.num_experts).scatter_add_(0, expert_ids, ones)
         # index_select, not indexing: its backward is an index_add, ~3x cheaper on CPU than indexing's
         # accumulating index_put (each token is copied k times, so the gradient rows must be summed)
-        routed = self.mlp(hidden_states.index_select(0, order // top_k), expert_ids, counts)  # (T*k, C)
+        routed = self.mlp(hidden_states.index_select(0, order // top_k),  # (T*k, C)
+                          partial(self.project, expert_ids=expert_ids, counts=counts))
         routed = routed * top_k_weights.reshape(-1)[order, None]
         # back to token-major order: `order` is a permutation, so an empty tensor filled in place (no zero fill, no
         # copy of it as out-of-place index_copy makes: 2x faster here), then the k outputs of each token summed as
