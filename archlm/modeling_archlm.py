@@ -514,7 +514,8 @@ class ArchLMExperts(nn.Module):
         mlp_bias: gate_up_proj_bias (E, 2I) or up_proj_bias (E, I),  down_proj_bias (E, C)
 
     Three ways to the same function, chosen by `forward`: `grouped` (sorted by expert, each expert's rows in one
-    matmul: prefill and training), `gathered` (decoding on an accelerator) and `one_token` (decoding on a CPU)."""
+    matmul: prefill and training), `gathered` (decoding on an accelerator, or compiled on a CPU) and `one_token`
+    (decoding eagerly on a CPU)."""
 
     def __init__(self, config: ArchLMConfig):
         super().__init__()
@@ -541,7 +542,13 @@ class ArchLMExperts(nn.Module):
                 chosen = torch.stack([expert_weight(weight, expert, routed.dtype) for expert in expert_ids.tolist()])
             else:
                 chosen = weight[expert_ids]
-            output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
+            if routed.device.type == "cpu" and torch.compiler.is_compiling():
+                # inductor fuses the gather into this product's sum: each chosen row of weights read once, by every
+                # thread, never copied (a gathered copy and bmm, or MKL's one-thread matrix-vector product per expert,
+                # decode ~1.3-2.5x slower on a CPU, where decoding waits on memory)
+                output = (chosen * routed.unsqueeze(1)).sum(-1)
+            else:
+                output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
         else:
             output = grouped_linear(routed, weight, counts)
         bias = getattr(self, f"{name}_bias", None)
@@ -573,8 +580,8 @@ class ArchLMExperts(nn.Module):
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
     def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Decoding on an accelerator: each token-expert pair multiplies its expert's weights, gathered, in one
-        batched matmul per projection. At a few rows the grouped path's sort, counts, permutations and grouped
+        """Decoding on an accelerator (or compiled on a CPU): each token-expert pair multiplies its expert's weights,
+        gathered, in one batched product per projection. At a few rows the grouped path's sort, counts, permutations and grouped
         kernel cost more launches than the matmuls take (transformers switches Mixtral to this `batched_mm` for
         decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in any dtype."""
         tokens, top_k = top_k_index.shape
@@ -601,10 +608,12 @@ class ArchLMExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens, top_k = top_k_index.shape  # hidden_states (T, C), top_k_* (T, k)
-        if hidden_states.device.type == "cpu":
-            if tokens == 1 and not torch.compiler.is_compiling():
-                return self.one_token(hidden_states, top_k_index, top_k_weights)
-        elif tokens * top_k <= self.num_experts:  # decoding sizes: no more weights copied than a layer holds
+        on_cpu, compiling = hidden_states.device.type == "cpu", torch.compiler.is_compiling()
+        if on_cpu and tokens == 1 and not compiling:
+            return self.one_token(hidden_states, top_k_index, top_k_weights)
+        # decoding sizes (no more weights copied than a layer holds), except eagerly on a CPU, where the gathered copy
+        # costs more than the grouped path's bookkeeping; compiled, a CPU gathers inside a fused kernel (project)
+        if tokens * top_k <= self.num_experts and (compiling or not on_cpu):
             return self.gathered(hidden_states, top_k_index, top_k_weights)
         return self.grouped(hidden_states, top_k_index, top_k_weights)
 
