@@ -65,8 +65,22 @@ def generate_seconds(model, ids, new_tokens: int, **kwargs) -> float:
                                           pad_token_id=0, **kwargs), str(ids.device))
 
 
-def interleaved(models: dict, measure, pairs: int) -> dict[str, float]:
-    """Median of `measure(model)` per model, alternating which model goes first in each pair."""
+class Interleaved(dict):
+    """The median time per model (the dict's values) and every pair's times (`samples`)."""
+
+    def __init__(self, samples: dict[str, list[float]]):
+        super().__init__({name: statistics.median(values) for name, values in samples.items()})
+        self.samples = samples
+
+    def pair_ratios(self, name: str = "archlm") -> list[float]:
+        """Each pair's (other model's time) / (name's time), sorted: > 1 where `name` was faster in that pair. On a
+        noisy machine the share of pairs above 1 tells a tie (about half) from a real difference (nearly all)."""
+        other = next(key for key in self.samples if key != name)
+        return sorted(theirs / ours for ours, theirs in zip(self.samples[name], self.samples[other]))
+
+
+def interleaved(models: dict, measure, pairs: int) -> Interleaved:
+    """`measure(model)` (a time) per model `pairs` times, alternating which model goes first in each pair."""
     names = list(models)
     for name in names:
         measure(models[name])  # warm-up
@@ -74,7 +88,7 @@ def interleaved(models: dict, measure, pairs: int) -> dict[str, float]:
     for pair in range(pairs):
         for name in names if pair % 2 == 0 else names[::-1]:
             samples[name].append(measure(models[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return Interleaved(samples)
 
 
 def decode_ms_per_token(model, ids, new_tokens: int, repeats: int, compiled: bool = False, **kwargs) -> float:

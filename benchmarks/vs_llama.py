@@ -22,6 +22,7 @@ import sys
 
 import torch
 from common import (
+    Interleaved,
     add_model_flags,
     decode_ms_per_token,
     interleaved,
@@ -125,11 +126,19 @@ def comparison_table(results: dict, reference: str, label: str) -> list[str]:
         f"`{results['architecture']}` ({results['parameters'] / 1e6:.1f}M parameters), {results['dtype']}, "
         f"batch {results['batch']} x seq {results['seq']}, {results['attn']}; {results['machine']}; median of "
         f"{results['pairs']} interleaved pairs.", "",
-        f"| measure | ArchLM | {label} | ArchLM / {label.split()[-1]} |", "|---|---:|---:|---:|",
+        f"| measure | ArchLM | {label} | ArchLM / {label.split()[-1]} | pairs ArchLM won |", "|---|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
-        lines.append(f"| {row['measure']} | {row['archlm']:,.1f} | {row[reference]:,.1f} | {ratio(row, reference):.2f}x |")
+        won = f"{sum(r > 1 for r in row['pair_ratios'])} of {len(row['pair_ratios'])}" if "pair_ratios" in row else ""
+        lines.append(f"| {row['measure']} | {row['archlm']:,.1f} | {row[reference]:,.1f} | {ratio(row, reference):.2f}x "
+                     f"| {won} |")
     return lines
+
+
+def throughput_row(measure: str, times: Interleaved, work: float) -> dict:
+    """A table row of `work` / time per model (tokens/s from seconds, or 1000 / ms per token), with each pair's ratio."""
+    return {"measure": measure, **{name: work / time for name, time in times.items()}, "higher_is_better": True,
+            "pair_ratios": times.pair_ratios()}
 
 
 def markdown(results: dict) -> str:
@@ -191,14 +200,12 @@ def main(argv=None):
     flops = archlm.flops_per_token(args.seq)
     peak = rates["bfloat16" if dtype == torch.bfloat16 else "float32"] * 1e12
     rows = [
-        {"measure": "forward tokens/s", **{n: tokens / s for n, s in forward.items()}, "higher_is_better": True},
-        {"measure": "train step tokens/s", **{n: tokens / s for n, s in train.items()}, "higher_is_better": True},
-        {"measure": "train step tokens/s (compiled)", **{n: tokens / s for n, s in train_compiled.items()},
-         "higher_is_better": True},
-        {"measure": "decode tokens/s (dynamic cache)", **{n: 1000 / ms for n, ms in decode.items()}, "higher_is_better": True},
-        {"measure": "decode tokens/s (static cache)", **{n: 1000 / ms for n, ms in decode_static.items()}, "higher_is_better": True},
-        {"measure": "decode tokens/s (static cache, compiled)", **{n: 1000 / ms for n, ms in decode_compiled.items()},
-         "higher_is_better": True},
+        throughput_row("forward tokens/s", forward, tokens),
+        throughput_row("train step tokens/s", train, tokens),
+        throughput_row("train step tokens/s (compiled)", train_compiled, tokens),
+        throughput_row("decode tokens/s (dynamic cache)", decode, 1000),
+        throughput_row("decode tokens/s (static cache)", decode_static, 1000),
+        throughput_row("decode tokens/s (static cache, compiled)", decode_compiled, 1000),
         {"measure": "train MFU %", **{n: 100 * tokens / s * flops / peak for n, s in train.items()}, "higher_is_better": True},
         {"measure": "train MFU % (compiled)", **{n: 100 * tokens / s * flops / peak for n, s in train_compiled.items()},
          "higher_is_better": True},

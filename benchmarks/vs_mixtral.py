@@ -17,7 +17,7 @@ import logging
 
 import torch
 from common import add_model_flags, decode_ms_per_token, interleaved, llama_config, machine_description, write_results
-from vs_llama import comparison_table, forward_seconds, plot_ratios, train_step_seconds
+from vs_llama import comparison_table, forward_seconds, plot_ratios, throughput_row, train_step_seconds
 
 from archlm import ArchLMForCausalLM
 from archlm.convert import to_transformers
@@ -83,12 +83,10 @@ def main(argv=None):
             model, prompt, args.decode_tokens, 1, compiled=True, cache_implementation="static",
             output_router_logits=False), args.pairs)
     rows = [
-        {"measure": "forward tokens/s", **{n: tokens / s for n, s in forward.items()}, "higher_is_better": True},
-        {"measure": "train step tokens/s", **{n: tokens / s for n, s in train.items()}, "higher_is_better": True},
-        {"measure": "decode tokens/s (dynamic cache)", **{n: 1000 / ms for n, ms in decode.items()},
-         "higher_is_better": True},
-        {"measure": "decode tokens/s (static cache, compiled)", **{n: 1000 / ms for n, ms in decode_compiled.items()},
-         "higher_is_better": True},
+        throughput_row("forward tokens/s", forward, tokens),
+        throughput_row("train step tokens/s", train, tokens),
+        throughput_row("decode tokens/s (dynamic cache)", decode, 1000),
+        throughput_row("decode tokens/s (static cache, compiled)", decode_compiled, 1000),
     ]
     results = {
         "architecture": config.architecture_name, "parameters": archlm.num_parameters(),

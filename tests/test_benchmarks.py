@@ -21,6 +21,23 @@ def run_benchmark(name: str, *args: str) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
+def test_interleaved_alternates_which_model_goes_first_and_keeps_each_pairs_ratio(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from common import interleaved
+
+    calls, times = [], {"archlm": iter([1.0, 2.0, 4.0, 1.0]), "mixtral": iter([3.0, 2.0, 1.0, 3.0])}
+
+    def measure(name):
+        calls.append(name)
+        return next(times[name])
+
+    result = interleaved({"archlm": "archlm", "mixtral": "mixtral"}, measure, 3)
+    assert calls == ["archlm", "mixtral"] + ["archlm", "mixtral", "mixtral", "archlm", "archlm", "mixtral"]
+    assert result == {"archlm": 2.0, "mixtral": 2.0}  # medians of the 3 pairs (the first call of each is a warm-up)
+    assert result.pair_ratios() == [0.25, 1.0, 3.0]  # mixtral / archlm per pair, sorted
+    assert result.pair_ratios("mixtral") == [1 / 3, 1.0, 4.0]
+
+
 @pytest.mark.slow
 def test_decode_budget_floor_matches_archlm_and_every_step_is_timed(tmp_path):
     run_benchmark("decode_budget", "--steps", "4", "--rounds", "1", "--output_dir", str(tmp_path))
@@ -76,4 +93,6 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
         "decode tokens/s (static cache, compiled)"]
     assert all(row["archlm"] > 0 and row["mixtral"] > 0 for row in results["rows"])
     assert 0 < results["active_parameters"] < results["parameters"]
+    assert all(len(row["pair_ratios"]) == 1 for row in results["rows"])
+    assert "| pairs ArchLM won |" in (tmp_path / "vs_mixtral.md").read_text()
     assert "| forward tokens/s |" in (tmp_path / "vs_mixtral.md").read_text()
