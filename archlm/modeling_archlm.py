@@ -1143,12 +1143,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            # float32 inside the kernel: no float32 copy of a bf16 model's logits (the upcast is exact either way)
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             valid = target != ignore_index
             safe_target = torch.where(valid, target, 0)[:, None]
             total -= torch.where(valid, log_probs.gather(1, safe_target).squeeze(1), 0.0).sum()
             if z_loss_coef:
-                lse = logits.float()[:, 0] - log_probs[:, 0]  # logsumexp, from what log_softmax computed
+                lse = logits[:, 0].float() - log_probs[:, 0]  # logsumexp, from what log_softmax computed
                 total += z_loss_coef * torch.where(valid, lse.square(), 0.0).sum()
             del logits
             if not any(want):
@@ -1166,8 +1167,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # ignored rows get no gradient: zeroed in what multiplies `grad` (rows of h, of the hidden gradient, the
             # bias sum's weights), not in the (tokens x vocabulary) `grad` itself, and without asking the host
             # whether there are any (a wait for the device at every chunk, and a graph break under torch.compile)
+            grad_in_weight_dtype = grad.to(weight.dtype)  # converted once: both products of a bf16 model use it
             if grad_hidden is not None:
-                torch.mm(grad.to(weight.dtype), weight, out=grad_hidden[rows])
+                torch.mm(grad_in_weight_dtype, weight, out=grad_hidden[rows])
                 grad_hidden[rows] = torch.where(valid[:, None], grad_hidden[rows], 0.0)
             if grad_weight is not None:
                 kept = torch.where(valid[:, None], h, 0.0)
@@ -1177,7 +1179,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # in the dtype of the head's forward product (a bf16 model, or autocast), as the plain path's
                     # backward computes it, summed over chunks in float32: a float32 product runs at a fraction of a
                     # GPU's bf16 rate (the whole training step ran 0.64x transformers' Llama on an H200)
-                    grad_weight += torch.mm(grad.T.to(product_dtype), kept.to(product_dtype))
+                    low = grad_in_weight_dtype if weight.dtype == product_dtype else grad.to(product_dtype)
+                    grad_weight += torch.mm(low.T, kept.to(product_dtype))
             if grad_bias is not None:
                 grad_bias += valid.to(grad.dtype) @ grad
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
