@@ -582,10 +582,11 @@ def rope_parameters(draw):
 
 @st.composite
 def config_kwargs(draw):
-    """Each field: usually a sensible value, one time in sixteen anything in a wide range (invalid ones included), so
-    that a fair share of the drawn configs is valid and gets trained."""
+    """Each field: usually a sensible value, one time in 48 anything in a wide range (invalid ones included), so that
+    a fair share of the drawn configs is valid and gets trained (~50 fields: at one in 16, 12% of the configs were
+    valid, and 40 examples trained fewer than 3 about one run in eight) while most configs still have a wild field."""
     def pick(sensible, anything):
-        return draw(anything) if draw(st.sampled_from([False] * 15 + [True])) else draw(sensible)
+        return draw(anything) if draw(st.sampled_from([False] * 47 + [True])) else draw(sensible)
 
     probability = st.floats(-0.5, 1.5)
     position = pick(st.sampled_from(["rope", "alibi", "learned", "sinusoidal", "none"]), st.just("xpos"))
