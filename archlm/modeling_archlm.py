@@ -533,19 +533,16 @@ class ArchLMExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor,
-                counts: torch.Tensor | None) -> torch.Tensor:
+                counts: torch.Tensor | None, fused: bool = False) -> torch.Tensor:
         """One projection of every token-expert pair (row i by expert expert_ids[i]): rows grouped by expert with
-        `counts`, else each row by its own expert's weights, gathered."""
+        `counts`, else each row by its own expert's weights, gathered (`fused`: see `gathered`)."""
         weight = getattr(self, name)
         if counts is None:
             if hasattr(weight, "tensor_data_names"):  # torchao's quantized stacks cannot be indexed (expert_weight)
                 chosen = torch.stack([expert_weight(weight, expert, routed.dtype) for expert in expert_ids.tolist()])
             else:
                 chosen = weight[expert_ids]
-            if routed.device.type == "cpu" and torch.compiler.is_compiling():
-                # inductor fuses the gather into this product's sum: each chosen row of weights read once, by every
-                # thread, never copied (a gathered copy and bmm, or MKL's one-thread matrix-vector product per expert,
-                # decode ~1.3-2.5x slower on a CPU, where decoding waits on memory)
+            if fused:
                 output = (chosen * routed.unsqueeze(1)).sum(-1)
             else:
                 output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
@@ -579,14 +576,20 @@ class ArchLMExperts(nn.Module):
         routed = [self.mlp(hidden_states, partial(linear, expert=expert)) for expert in top_k_index[0].tolist()]
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
-    def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Decoding on an accelerator (or compiled on a CPU): each token-expert pair multiplies its expert's weights,
-        gathered, in one batched product per projection. At a few rows the grouped path's sort, counts, permutations and grouped
-        kernel cost more launches than the matmuls take (transformers switches Mixtral to this `batched_mm` for
-        decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in any dtype."""
+    def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 fused: bool = False) -> torch.Tensor:
+        """Decoding on an accelerator, or compiled on a CPU: each token-expert pair multiplies its expert's weights,
+        gathered, in one batched product per projection. At a few rows the grouped path's sort, counts, permutations
+        and grouped kernel cost more launches than the matmuls take (transformers switches Mixtral to this
+        `batched_mm` for decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in
+        any dtype. `fused` writes each product as a sum over (gathered weights x rows), for a compiler: inductor
+        fuses the gather into that sum, so each chosen weight is read once, by every thread, and never copied (on a
+        CPU, where decoding waits on memory and MKL runs a one-row matmul on one thread, a compiled step decodes
+        1.4-1.6x faster than with the copy and bmm; benchmarks/experts_paths.py). Eagerly it would hold the whole
+        (rows x out x in) product."""
         tokens, top_k = top_k_index.shape
         routed = self.mlp(hidden_states.repeat_interleave(top_k, dim=0),  # (T*k, C)
-                          partial(self.project, expert_ids=top_k_index.reshape(-1), counts=None))
+                          partial(self.project, expert_ids=top_k_index.reshape(-1), counts=None, fused=fused))
         return (routed * top_k_weights.reshape(-1, 1)).view(tokens, top_k, -1).sum(dim=1)
 
     def grouped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -612,9 +615,9 @@ class ArchLMExperts(nn.Module):
         if on_cpu and tokens == 1 and not compiling:
             return self.one_token(hidden_states, top_k_index, top_k_weights)
         # decoding sizes (no more weights copied than a layer holds), except eagerly on a CPU, where the gathered copy
-        # costs more than the grouped path's bookkeeping; compiled, a CPU gathers inside a fused kernel (project)
+        # costs more than the grouped path's bookkeeping; compiled, a CPU gathers inside a fused kernel
         if tokens * top_k <= self.num_experts and (compiling or not on_cpu):
-            return self.gathered(hidden_states, top_k_index, top_k_weights)
+            return self.gathered(hidden_states, top_k_index, top_k_weights, fused=on_cpu)
         return self.grouped(hidden_states, top_k_index, top_k_weights)
 
 
