@@ -533,19 +533,16 @@ class ArchLMExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor,
-                counts: torch.Tensor | None, fused: bool = False) -> torch.Tensor:
+                counts: torch.Tensor | None) -> torch.Tensor:
         """One projection of every token-expert pair (row i by expert expert_ids[i]): rows grouped by expert with
-        `counts`, else each row by its own expert's weights, gathered (`fused`: see `gathered`)."""
+        `counts`, else each row by its own expert's weights, gathered."""
         weight = getattr(self, name)
         if counts is None:
             if hasattr(weight, "tensor_data_names"):  # torchao's quantized stacks cannot be indexed (expert_weight)
                 chosen = torch.stack([expert_weight(weight, expert, routed.dtype) for expert in expert_ids.tolist()])
             else:
                 chosen = weight[expert_ids]
-            if fused:
-                output = (chosen * routed.unsqueeze(1)).sum(-1)
-            else:
-                output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
+            output = torch.bmm(chosen, routed.unsqueeze(-1)).squeeze(-1)
         else:
             output = grouped_linear(routed, weight, counts)
         bias = getattr(self, f"{name}_bias", None)
@@ -576,20 +573,19 @@ class ArchLMExperts(nn.Module):
         routed = [self.mlp(hidden_states, partial(linear, expert=expert)) for expert in top_k_index[0].tolist()]
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
 
-    def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 fused: bool = False) -> torch.Tensor:
+    def gathered(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """Decoding on an accelerator, or compiled on a CPU: each token-expert pair multiplies its expert's weights,
-        gathered, in one batched product per projection. At a few rows the grouped path's sort, counts, permutations
+        gathered, in one batched matmul per projection. At a few rows the grouped path's sort, counts, permutations
         and grouped kernel cost more launches than the matmuls take (transformers switches Mixtral to this
         `batched_mm` for decoding on accelerators), and nothing waits for the host, so a CUDA graph captures it in
-        any dtype. `fused` writes each product as a sum over (gathered weights x rows), for a compiler: inductor
-        fuses the gather into that sum, so each chosen weight is read once, by every thread, and never copied (on a
-        CPU, where decoding waits on memory and MKL runs a one-row matmul on one thread, a compiled step decodes
-        1.4-1.6x faster than with the copy and bmm; benchmarks/experts_paths.py). Eagerly it would hold the whole
-        (rows x out x in) product."""
+        any dtype. Compiled on a CPU, inductor fuses the gather, the one-column bmm and the activation into one C++
+        kernel: each chosen weight is read once, by every thread, never copied (decoding waits on memory there, and
+        MKL runs a one-row matmul on one thread): ~2x faster a layer than the compiled grouped path, 1.4-1.6x faster
+        compiled decoding (benchmarks/experts_paths.py, vs_mixtral.py). Eagerly on a CPU the copy makes it the
+        slowest path."""
         tokens, top_k = top_k_index.shape
         routed = self.mlp(hidden_states.repeat_interleave(top_k, dim=0),  # (T*k, C)
-                          partial(self.project, expert_ids=top_k_index.reshape(-1), counts=None, fused=fused))
+                          partial(self.project, expert_ids=top_k_index.reshape(-1), counts=None))
         return (routed * top_k_weights.reshape(-1, 1)).view(tokens, top_k, -1).sum(dim=1)
 
     def grouped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -615,9 +611,9 @@ class ArchLMExperts(nn.Module):
         if on_cpu and tokens == 1 and not compiling:
             return self.one_token(hidden_states, top_k_index, top_k_weights)
         # decoding sizes (no more weights copied than a layer holds), except eagerly on a CPU, where the gathered copy
-        # costs more than the grouped path's bookkeeping; compiled, a CPU gathers inside a fused kernel
+        # costs more than the grouped path's bookkeeping (compiled, inductor fuses the gather away: see gathered)
         if tokens * top_k <= self.num_experts and (compiling or not on_cpu):
-            return self.gathered(hidden_states, top_k_index, top_k_weights, fused=on_cpu)
+            return self.gathered(hidden_states, top_k_index, top_k_weights)
         return self.grouped(hidden_states, top_k_index, top_k_weights)
 
 

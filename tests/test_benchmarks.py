@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv_heads", "2", "--vocab", "256"]
 
 
-def run_benchmark(name: str, *args: str) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TINY, *args], cwd=REPO,
+def run_benchmark(name: str, *args: str, model_flags=TINY) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *model_flags, *args], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
@@ -96,3 +96,15 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
     assert all(len(row["pair_ratios"]) == 1 for row in results["rows"])
     assert "| pairs ArchLM won |" in (tmp_path / "vs_mixtral.md").read_text()
     assert "| forward tokens/s |" in (tmp_path / "vs_mixtral.md").read_text()
+
+
+@pytest.mark.slow
+def test_experts_paths_checks_and_times_every_way_at_each_size(tmp_path):
+    run_benchmark("experts_paths", "--hidden", "32", "--experts", "4", "--top_k", "2", "--expert_width", "16",
+                  "--tokens", "1,2", "--stacks", "2", "--rounds", "1", "--output_dir", str(tmp_path), model_flags=[])
+    results = json.loads((tmp_path / "experts_paths.json").read_text())
+    ways = {(row["tokens"], row["way"]) for row in results["rows"]}
+    compiled_and_eager = {"grouped", "gathered", "grouped, compiled", "gathered, compiled"}
+    assert ways == {(1, way) for way in compiled_and_eager | {"one_token"}} | {(2, way) for way in compiled_and_eager}
+    assert all(row["us_per_layer"] > 0 for row in results["rows"])
+    assert (tmp_path / "experts_paths.png").stat().st_size > 0
