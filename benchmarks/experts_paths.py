@@ -80,12 +80,14 @@ def main(argv=None):
             top_k_weights, top_k_index = scores.softmax(-1).topk(args.top_k, dim=-1)
             top_k_weights = top_k_weights.to(dtype)
             found = ways(experts, tokens)
+            # bf16 ways sum in different orders: a looser check than float32's
+            tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
             for stack in stacks:  # compile, warm up, and check every way against the grouped path on every stack
                 use(stack)
                 expected = experts.grouped(hidden, top_k_index, top_k_weights)
                 for name, way in found.items():
-                    torch.testing.assert_close(way(hidden, top_k_index, top_k_weights), expected,
-                                               rtol=2e-2, atol=2e-3, msg=f"{name} at {tokens} tokens")
+                    torch.testing.assert_close(way(hidden, top_k_index, top_k_weights), expected, **tolerance,
+                                               msg=f"{name} at {tokens} tokens")
             samples = {name: [] for name in found}
             order = list(found)
             for round_ in range(args.rounds):

@@ -94,7 +94,7 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
     assert all(row["archlm"] > 0 and row["mixtral"] > 0 for row in results["rows"])
     assert 0 < results["active_parameters"] < results["parameters"]
     assert all(len(row["pair_ratios"]) == 1 for row in results["rows"])
-    assert "| pairs ArchLM won |" in (tmp_path / "vs_mixtral.md").read_text()
+    assert "| pairs ArchLM won (median pair) |" in (tmp_path / "vs_mixtral.md").read_text()
     assert "| forward tokens/s |" in (tmp_path / "vs_mixtral.md").read_text()
 
 
