@@ -8,19 +8,17 @@ chosen weights and a bmm, as transformers decodes there).
 
 Each call reads its experts from memory, as a decoding step does (a model's experts do not fit in the caches): the
 layer's weights are swapped between --stacks sets, one per call, as consecutive layers would be. The ways are timed
-interleaved (alternating their order each round), and each one's output is checked against the eager grouped path
-before timing. Writes experts_paths.json, experts_paths.md and experts_paths.png to --output_dir.
+interleaved (common.interleaved: their order reversed every other round), each one's output checked against the
+eager grouped path first. Writes experts_paths.json, experts_paths.md and experts_paths.png to --output_dir.
 """
 
 import argparse
 import logging
-import statistics
-import time
 from functools import partial
 
 import torch
 import transformers.integrations.moe  # noqa: F401  registers the per-expert op the compiled grouped path calls
-from common import machine_description, write_results
+from common import interleaved, machine_description, seconds, write_results
 
 from archlm import ArchLMConfig
 from archlm.modeling_archlm import ArchLMExperts
@@ -88,22 +86,14 @@ def main(argv=None):
                 for name, way in found.items():
                     torch.testing.assert_close(way(hidden, top_k_index, top_k_weights), expected, **tolerance,
                                                msg=f"{name} at {tokens} tokens")
-            samples = {name: [] for name in found}
-            order = list(found)
-            for round_ in range(args.rounds):
-                for name in order if round_ % 2 == 0 else order[::-1]:
-                    way = found[name]
-                    if args.device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for stack in stacks:
-                        use(stack)
-                        way(hidden, top_k_index, top_k_weights)
-                    if args.device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    samples[name].append((time.perf_counter() - start) / len(stacks) * 1e6)
-            for name, values in samples.items():
-                rows.append({"tokens": tokens, "way": name, "us_per_layer": statistics.median(values)})
+            def every_layer(way):
+                for stack in stacks:
+                    use(stack)
+                    way(hidden, top_k_index, top_k_weights)
+
+            times = interleaved(found, lambda way: seconds(partial(every_layer, way), args.device), args.rounds)
+            rows += [{"tokens": tokens, "way": name, "us_per_layer": time / len(stacks) * 1e6}
+                     for name, time in times.items()]
             logger.info("%d tokens: %s", tokens, ", ".join(f"{row['way']} {row['us_per_layer']:.0f} us"
                                                          for row in rows if row["tokens"] == tokens))
     results = {"config": {key: getattr(args, key) for key in ("hidden", "experts", "top_k", "expert_width", "stacks",
