@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         resume = (f"the last checkpoint, {checkpoints[-1].name}, holds the finite weights before it "
                   "(--resume_from_checkpoint latest)" if checkpoints else "no checkpoint was saved before it")
         raise SystemExit(f"train.py: error: training stopped: {error}; the model was not saved; {resume}") from None
+    except BaseException:  # Ctrl+C, out of memory, ...: the steps logged since the log's last write are kept
+        training_log.write(training_args, trainer.state)
+        raise
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # the final weights' eval, unless the last step already ran one

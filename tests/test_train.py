@@ -645,6 +645,32 @@ def test_throughput_and_log_callbacks_report_rates_and_perplexity(tmp_path):
     assert written["status"] == "running" and written["evals"][0]["perplexity"] == pytest.approx(math.exp(2.0))
 
 
+def test_a_long_training_log_is_written_at_evaluations_checkpoints_and_the_end_and_less_often_between(tmp_path):
+    """Each write is the whole file (4,000 logged steps: ~1 MB, ~50 ms), so right after one the next plain log is
+    held back; an evaluation, a checkpoint about to be saved and the end of the run are written at once."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state = TrainerState(log_history=[{"loss": 3.0, "learning_rate": 1e-3, "grad_norm": 1.0, "step": step}
+                                      for step in range(1, 4001)])
+    log, control = TrainingLogCallback(str(tmp_path), {"architecture_name": "x"}), TrainerControl()
+
+    def logged(entry: dict) -> dict:
+        state.log_history.append(entry)
+        log.on_log(args, state, control, logs=entry)
+        return read_log(tmp_path)
+
+    assert len(logged({"loss": 2.9, "step": 4001})["steps"]) == 4001  # the first log is written
+    assert len(logged({"loss": 2.8, "step": 4002})["steps"]) == 4001  # held back
+    assert len(logged({"eval_loss": 2.0, "step": 4002})["evals"]) == 1  # an evaluation: written
+    control.should_save = True
+    assert len(logged({"loss": 2.7, "step": 4003})["steps"]) == 4003  # before a checkpoint: written
+    control.should_save = False
+    assert len(logged({"loss": 2.6, "step": 4004})["steps"]) == 4003
+    log.finish(args, state, {"global_step": 4004})
+    assert read_log(tmp_path)["status"] == "finished" and len(read_log(tmp_path)["steps"]) == 4004
+
+
 def test_a_peak_probed_on_a_busy_machine_is_probed_again_before_mfu_passes_one(tmp_path):
     from transformers import TrainerState, TrainingArguments
 
