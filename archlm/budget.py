@@ -8,9 +8,10 @@ ends: the schedule's function is asked for each step's learning rate with the pl
 
 The plan is made after the first step and refined while the pace settles: at every step of the first
 WARMUP_STEPS, every tenth of the run up to its half, and after an evaluation in that half (and after the first
-one, whenever it comes: until then its cost is estimated); after that it holds, so the end of the schedule is not
-moved (the safety net: a run that falls behind its plan stops as soon as the rest would not fit). A resumed run
-keeps the plan its checkpoint holds.
+one, whenever it comes: until then its cost is estimated). After that the end of the schedule never moves later
+(which would raise the learning rate again), but every hundredth of the run it moves earlier if the run has fallen
+behind, so that the schedule still completes on the last step (a decaying rate steps down a little). The safety
+net: a run still late stops as soon as the rest would not fit. A resumed run keeps the plan its checkpoint holds.
 """
 
 import functools
@@ -105,12 +106,17 @@ class TimeBudget(TrainerCallback):
                 self._next_replan = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
-        now, step = time.perf_counter(), state.global_step
+        self.step_ended(args, state, control, time.perf_counter())
+
+    def step_ended(self, args, state, control, now: float) -> None:
+        step = state.global_step
         if self.first_step_end is None:
             self.first_step_end, self.first_step_seconds = now, now - self.start
             self.eval_total = 0.0
         if not self.fixed and (step <= WARMUP_STEPS or step >= self._next_replan):
             self.replan(args, state, now)
+        elif not self.fixed and self.planned_steps and step % max(1, self.planned_steps // 100) == 0:
+            self.replan(args, state, now, later=False)
         self.stop_if_over(args, state, control, now)
 
     def pace(self, step: int, now: float) -> float:
@@ -119,7 +125,8 @@ class TimeBudget(TrainerCallback):
             return self.first_step_seconds
         return max(now - self.first_step_end - self.eval_total, 1e-9) / (step - 1)
 
-    def replan(self, args, state, now: float) -> None:
+    def replan(self, args, state, now: float, later: bool = True) -> None:
+        """Plans the run's total steps from its pace so far; with `later=False` only an earlier end is taken."""
         step_seconds = self.pace(state.global_step, now)
         eval_seconds = self.eval_seconds
         if eval_seconds is None:  # none measured yet: a forward pass costs about a third of a training step
@@ -127,6 +134,10 @@ class TimeBudget(TrainerCallback):
         eval_every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else None
         total = int(agree(plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
                                      eval_seconds, eval_every, self.final_eval, self.reserve), "min"))
+        if not later:
+            if total >= self.planned_steps:
+                return
+            total = max(total, state.global_step)
         self.planned_steps = state.max_steps = total
         if total * REPLAN_UNTIL <= state.global_step:
             self._next_replan = math.inf

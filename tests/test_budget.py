@@ -45,6 +45,31 @@ def test_the_schedule_follows_the_plan_and_its_warmup_ratio(tmp_path):
     assert schedule(110) == pytest.approx(0.5)
 
 
+def test_a_run_that_falls_behind_ends_its_schedule_earlier_on_its_last_step_and_never_later(tmp_path):
+    """Steps of 1 s, then 1.5 s from step 56 (after the plan holds): the plan made at the start (98 steps in 100 s)
+    no longer fits. Held, the run stopped late at step 85 with the cosine still at 5% of its peak; the plan instead
+    moves its end earlier, step by step, so the run stops on its planned step with the schedule at zero."""
+    from transformers import TrainerControl, TrainerState
+
+    args = budget_args(tmp_path)
+    budget = TimeBudget(100, tokens_per_step=1024)
+    schedule = planned_schedule(args, budget)
+    state, control = TrainerState(max_steps=PROVISIONAL_STEPS), TrainerControl()
+    budget.start, now, plans, rates = 0.0, 0.0, [], [0.0]
+    while not control.should_training_stop:
+        state.global_step += 1
+        now += 1.0 if state.global_step <= 55 else 1.5
+        # the Trainer steps the scheduler after the optimizer, before the callbacks: the next step's rate
+        rates.append(schedule(state.global_step))
+        budget.step_ended(args, state, control, now)
+        plans.append(budget.planned_steps)
+    assert plans[0] == 98 and plans[len(plans) // 2] > state.global_step  # the first half's plan was not met
+    assert all(later <= earlier for earlier, later in zip(plans[len(plans) // 2:], plans[len(plans) // 2 + 1:]))
+    assert budget.planned_steps == state.max_steps == state.global_step and now <= 100
+    # the rate each step trained at (rates[s] for step s): the last one near zero, the cosine completed
+    assert max(rates) == pytest.approx(1.0) and rates[state.global_step] < 0.01
+
+
 BUDGETED = ["--config_overrides", TINY_MODEL, "--max_train_seconds", "6", "--lr_scheduler_type", "cosine",
             "--warmup_steps", "3", "--eval_strategy", "steps", "--eval_steps", "10", "--max_eval_samples", "16"]
 
