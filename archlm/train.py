@@ -16,6 +16,7 @@ generation_config.json and training_log.json; it loads with
 AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -299,7 +300,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
                   "(--resume_from_checkpoint latest)" if checkpoints else "no checkpoint was saved before it")
         raise SystemExit(f"train.py: error: training stopped: {error}; the model was not saved; {resume}") from None
     except BaseException:  # Ctrl+C, out of memory, ...: the steps logged since the log's last write are kept
-        training_log.write(training_args, trainer.state)
+        with contextlib.suppress(Exception):  # (a full disk must not hide the error that stopped the run)
+            training_log.write(training_args, trainer.state)
         raise
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):

@@ -671,6 +671,24 @@ def test_a_long_training_log_is_written_at_evaluations_checkpoints_and_the_end_a
     assert read_log(tmp_path)["status"] == "finished" and len(read_log(tmp_path)["steps"]) == 4004
 
 
+def test_a_run_that_dies_of_an_exception_leaves_every_logged_step_in_its_log(tmp_path):
+    """Between checkpoints the log may lag the run by a few logs: an exception (Ctrl+C here) writes it first. The
+    file is removed just before the interrupt, so only that last write can hold the 4 steps."""
+    from transformers import TrainerCallback
+
+    class InterruptAtStep4(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step == 4 and "loss" in (logs or {}):
+                (tmp_path / "run" / "training_log.json").unlink()
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("--config_overrides", TINY_MODEL, "--max_steps", "8", "--output_dir", str(tmp_path / "run"),
+              callbacks=[InterruptAtStep4()])
+    log = read_log(tmp_path / "run")
+    assert log["status"] == "running" and [entry["step"] for entry in log["steps"]] == [1, 2, 3, 4]
+
+
 def test_a_peak_probed_on_a_busy_machine_is_probed_again_before_mfu_passes_one(tmp_path):
     from transformers import TrainerState, TrainingArguments
 
