@@ -8,9 +8,10 @@ ends: the schedule's function is asked for each step's learning rate with the pl
 
 The plan is made after the first step and refined while the pace settles: at every step of the first
 WARMUP_STEPS, every tenth of the run up to its half, and after an evaluation in that half (and after the first
-one, whenever it comes: until then its cost is estimated). After that the end of the schedule never moves later
-(which would raise the learning rate again), but every hundredth of the run it moves earlier if the run has fallen
-behind, so that the schedule still completes on the last step (a decaying rate steps down a little). The safety
+one, whenever it comes: until then its cost is estimated). Otherwise the end of the schedule no longer moves later
+in the second half (which would raise the learning rate again), but every hundredth of the run it moves earlier if
+the run has fallen behind, so that the schedule still completes on the last step (a decaying rate steps down a
+little). The safety
 net: a run still late stops as soon as the rest would not fit. A resumed run keeps the plan its checkpoint holds.
 """
 
