@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, in one run on a CUDA machine (CI has none; nothing else needs one):
 #
-#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR] [STEPS]      # STEPS: any of syncs,parity,experts,mixtral,mixtral64,llama
+#     bash benchmarks/gpu_checks.sh [OUTPUT_DIR] [STEPS]      # STEPS: any of syncs,parity,experts,loss,mixtral,mixtral64,llama
 #
 # 0. syncs: benchmarks/decode_syncs.py, whether a decoding step makes the host wait for the device.
 # 1. parity: the modeling, loss, conversion, generation and mixture-of-experts tests with every tensor on the GPU
 #    (ARCHLM_TEST_DEVICE=cuda): each family's logits, losses and greedy tokens against transformers' own class there.
 # 2. experts: benchmarks/experts_paths.py in bf16, each way to compute one layer's experts at decoding sizes, eager
 #    and compiled (which one ArchLMExperts.forward should take on a GPU).
+# 2b. loss: benchmarks/loss_chunks.py in bf16 at the models' 8,192 tokens x 1,024 x 32k: the LM head and loss by the
+#    plain path and by the fused loss at several chunk sizes (does the 64 MiB chunk cost the training step time?).
 # 3. mixtral, mixtral64: benchmarks/vs_mixtral.py in bf16 at 8 experts top-2 and 64 experts top-8.
 # 4. llama: benchmarks/vs_llama.py in bf16.
 # Needs the versions constraints.txt pins for transformers and datasets (torch: any CUDA build with grouped_mm, 2.10+).
@@ -15,7 +17,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-benchmarks/results/gpu}"
-STEPS="${2:-syncs,parity,experts,mixtral,mixtral64,llama}"
+STEPS="${2:-syncs,parity,experts,loss,mixtral,mixtral64,llama}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
@@ -38,6 +40,10 @@ fi
 if step experts; then
   timeout 120 $PYTHON benchmarks/experts_paths.py --hidden 1024 --expert_width 1408 --tokens 1,4 \
     --output_dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/experts.log" | grep -vi warn | tail -14
+fi
+if step loss; then
+  timeout 120 $PYTHON benchmarks/loss_chunks.py --tokens 8192 --hidden 1024 --vocab 32000 --chunks 1024,2048,4096,8192 \
+    --output_dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/loss.log" | grep -vi warn | tail -10
 fi
 if step mixtral; then
   timeout 240 $PYTHON benchmarks/vs_mixtral.py "${MODEL[@]}" --experts 8 --top_k 2 --expert_width 1408 \

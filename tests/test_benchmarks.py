@@ -99,6 +99,18 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
 
 
 @pytest.mark.slow
+def test_loss_chunks_checks_and_times_the_plain_path_and_every_chunk_size(tmp_path):
+    # 1,000 tokens x vocabulary 20,000: loss_chunk_size gives 838-token chunks, added to those asked for (400 and
+    # 2,000, cut to the 1,000 tokens there are)
+    run_benchmark("loss_chunks", "--tokens", "1000", "--hidden", "16", "--vocab", "20000", "--chunks", "400,2000",
+                  "--rounds", "1", "--output_dir", str(tmp_path), model_flags=[])
+    results = json.loads((tmp_path / "loss_chunks.json").read_text())
+    assert [(row["chunk"], row["default"]) for row in results["rows"]] == [
+        (None, False), (400, False), (838, True), (1000, False)]
+    assert results["default_chunk"] == 838 and all(row["ms"] > 0 and row["vs_plain"] > 0 for row in results["rows"])
+    assert (tmp_path / "loss_chunks.png").stat().st_size > 0 and "838 *" in (tmp_path / "loss_chunks.md").read_text()
+
+
 def test_experts_paths_checks_and_times_every_way_at_each_size(tmp_path):
     run_benchmark("experts_paths", "--hidden", "32", "--experts", "4", "--top_k", "2", "--expert_width", "16",
                   "--tokens", "1,2", "--stacks", "2", "--rounds", "1", "--output_dir", str(tmp_path), model_flags=[])
