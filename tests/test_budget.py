@@ -66,8 +66,8 @@ def test_a_run_that_falls_behind_ends_its_schedule_earlier_on_its_last_step_and_
     assert plans[0] == 98 and plans[len(plans) // 2] > state.global_step  # the first half's plan was not met
     assert all(later <= earlier for earlier, later in zip(plans[len(plans) // 2:], plans[len(plans) // 2 + 1:]))
     assert budget.planned_steps == state.max_steps == state.global_step and now <= 100
-    # the rate each step trained at (rates[s] for step s): the last one near zero, the cosine completed
-    assert max(rates) == pytest.approx(1.0) and rates[state.global_step] < 0.01
+    # step s trained at rates[s - 1] (rates[0]: the warm-up's start): the last one near zero, the cosine completed
+    assert max(rates) == pytest.approx(1.0) and rates[state.global_step - 1] < 0.01
 
 
 BUDGETED = ["--config_overrides", TINY_MODEL, "--max_train_seconds", "6", "--lr_scheduler_type", "cosine",
