@@ -67,7 +67,8 @@ def main(argv=None):
     targets = torch.randint(0, args.vocab, (args.tokens,), device=args.device)
     default = loss_chunk_size(args.tokens, args.vocab, args.hidden)
     chunks = sorted({min(int(size), args.tokens) for size in args.chunks.split(",")} | {default})
-    ways = {"plain (full logits)": plain, **{f"fused, chunks of {size}": fused(size) for size in chunks}}
+    sizes = {"plain (full logits)": None, **{f"fused, chunks of {size}": size for size in chunks}}  # name -> chunk
+    ways = {name: plain if size is None else fused(size) for name, size in sizes.items()}
 
     expected = step(plain, hidden, weight, targets)
     # float32 agrees to rounding; bf16 products round each chunk's sum differently
@@ -78,8 +79,7 @@ def main(argv=None):
             torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=f"{name}: {what}")
         base = start_peak_memory(args.device)
         step(way, hidden, weight, targets)
-        rows.append({"way": name, "chunk": None if way is plain else int(name.rsplit(" ", 1)[1]),
-                     "default": way is not plain and int(name.rsplit(" ", 1)[1]) == default,
+        rows.append({"way": name, "chunk": sizes[name], "default": sizes[name] == default,
                      "peak_mib": peak_memory_since(args.device, base) / 2**20})
     times = interleaved(ways, lambda way: seconds(lambda: step(way, hidden, weight, targets), args.device), args.rounds)
     for row in rows:
