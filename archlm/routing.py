@@ -49,7 +49,7 @@ class RouterStatsCallback(_RoutedTokens):
     def __init__(self, model):
         super().__init__([module for module in model.modules() if isinstance(module, ArchLMSparseMoeBlock)])
         self.model = model
-        self.aux_losses: list[float] = []
+        self.aux_losses: list[torch.Tensor] = []
 
     def hooks(self) -> list:
         return [*super().hooks(), self.model.register_forward_hook(self._keep_aux_loss)]
@@ -57,13 +57,13 @@ class RouterStatsCallback(_RoutedTokens):
     def _keep_aux_loss(self, model, inputs, output):
         aux_loss = getattr(output, "aux_loss", None)
         if model.training and aux_loss is not None:
-            self.aux_losses.append(aux_loss.item())
+            self.aux_losses.append(aux_loss.detach())  # read at the log: no wait for the device at every forward
 
     def metrics(self) -> dict:
         """Since the previous call."""
         metrics = {}
         if self.aux_losses:
-            metrics["aux_loss"] = round(sum(self.aux_losses) / len(self.aux_losses), 5)
+            metrics["aux_loss"] = round(torch.stack(self.aux_losses).float().mean().item(), 5)
         counts = [counts.cpu() for counts in self.counts if counts is not None]
         if counts:
             metrics["expert_tokens"] = [layer.tolist() for layer in counts]

@@ -591,6 +591,21 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"the {what} of step {step} is {value} (a learning rate far too high?)")
 
 
+class _HistoryOnly(TrainerCallback):
+    """Puts values in the log history (training_log.json, the checkpoints' trainer_state.json) that the other
+    callbacks do not get in their `logs`: the tokens routed to each expert, layers x experts numbers, would fill the
+    console at every log (6,144 a line for a 48 x 128 mixture), and TensorBoard, MLflow and the like log scalars only
+    (TensorBoard warned at every log that it dropped the list). ArchLMTrainer runs it before every other callback."""
+
+    def __init__(self):
+        self.pending = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer.log appended a copy of `logs` to the history, then calls the callbacks
+        state.log_history[-1].update({key: value for key, value in self.pending.items() if value is not None})
+        self.pending = {}
+
+
 class ArchLMTrainer(Trainer):
     """The Trainer, plus a sequence-length curriculum and ArchLM's metrics in every log.
 
@@ -613,6 +628,8 @@ class ArchLMTrainer(Trainer):
             # ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=0 compiles the whole model instead.
             os.environ.setdefault("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
         super().__init__(*args, **kwargs)
+        self._history_only = _HistoryOnly()
+        self.callback_handler.callbacks.insert(0, self._history_only)  # first: before any callback reads the history
         self.block_size_schedule = block_size_schedule
         self.time_budget = time_budget
         self.characters_per_token = characters_per_token  # of the validation text: evaluations report nats/char
@@ -653,9 +670,12 @@ class ArchLMTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # checked before the optimizer step, so nothing non-finite reaches the weights (a finite loss can still
         # have overflowing gradients). DeepSpeed keeps its gradients out of .grad: there the loss is checked.
+        # The gradients once a step, at its last micro-batch: a micro-batch's non-finite gradient stays non-finite
+        # in the accumulated sum, and reading every gradient at every micro-batch cost a pass over the weights each.
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self.state.global_step + 1, "loss", loss.item())
-        grads = [param.grad for param in model.parameters() if param.grad is not None]
+        grads = [param.grad for param in model.parameters()
+                 if param.grad is not None] if self.accelerator.sync_gradients else []
         if grads and not torch.isfinite(norm := torch.nn.utils.get_total_norm(grads)):
             raise NonFiniteLossError(self.state.global_step + 1, "gradient norm", norm.item())
         return loss
@@ -674,7 +694,9 @@ class ArchLMTrainer(Trainer):
                 if "loss" in logs:
                     logs.update(callback.metrics(self.args, self.state))
             elif isinstance(callback, RouterStatsCallback) and "loss" in logs:
-                logs.update(callback.metrics())
+                metrics = callback.metrics()
+                self._history_only.pending["expert_tokens"] = metrics.pop("expert_tokens", None)
+                logs.update(metrics)
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
             if self.characters_per_token:

@@ -22,11 +22,13 @@ import torch
 from conftest import TINY_MODEL, load_script
 from datasets import Dataset
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import archlm.train
 from archlm import ArchLMConfig, ArchLMForCausalLM, parse_config_overrides
 from archlm.training import (
     ArchLMTrainer,
+    NonFiniteLossError,
     ThroughputCallback,
     TrainingLogCallback,
     measure_peak_tflops,
@@ -320,6 +322,35 @@ def test_routing_bias_moves_once_per_optimizer_step_from_every_micro_batch(tmp_p
     picked = torch.cat(chosen).reshape(-1)
     assert (picked == 2).sum() == picked.numel() // 2 and not (picked == 0).any()  # the router's fixed choice
     torch.testing.assert_close(block.e_score_correction_bias[[0, 2]], torch.tensor([-10 + 3 * rate, 10 - 3 * rate]))
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(tmp_path):
+    """A gradient that overflows in the first micro-batch of step 2 (of 2 accumulated): the loss stays finite, the
+    accumulated gradient does not, and the run stops naming step 2 before its optimizer step moves a weight."""
+    from transformers import TrainingArguments
+
+    config = ArchLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    model = ArchLMForCausalLM(config)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 50, (16, 8)).tolist()}).map(
+        lambda row: {"labels": row["input_ids"]})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=4, save_strategy="no", disable_tqdm=True)
+    backwards = []
+
+    def overflow_the_third(grad):  # micro-batches 1-2 make step 1; the third is step 2's first
+        backwards.append(1)
+        return torch.full_like(grad, float("inf")) if len(backwards) == 3 else grad
+
+    model.model.norm.weight.register_hook(overflow_the_third)
+    trainer = ArchLMTrainer(model=model, args=args, train_dataset=data)
+    before = {}
+    trainer.add_callback(type("Keep", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: before.update(
+        {name: param.detach().clone() for name, param in model.named_parameters()})})())
+    with pytest.raises(NonFiniteLossError, match="the gradient norm of step 2 is inf"):
+        trainer.train()
+    assert len(backwards) == 4 and trainer.state.global_step == 1
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name  # step 2 changed nothing
 
 
 def test_evaluation_of_a_mixture_reports_the_cross_entropy_alone(tmp_path):
@@ -742,12 +773,32 @@ def test_report_to_wandb_logs_the_run_offline(tmp_path, monkeypatch):
     assert b"train/loss" in runs[0].read_bytes()
 
 
+class LogsSeen(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
 def test_mixture_of_experts_logs_the_aux_loss_and_the_tokens_routed_to_each_expert(tmp_path):
     """The mixtral preset trains with the load-balancing loss on (output_router_logits unless overridden), and every
-    logged step records it with the tokens each layer's experts received and the imbalance."""
+    logged step records it with the tokens each layer's experts received and the imbalance. The per-expert counts go
+    to training_log.json only: the other callbacks (the console, TensorBoard) get the scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seen = LogsSeen()
     out = train("--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4", "--max_steps", "4",
-                "--logging_steps", "2", "--output_dir", str(tmp_path / "moe"))
+                "--logging_steps", "2", "--report_to", "tensorboard", "--output_dir", str(tmp_path / "moe"),
+                callbacks=[seen])
+    step_logs = [logs for logs in seen.logs if "loss" in logs]
+    assert len(step_logs) == 2 and all("aux_loss" in logs and "expert_imbalance" in logs for logs in step_logs)
+    assert not any("expert_tokens" in logs for logs in seen.logs)
+    accumulator = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    accumulator.Reload()
+    assert {"train/aux_loss", "train/expert_imbalance"} <= set(accumulator.Tags()["scalars"])
     log = read_log(out)
+    assert len(log["steps"]) == 2
     assert log["config"]["output_router_logits"] is True and "MoE4x2" in log["architecture_name"]
     tokens_per_interval = 2 * 4 * 32  # steps x batch x block
     for step in log["steps"]:
