@@ -220,6 +220,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
+    # dots.llm1: DeepSeek-V3's mixture on Qwen3's attention. 32 narrow experts, top-6 by sigmoid scores (x 2.5),
+    # an ungated shared expert twice their width, the first layer dense; balanced by routing biases moved after each
+    # step (auxiliary-loss-free, DeepSeek-V3's rate) with a small load-balancing loss beside them.
+    "dots1": dict(
+        _LLAMA_LIKE,
+        head_dim=64,
+        qk_norm=True,
+        norm_eps=1e-6,
+        num_experts=32,
+        num_experts_per_tok=6,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=512,
+        shared_expert_gated=False,
+        mlp_only_layers=[0],
+        router_scoring="sigmoid",
+        routed_scaling_factor=2.5,
+        router_bias_update_rate=0.001,
+        router_aux_loss_coef=0.0001,
+        router_weights_fp32=True,
+    ),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(
         vocab_size=32000,
@@ -467,6 +487,15 @@ class ArchLMConfig(PreTrainedConfig):
     # auxiliary-loss-free balancing (DeepSeek-V3, which used 1e-3): a routing bias per expert, moved by this after each
     # optimizer step toward the less-loaded experts (ArchLMTrainer does it: archlm.routing.RouterBiasCallback); 0: no bias
     router_bias_update_rate: float | int = 0.0
+    # DeepSeek-V3's router (dots.llm1): "sigmoid" scores each expert on its own, in float32, and always has the routing
+    # bias above (zeros, moved only with a rate); the top-k weights are the scores, renormalised with norm_topk_prob
+    router_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    routed_scaling_factor: float | int = 1.0  # the routed experts' weights x this (DeepSeek-V3: 2.5)
+    # group-limited routing (DeepSeek-V3): the experts in n_group groups, each token choosing its top-k among the
+    # topk_group groups whose two best scores sum highest; 1 group: no limit
+    n_group: int = 1
+    topk_group: int = 1
+    shared_expert_gated: bool = True  # the shared expert behind Qwen2-MoE's sigmoid gate; False: added as is (DeepSeek)
     output_router_logits: bool = False  # return the router logits and add the auxiliary losses to the loss
     # --- provenance ---
     converted_from: str | None = None  # the transformers class archlm.convert imported this model from; exports prefer it
@@ -600,17 +629,23 @@ class ArchLMConfig(PreTrainedConfig):
         """Mixture of experts: sizes, a top-k within the experts, layer choices that exist, finite coefficients."""
         self._check_sizes()
         # the values are checked in a dense config too: a bad one is a typo there, and would bite once experts are on
-        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "n_group",
+                     "topk_group"):
             value = getattr(self, name)
-            if (value is not None or name in ("num_experts_per_tok", "decoder_sparse_step")) and (
+            if (value is not None or name != "num_experts" and name != "moe_intermediate_size") and (
                     not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        scale = self.routed_scaling_factor
+        if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"`routed_scaling_factor` must be a finite number > 0 (DeepSeek-V3: 2.5), got {scale!r}.")
         if self.num_experts is None:
-            for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0)):
+            for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
+                                ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
+                                ("topk_group", 1), ("shared_expert_gated", True)):
                 if getattr(self, name) != unset:
                     raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
                                      "dense (num_experts=None): set num_experts too.")
@@ -623,6 +658,10 @@ class ArchLMConfig(PreTrainedConfig):
         shared = self.shared_expert_intermediate_size
         if shared is not None and (not isinstance(shared, int) or isinstance(shared, bool) or shared <= 0):
             raise ValueError(f"`shared_expert_intermediate_size` must be a positive integer or None, got {shared!r}.")
+        if not self.shared_expert_gated and shared is None:
+            raise ValueError("`shared_expert_gated`=False is for a shared expert, but there is none: set "
+                             "shared_expert_intermediate_size too.")
+        self._check_groups()
         layers = self.mlp_only_layers or []
         if not all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in layers):
             raise ValueError(
@@ -634,6 +673,19 @@ class ArchLMConfig(PreTrainedConfig):
                 f"mlp_only_layers={self.mlp_only_layers}, {self.num_hidden_layers} layers); set num_experts=None for a "
                 "dense model."
             )
+
+    def _check_groups(self):
+        groups, chosen, experts = self.n_group, self.topk_group, self.num_experts
+        if experts % groups or not 1 <= chosen <= groups:
+            raise ValueError(f"`n_group`={groups} and `topk_group`={chosen}: the {experts} experts must split into "
+                             f"n_group equal groups, and 1 <= topk_group <= n_group.")
+        per_group = experts // groups
+        if groups > 1 and per_group < 2:
+            raise ValueError(f"`n_group`={groups} leaves {per_group} expert a group: a group is scored by its two best "
+                             "experts, so each needs at least 2.")
+        if self.num_experts_per_tok > chosen * per_group:
+            raise ValueError(f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be at most the experts of the "
+                             f"topk_group={chosen} groups a token may use ({chosen} x {per_group}).")
 
     def layer_is_sparse(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has a mixture of experts (Qwen-MoE's rule: every decoder_sparse_step-th layer,
@@ -830,7 +882,10 @@ class ArchLMConfig(PreTrainedConfig):
         scope = QK_NORM_SCOPES[self.qk_norm_scope][0]
         rows = [
             (bool(self.num_experts), f"MoE{self.num_experts}x{self.num_experts_per_tok}"
-             + ("+Shared" if self.shared_expert_intermediate_size else "")
+             + ("" if not self.shared_expert_intermediate_size else "+Shared" if self.shared_expert_gated
+                else "+SharedUngated")
+             + ("+Sigmoid" if self.router_scoring == "sigmoid" else "")
+             + (f"+Group{self.n_group}top{self.topk_group}" if self.n_group > 1 else "")
              + ("+RouterBias" if self.router_bias_update_rate else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
             (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
@@ -898,9 +953,14 @@ class ArchLMConfig(PreTrainedConfig):
              if self.use_parallel_residual else "sequential (attention, then MLP)"),
             ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),
             ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
-                         f"{' renormalised' if self.norm_topk_prob else ''}{' (mixed in fp32)' if self.router_weights_fp32 else ''}"
+                         f" by {self.router_scoring}"
+                         + (f" within {self.topk_group} of {self.n_group} groups" if self.n_group > 1 else "")
+                         + f"{' renormalised' if self.norm_topk_prob else ''}"
+                         + (f" x {self.routed_scaling_factor}" if self.routed_scaling_factor != 1 else "")
+                         + f"{' (mixed in fp32)' if self.router_weights_fp32 else ''}"
                          f", in {sparse} of {self.num_hidden_layers} layers"
-                         + (f", shared expert {self.shared_expert_intermediate_size}" if self.shared_expert_intermediate_size else "")
+                         + (f", shared expert {self.shared_expert_intermediate_size}"
+                            + ("" if self.shared_expert_gated else " (ungated)") if self.shared_expert_intermediate_size else "")
                          + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}"
                          + (f", bias update rate {self.router_bias_update_rate}" if self.router_bias_update_rate else ""))
              if self.num_experts else "-"),

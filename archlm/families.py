@@ -19,6 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    Dots1Config,
+    Dots1ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -223,7 +225,8 @@ NEUTRAL = {
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
     "attn_logit_softcapping": None, "final_logit_softcapping": None,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
-    "router_bias_update_rate": 0.0,
+    "router_bias_update_rate": 0.0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
+    "topk_group": 1, "shared_expert_gated": True,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
@@ -234,9 +237,15 @@ _RELEVANT = {
     "_shared_expert": lambda config: config.num_experts,
     "_dense_layers": lambda config: config.num_experts,
     "router_bias_update_rate": lambda config: config.num_experts,
+    "router_scoring": lambda config: config.num_experts,
+    "routed_scaling_factor": lambda config: config.num_experts,
+    "n_group": lambda config: config.num_experts,
+    "topk_group": lambda config: config.num_experts and config.n_group > 1,
+    "shared_expert_gated": lambda config: config.num_experts and config.shared_expert_intermediate_size,
 }
-# Dropped on export with a warning: inference is unchanged (dropout is off), training the export further is not
-DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef", "z_loss_coef")
+# Dropped on export with a warning: inference is unchanged (they act in training only), training the export further
+# is not (router_bias_update_rate: the biases it moved are exported, only their further moves are lost)
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef", "z_loss_coef", "router_bias_update_rate")
 
 
 def _facets(config: ArchLMConfig) -> dict:
@@ -253,7 +262,13 @@ def _facets(config: ArchLMConfig) -> dict:
         "_rope_theta": (first_rope or {}).get("rope_theta"),
         "_rope_type": (first_rope or {}).get("rope_type", "default"),
         "_dense_layers": sum(not config.layer_is_sparse(i) for i in range(layers)),
+        # DeepSeek-V3 and dots.llm1 keep their dense layers first (first_k_dense_replace) and size their shared
+        # expert as n_shared_experts x moe_intermediate_size
+        "_dense_layers_first": [config.layer_is_sparse(i) for i in range(layers)] == sorted(
+            config.layer_is_sparse(i) for i in range(layers)),
         "_shared_expert": bool(config.shared_expert_intermediate_size),
+        "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
+        % config.moe_intermediate_size == 0,
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
         and config.head_dim == default_head_dim else "explicit",
@@ -338,8 +353,8 @@ class Family:
         for name in DROPPED_ON_EXPORT:
             if getattr(config, name) and name not in self.fields:
                 logger.warning(
-                    "%s has no `%s`; exporting without it (%s=%s). Inference logits are unchanged (dropout is off in "
-                    "eval), but training the exported model further runs without this dropout.",
+                    "%s has no `%s`; exporting without it (%s=%s). Inference logits are unchanged (it acts in "
+                    "training only), but training the exported model further runs without it.",
                     self.name, name, name, getattr(config, name),
                 )
         fields = {**_shared_fields(config), **{theirs: copy.deepcopy(getattr(config, ours)) for ours, theirs in self.fields.items()}}
@@ -791,4 +806,29 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]
+FAMILY_LIST.append(Family(
+    # DeepSeek-V3's mixture (sigmoid router with its bias, group-limited top-k, scaled weights, an ungated shared
+    # expert, dense layers first) on Qwen3's attention; as in transformers, no load-balancing loss
+    Dots1ForCausalLM, Dots1Config,
+    fields={**_LLAMA_FIELDS, **{name: name for name in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                                                        "n_group", "topk_group", "routed_scaling_factor")},
+            "num_experts": "n_routed_experts", "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias"},
+    fixed=dict(qk_norm=True, router_scoring="sigmoid", shared_expert_gated=False),
+    allows={"attention_output_bias": ANY, "_dense_layers": ANY, "_layer_types": ANY, "_shared_expert": ANY,
+            "router_bias_update_rate": ANY},
+    requires={"hidden_act": LLAMA_ACTIVATIONS, "_shared_expert": {True}, "_shared_expert_whole": {True},
+              "_dense_layers_first": {True}},
+    import_fields=lambda native: dict(
+        _native_layer_types(native), head_dim=_head_dim(native), attention_output_bias=native.attention_bias,
+        mlp_only_layers=list(range(native.first_k_dense_replace or 0)) or None,
+        shared_expert_intermediate_size=(native.n_shared_experts or 0) * native.moe_intermediate_size or None,
+        router_weights_fp32=True, router_aux_loss_coef=0.0, output_router_logits=False),
+    export_fields=lambda config: dict(
+        head_dim=config.head_dim, attention_bias=_any_bias(config), hidden_act="silu",
+        sliding_window=config.sliding_window, layer_types=list(config.layer_types),
+        n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
+        first_k_dense_replace=sum(not config.layer_is_sparse(i) for i in range(config.num_hidden_layers))),
+    renames=(Rename("model.layers.{i}.mlp.gate.e_score_correction_bias", "model.layers.{i}.mlp.e_score_correction_bias"),
+             Rename("model.layers.{i}.mlp.shared_experts.", "model.layers.{i}.mlp.shared_expert.")),
+))
 FAMILIES: dict[type[PreTrainedModel], Family] = {family.model_class: family for family in FAMILY_LIST}

@@ -617,11 +617,22 @@ class ArchLMExperts(nn.Module):
         return self.grouped(hidden_states, top_k_index, top_k_weights)
 
 
-class ArchLMSparseMoeBlock(nn.Module):
-    """A router (`gate`) sends each token to its top-k experts, their outputs weighted by the router's softmax
-    (renormalised over the k with `norm_topk_prob`); Qwen2-MoE adds an always-on shared expert behind a sigmoid gate.
+class Float32Linear(nn.Linear):
+    """A Linear computed in float32 at least, whatever the model's dtype (DeepSeek-V3's router: sigmoid scores of bf16
+    logits would tie and round before they are compared with each other and the routing bias)."""
 
-        x ──► gate ──► softmax ──► top-k ──► experts ──┐
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden_states.to(dtype), self.weight.to(dtype), bias)
+
+
+class ArchLMSparseMoeBlock(nn.Module):
+    """A router (`gate`) sends each token to its top-k experts, their outputs weighted by the router's scores
+    (softmax, or DeepSeek-V3's sigmoid; renormalised over the k with `norm_topk_prob`, x routed_scaling_factor);
+    Qwen2-MoE adds an always-on shared expert behind a sigmoid gate, DeepSeek-V3 one without.
+
+        x ──► gate ──► softmax | sigmoid ──► top-k ──► experts ──┐
         └───────────► shared_expert * sigmoid(shared_expert_gate(x)) ──► + ──►
     """
 
@@ -629,28 +640,39 @@ class ArchLMSparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.router_weights_fp32 = config.router_weights_fp32
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.sigmoid, self.scale = config.router_scoring == "sigmoid", config.routed_scaling_factor
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        router = Float32Linear if self.sigmoid else nn.Linear
+        self.gate = router(config.hidden_size, config.num_experts, bias=False)
         self.experts = ArchLMExperts(config)
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP_CLASSES[config.mlp_type](config, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            if config.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.bias_update_rate = config.router_bias_update_rate
-        if self.bias_update_rate:
+        if self.bias_update_rate or self.sigmoid:
             # DeepSeek-V3's auxiliary-loss-free balancing (its name): a bias per expert that enters the choice of
             # the top-k only, not the weights that mix their outputs; part of the model (saved, used in inference)
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
 
     def choose(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing: (T, E) logits -> the top-k experts' weights (float32) and indices, each (T, k)."""
-        probabilities = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        if self.bias_update_rate:
-            top_k_index = (probabilities + self.e_score_correction_bias.float()).topk(self.top_k, dim=-1).indices
-            top_k_weights = probabilities.gather(-1, top_k_index)
+        if self.sigmoid:
+            scores = torch.sigmoid(router_logits.float())
         else:
-            top_k_weights, top_k_index = probabilities.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return top_k_weights, top_k_index
+            scores = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        bias = getattr(self, "e_score_correction_bias", None)
+        for_choice = scores if bias is None else scores + bias.float()
+        if self.n_group > 1:  # only the experts of each token's topk_group best groups stay candidates
+            groups = for_choice.unflatten(-1, (self.n_group, -1))  # (T, G, E/G)
+            best_groups = groups.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_group, dim=-1).indices
+            kept = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(-1, best_groups, True)
+            for_choice = groups.masked_fill(~kept.unsqueeze(-1), float("-inf")).flatten(-2)
+        top_k_index = for_choice.topk(self.top_k, dim=-1).indices
+        top_k_weights = scores.gather(-1, top_k_index)
+        if self.norm_topk_prob:  # (+ 1e-20: sigmoid scores can all underflow to 0)
+            top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return top_k_weights * self.scale if self.scale != 1 else top_k_weights, top_k_index
 
     @torch.no_grad()
     def update_routing_bias(self, expert_tokens: torch.Tensor) -> None:
@@ -667,8 +689,10 @@ class ArchLMSparseMoeBlock(nn.Module):
         top_k_weights, top_k_index = self.choose(router_logits)
         weights = top_k_weights if self.router_weights_fp32 else top_k_weights.to(hidden_states.dtype)
         output = self.experts(hidden_states, top_k_index, weights).to(hidden_states.dtype)
-        if hasattr(self, "shared_expert"):
+        if hasattr(self, "shared_expert_gate"):
             output = output + torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        elif hasattr(self, "shared_expert"):
+            output = output + self.shared_expert(hidden_states)
         return output.view(shape), router_logits
 
 
@@ -871,7 +895,7 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 inv_freq, _ = module.frequencies(layer_type)
                 init.copy_(getattr(module, f"{prefix}inv_freq"), inv_freq)
                 init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
-        elif isinstance(module, ArchLMSparseMoeBlock) and module.bias_update_rate:
+        elif isinstance(module, ArchLMSparseMoeBlock) and hasattr(module, "e_score_correction_bias"):
             init.zeros_(module.e_score_correction_bias)
         else:
             super()._init_weights(module)

@@ -323,8 +323,9 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **overrides)
         if not isinstance(config, ArchLMConfig):
             raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is a {type(config).__name__}, not an ArchLM model.")
-        if overrides.get("router_bias_update_rate", None) == 0 and AutoConfig.from_pretrained(
-                model_args.model_name_or_path).router_bias_update_rate:
+        # (a sigmoid router keeps its biases, fixed, at rate 0)
+        if overrides.get("router_bias_update_rate", None) == 0 and config.router_scoring == "softmax" and \
+                AutoConfig.from_pretrained(model_args.model_name_or_path).router_bias_update_rate:
             # the model routes with its learned biases; a model without them would route (and compute) differently
             raise ValueError(f"--config_overrides router_bias_update_rate=0 would drop the routing biases "
                              f"(e_score_correction_bias) {model_args.model_name_or_path!r} learned and change its "

@@ -20,6 +20,8 @@ from test_convert import (  # noqa: F401 (report_parity_errors: the module's aut
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    Dots1Config,
+    Dots1ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -124,6 +126,13 @@ MOE_CASES = {
     "olmoe-fullwidthqknorm-clipqkv-top3": (OlmoeForCausalLM, lambda: OlmoeConfig(
         **dict(GQA, pad_token_id=0), num_experts=5, clip_qkv=0.5, **dict(EXPERTS, num_experts_per_tok=3)),
         ("eager", "sdpa")),
+    # DeepSeek-V3's mixture: sigmoid router + bias, top-3 within 2 of 4 groups, weights x 2.5, an ungated shared
+    # expert of 2 x the experts' width, the first layer dense, the last one sliding (it has no load-balancing loss)
+    "dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding": (Dots1ForCausalLM, lambda: Dots1Config(
+        **dict(GQA, num_hidden_layers=3), n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=2,
+        n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, sliding_window=4, max_window_layers=2, output_router_logits=True),
+        ("eager", "sdpa")),
 }
 FAMILY_CASES.update(MOE_CASES)
 PARAMETERS = [(case, implementation) for case, (_, _, implementations) in FAMILY_CASES.items()
@@ -134,6 +143,10 @@ def build(case: str, attn_implementation: str):
     model_class, make_config, _ = FAMILY_CASES[case]
     torch.manual_seed(0)
     model = randomised(model_class._from_config(make_config(), attn_implementation=attn_implementation))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # routing biases that change the choice
+                buffer.normal_(0.0, 0.1)
     return model
 
 
@@ -189,6 +202,7 @@ PRESET_FAMILIES = {
     "pythia": "GPTNeoXForCausalLM", "phi2": "PhiForCausalLM", "gptj": "GPTJForCausalLM", "cohere": "CohereForCausalLM",
     "stablelm": "StableLmForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "granite": "GraniteForCausalLM",
     "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "dots1": "Dots1ForCausalLM",
 }
 
 
@@ -247,12 +261,12 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_mixtures_are_bit_identical_in_bfloat16(case):
-    """In bf16 every rounding counts: Mixtral mixes its experts' outputs with float32 weights (summed in float32),
+    """In bf16 every rounding counts: Mixtral and dots.llm1 mix their experts' outputs with float32 weights,
     Qwen3-MoE and OLMoE cast the weights to bf16 first; the import keeps each family's choice (router_weights_fp32),
     so logits and greedy tokens are identical, the one-token decoding path included."""
     reference = build(case, "sdpa").to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
-    assert converted.config.router_weights_fp32 == (case.startswith("mixtral"))
+    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1"))
     inputs = batch(left_padding=False)
     with torch.no_grad():
         assert torch.equal(converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits)

@@ -345,15 +345,21 @@ def test_fsdp2_on_two_cpu_processes_saves_tied_embeddings_once(tmp_path):
     check_full_state_dict(out, log)
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_mixture_of_experts_trains_under_zero_and_reloads_every_expert(tmp_path, zero):
+# dots1: a sigmoid router in float32 (its own forward, which ZeRO-3 must gather for), an ungated shared expert, the
+# first of 3 layers dense
+MOE_RUNS = {"mixtral": TINY_MODEL, "dots1": TINY_MODEL.replace("num_hidden_layers=2", "num_hidden_layers=3")
+            + ",num_experts_per_tok=2,moe_intermediate_size=16,shared_expert_intermediate_size=32"}
+
+
+@pytest.mark.parametrize("preset, zero", [("mixtral", "zero2"), ("mixtral", "zero3"), ("dots1", "zero3")])
+def test_mixture_of_experts_trains_under_zero_and_reloads_every_expert(tmp_path, preset, zero):
     """The mixtral preset (stacked 3-D expert weights, a router per layer) under ZeRO-2 and ZeRO-3 on 2 processes:
     the load-balancing loss and the tokens per expert are logged at every step, and the saved folder reloads in a
     fresh process with every parameter (ZeRO-3 gathers the partitioned expert tensors on save). The routing bias
     (router_bias_update_rate) moves at every step from both processes' counts (summed across them) and is saved."""
     out = tmp_path / zero
     rate = 0.01
-    run(torchrun(), "--preset", "mixtral", "--config_overrides", f"{TINY_MODEL},num_experts=4,router_bias_update_rate={rate}",
+    run(torchrun(), "--preset", preset, "--config_overrides", f"{MOE_RUNS[preset]},num_experts=4,router_bias_update_rate={rate}",
         "--max_steps", "3", "--output_dir", str(out), "--deepspeed", str(DEEPSPEED / f"{zero}.json"),
         name=f"torchrun + {zero}.json, MoE")
     check_distributed(out, "DEEPSPEED", "DeepSpeedEngine")

@@ -14,16 +14,25 @@ from archlm import ArchLMConfig, ArchLMForCausalLM
 # mixture of experts
 # ------------------------------------------------------------------------------------------------
 def reference_moe(block, hidden_states):
-    """The sparse block written token by token: softmax, top-k, (renormalise), sum of the chosen experts' MLPs."""
+    """The sparse block written token by token: softmax (or sigmoid) scores, top-k (within the best groups),
+    (renormalise), x the scale, sum of the chosen experts' MLPs, + the shared expert (gated or not)."""
     experts = block.experts
     outputs = []
     for token in hidden_states.reshape(-1, hidden_states.shape[-1]):
-        probabilities = torch.softmax(block.gate(token).float(), dim=-1)
+        logits = block.gate(token).float()
+        probabilities = torch.sigmoid(logits) if block.sigmoid else torch.softmax(logits, dim=-1)
         # a routing bias (DeepSeek-V3) enters the choice of the experts, not their weights
-        chosen = (probabilities + getattr(block, "e_score_correction_bias", 0.0)).topk(block.top_k).indices
+        for_choice = probabilities + getattr(block, "e_score_correction_bias", 0.0)
+        if block.n_group > 1:  # the experts of the topk_group groups whose two best scores sum highest
+            groups = for_choice.view(block.n_group, -1)
+            best = set(groups.topk(2).values.sum(-1).topk(block.topk_group).indices.tolist())
+            for_choice = torch.cat([group if g in best else torch.full_like(group, -torch.inf)
+                                    for g, group in enumerate(groups)])
+        chosen = for_choice.topk(block.top_k).indices
         weights = probabilities[chosen]
         if block.norm_topk_prob:
             weights = weights / weights.sum()
+        weights = weights * block.scale
         total = torch.zeros_like(token)
         for weight, expert in zip(weights, chosen):
             if experts.gated:
@@ -41,8 +50,10 @@ def reference_moe(block, hidden_states):
             if hasattr(experts, "down_proj_bias"):
                 out = out + experts.down_proj_bias[expert]
             total = total + weight.to(token.dtype) * out
-        if hasattr(block, "shared_expert"):
+        if hasattr(block, "shared_expert_gate"):
             total = total + torch.sigmoid(block.shared_expert_gate(token)) * block.shared_expert(token)
+        elif hasattr(block, "shared_expert"):
+            total = total + block.shared_expert(token)
         outputs.append(total)
     return torch.stack(outputs).view(hidden_states.shape)
 
@@ -54,7 +65,10 @@ def reference_moe(block, hidden_states):
     dict(num_experts=4, num_experts_per_tok=1, mlp_type="standard", hidden_act="gelu", mlp_bias=True),
     dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True),
     dict(num_experts=6, num_experts_per_tok=2, router_bias_update_rate=1e-3),
-], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias"])
+    dict(num_experts=8, num_experts_per_tok=3, router_scoring="sigmoid", n_group=4, topk_group=2,
+         routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False),
+], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias",
+        "sigmoid-groups-scaled-ungatedshared"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -67,7 +81,7 @@ def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     with torch.no_grad():
         if hasattr(block, "e_score_correction_bias"):  # large enough to change which experts are chosen
             unbiased = block.choose(block.gate(hidden_states.reshape(-1, 32)))[1]
-            block.e_score_correction_bias.copy_(torch.linspace(0.3, -0.3, 6))
+            block.e_score_correction_bias.copy_(torch.linspace(0.3, -0.3, overrides["num_experts"]))
             assert not torch.equal(block.choose(block.gate(hidden_states.reshape(-1, 32)))[1], unbiased) or shape == (1, 1)
         output, router_logits = block(hidden_states)
         expected = reference_moe(block, hidden_states)
@@ -76,8 +90,11 @@ def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
 
 
 @pytest.mark.parametrize("overrides", [dict(num_experts=6, num_experts_per_tok=3),
-                                       dict(num_experts=4, num_experts_per_tok=2, mlp_type="standard", mlp_bias=True)],
-                         ids=["gated-top3", "standard-bias-top2"])
+                                       dict(num_experts=4, num_experts_per_tok=2, mlp_type="standard", mlp_bias=True),
+                                       dict(num_experts=8, num_experts_per_tok=2, router_scoring="sigmoid", n_group=2,
+                                            topk_group=1, routed_scaling_factor=2.0, norm_topk_prob=False,
+                                            shared_expert_intermediate_size=8, shared_expert_gated=False)],
+                         ids=["gated-top3", "standard-bias-top2", "sigmoid-groups-scaled-ungatedshared"])
 def test_sparse_block_gradients_equal_routing_token_by_token(overrides):
     """The backward of the grouped path (gather, grouped matmuls, the permutation back, the sum over k): gradients of
     the input, the router and every expert tensor equal the token-by-token reference's, in float64."""
@@ -186,6 +203,16 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(shared_expert_intermediate_size=12), ["shared_expert_intermediate_size", "dense", "num_experts"]),
     (dict(router_bias_update_rate=0.01), ["router_bias_update_rate", "dense", "num_experts"]),
     (dict(num_experts=6, num_local_experts=4), ["num_experts`=6", "num_local_experts`=4", "disagree"]),
+    # DeepSeek-V3's routing
+    (dict(num_experts=4, router_scoring="tanh"), ["router_scoring", "tanh", "sigmoid"]),
+    (dict(num_experts=4, routed_scaling_factor=0), ["routed_scaling_factor", "0"]),
+    (dict(num_experts=6, n_group=4), ["n_group`=4", "6 experts", "equal groups"]),
+    (dict(num_experts=8, n_group=8), ["n_group`=8", "at least 2"]),
+    (dict(num_experts=8, n_group=4, topk_group=5), ["topk_group`=5", "topk_group <= n_group"]),
+    (dict(num_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), ["num_experts_per_tok", "topk_group=1"]),
+    (dict(num_experts=4, shared_expert_gated=False), ["shared_expert_gated", "shared_expert_intermediate_size"]),
+    (dict(router_scoring="sigmoid"), ["router_scoring", "dense", "num_experts"]),
+    (dict(n_group=0), ["n_group", "0"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:
@@ -199,3 +226,32 @@ def test_mixtral_name_for_the_expert_count_is_accepted():
     assert ArchLMConfig.from_preset("mixtral", num_local_experts=4).num_experts == 4  # the preset has 8
     with pytest.raises(ValueError, match="`num_experts`=6 and `num_local_experts`=4"):
         ArchLMConfig.from_preset("mixtral", num_local_experts=4, num_experts=6)
+
+
+def test_a_sigmoid_router_keeps_its_bias_at_rate_zero_computes_in_float32_and_exports_to_dots1(tmp_path):
+    """DeepSeek-V3's router: its routing bias exists (and is saved) without a rate, its logits are float32 in a
+    bfloat16 model, and the model exports to dots.llm1's class; a gated shared expert has no native family there."""
+    overrides = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, router_scoring="sigmoid",
+                     n_group=2, topk_group=1, shared_expert_intermediate_size=32, qk_norm=True)
+    config = tiny_config(**overrides, shared_expert_gated=False)
+    assert "-MoE8x2+SharedUngated+Sigmoid+Group2top1" in config.architecture_name
+    assert "top-2 by sigmoid within 1 of 2 groups" in config.summary() and "(ungated)" in config.summary()
+    model = build(config)
+    block = model.model.layers[1].mlp
+    assert not hasattr(block, "shared_expert_gate") and block.e_score_correction_bias.tolist() == [0.0] * 8
+    with torch.no_grad():
+        block.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    model.save_pretrained(tmp_path)
+    loaded = ArchLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    torch.testing.assert_close(loaded.model.layers[1].mlp.e_score_correction_bias, block.e_score_correction_bias)
+    assert loaded.model.layers[1].mlp.gate(torch.ones(1, 32, dtype=torch.bfloat16)).dtype == torch.float32
+    from archlm.convert import to_transformers
+
+    native = to_transformers(model.eval())
+    assert type(native).__name__ == "Dots1ForCausalLM" and native.config.n_shared_experts == 2
+    ids = torch.randint(3, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    gated = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=r"nearest is Dots1ForCausalLM.*\n.*`shared_expert_gated`=True"):
+        to_transformers(build(gated))
