@@ -27,6 +27,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTJConfig,
@@ -806,29 +808,57 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]
-FAMILY_LIST.append(Family(
-    # DeepSeek-V3's mixture (sigmoid router with its bias, group-limited top-k, scaled weights, an ungated shared
-    # expert, dense layers first) on Qwen3's attention; as in transformers, no load-balancing loss
-    Dots1ForCausalLM, Dots1Config,
-    fields={**_LLAMA_FIELDS, **{name: name for name in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                                                        "n_group", "topk_group", "routed_scaling_factor")},
-            "num_experts": "n_routed_experts", "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias"},
-    fixed=dict(qk_norm=True, router_scoring="sigmoid", shared_expert_gated=False),
-    allows={"attention_output_bias": ANY, "_dense_layers": ANY, "_layer_types": ANY, "_shared_expert": ANY,
-            "router_bias_update_rate": ANY},
+# DeepSeek-V3's mixture: a sigmoid router with its bias, group-limited top-k, scaled weights, an ungated shared expert
+# of n_shared_experts x the experts' width, the dense layers first; as in transformers, no load-balancing loss
+_DEEPSEEK_MOE = dict(
+    fields={**{name: name for name in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "n_group",
+                                       "topk_group", "routed_scaling_factor")}, "num_experts": "n_routed_experts"},
+    fixed=dict(router_scoring="sigmoid", shared_expert_gated=False),
+    allows={"_dense_layers": ANY, "_shared_expert": ANY, "router_bias_update_rate": ANY},
     requires={"hidden_act": LLAMA_ACTIVATIONS, "_shared_expert": {True}, "_shared_expert_whole": {True},
               "_dense_layers_first": {True}},
-    import_fields=lambda native: dict(
-        _native_layer_types(native), head_dim=_head_dim(native), attention_output_bias=native.attention_bias,
-        mlp_only_layers=list(range(native.first_k_dense_replace or 0)) or None,
-        shared_expert_intermediate_size=(native.n_shared_experts or 0) * native.moe_intermediate_size or None,
-        router_weights_fp32=True, router_aux_loss_coef=0.0, output_router_logits=False),
-    export_fields=lambda config: dict(
-        head_dim=config.head_dim, attention_bias=_any_bias(config), hidden_act="silu",
-        sliding_window=config.sliding_window, layer_types=list(config.layer_types),
-        n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
-        first_k_dense_replace=sum(not config.layer_is_sparse(i) for i in range(config.num_hidden_layers))),
     renames=(Rename("model.layers.{i}.mlp.gate.e_score_correction_bias", "model.layers.{i}.mlp.e_score_correction_bias"),
              Rename("model.layers.{i}.mlp.shared_experts.", "model.layers.{i}.mlp.shared_expert.")),
-))
+)
+
+
+def _deepseek_moe_import(native: PreTrainedConfig) -> dict:
+    return dict(head_dim=_head_dim(native), mlp_only_layers=list(range(native.first_k_dense_replace or 0)) or None,
+                shared_expert_intermediate_size=(native.n_shared_experts or 0) * native.moe_intermediate_size or None,
+                router_weights_fp32=True, router_aux_loss_coef=0.0, output_router_logits=False)
+
+
+def _deepseek_moe_export(config: ArchLMConfig) -> dict:
+    return dict(head_dim=config.head_dim, hidden_act="silu",
+                n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
+                first_k_dense_replace=sum(not config.layer_is_sparse(i) for i in range(config.num_hidden_layers)))
+
+
+FAMILY_LIST += [
+    Family(  # dots.llm1: DeepSeek-V3's mixture on Qwen3's attention
+        Dots1ForCausalLM, Dots1Config,
+        fields={**_LLAMA_FIELDS, **_DEEPSEEK_MOE["fields"], "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias"},
+        fixed=dict(_DEEPSEEK_MOE["fixed"], qk_norm=True),
+        allows={**_DEEPSEEK_MOE["allows"], "attention_output_bias": ANY, "_layer_types": ANY},
+        requires=_DEEPSEEK_MOE["requires"],
+        import_fields=lambda native: dict(_deepseek_moe_import(native), **_native_layer_types(native),
+                                          attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(_deepseek_moe_export(config), attention_bias=_any_bias(config),
+                                          sliding_window=config.sliding_window, layer_types=list(config.layer_types)),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+    Family(  # GLM-4.5 / 4.6: DeepSeek-V3's mixture on attention with partial rotary (NeoX's), q/k/v biases, qk norm
+        Glm4MoeForCausalLM, Glm4MoeConfig,
+        fields={**_LLAMA_FIELDS, **_DEEPSEEK_MOE["fields"], "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
+                "qk_norm": "use_qk_norm"},
+        fixed=dict(_DEEPSEEK_MOE["fixed"], attention_output_bias=False),
+        allows={**_DEEPSEEK_MOE["allows"], **_PARTIAL_ROPE},
+        requires=_DEEPSEEK_MOE["requires"],
+        import_fields=_deepseek_moe_import,
+        # its config's partial_rotary_factor argument (default 0.5) would override the rope dict's
+        export_fields=lambda config: dict(_deepseek_moe_export(config),
+                                          partial_rotary_factor=config.rotary_dim() / config.head_dim),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+]
 FAMILIES: dict[type[PreTrainedModel], Family] = {family.model_class: family for family in FAMILY_LIST}

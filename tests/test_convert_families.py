@@ -28,6 +28,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
     GPTNeoXConfig,
@@ -132,6 +134,14 @@ MOE_CASES = {
         **dict(GQA, num_hidden_layers=3), n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=2,
         n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
         routed_scaling_factor=2.5, sliding_window=4, max_window_layers=2, output_router_logits=True),
+        ("eager", "sdpa")),
+    "glm4_moe-sigmoid-biased-rotary50-qkvbias-qknorm-2densefirst": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
+        **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
+        n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
+        attention_bias=True, use_qk_norm=True), ("eager", "sdpa")),
+    "glm4_moe-unnormalised-fullrotary-noqknorm": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
+        **dict(GQA, num_hidden_layers=2), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2,
+        num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False, partial_rotary_factor=1.0),
         ("eager", "sdpa")),
 }
 FAMILY_CASES.update(MOE_CASES)
@@ -261,12 +271,12 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_mixtures_are_bit_identical_in_bfloat16(case):
-    """In bf16 every rounding counts: Mixtral and dots.llm1 mix their experts' outputs with float32 weights,
+    """In bf16 every rounding counts: Mixtral, dots.llm1 and GLM-4.5 mix their experts' outputs with float32 weights,
     Qwen3-MoE and OLMoE cast the weights to bf16 first; the import keeps each family's choice (router_weights_fp32),
     so logits and greedy tokens are identical, the one-token decoding path included."""
     reference = build(case, "sdpa").to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
-    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1"))
+    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe"))
     inputs = batch(left_padding=False)
     with torch.no_grad():
         assert torch.equal(converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits)
