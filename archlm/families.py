@@ -37,6 +37,10 @@ from transformers import (
     GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
+    GraniteMoeSharedConfig,
+    GraniteMoeSharedForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -808,6 +812,51 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]
+# Granite's multipliers on Mixtral's mixture (top-k weights: a softmax over the k logits, i.e. renormalised); the
+# Shared variant adds an ungated shared MLP whose gate and up rows are one matrix
+_GRANITE_MOE_FIELDS = {
+    **{key: value for key, value in _LLAMA_FIELDS.items() if key != "intermediate_size"}, **_EXPERT_FIELDS,
+    "num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size", "norm_eps": "rms_norm_eps",
+    "attention_bias": "attention_bias", **{name: name for name in ("embedding_multiplier", "residual_multiplier",
+                                                                   "attention_multiplier", "logits_scaling")}}
+_GRANITE_MOE = dict(
+    fixed=dict(norm_topk_prob=True),
+    requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+    import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size,
+                                      output_router_logits=native.output_router_logits),
+    # the shared MLP's before the block's: on export the first rename that matches a key wins
+    renames=(Rename("model.layers.{i}.shared_mlp.input_linear.", "model.layers.{i}.mlp.shared_expert.input_linear."),
+             Rename("model.layers.{i}.shared_mlp.output_linear.", "model.layers.{i}.mlp.shared_expert.down_proj."),
+             Rename("model.layers.{i}.block_sparse_moe.router.", "model.layers.{i}.mlp.gate."),
+             Rename("model.layers.{i}.block_sparse_moe.", "model.layers.{i}.mlp.")),
+)
+
+
+def _granite_moe_export(config: ArchLMConfig) -> dict:
+    # Granite's attention_multiplier is the whole score scale (its default 1.0 is no 1/sqrt(head_dim))
+    return dict(attention_bias=_any_bias(config), attention_multiplier=config.attention_scaling, hidden_act="silu")
+
+
+FAMILY_LIST += [
+    Family(GraniteMoeForCausalLM, GraniteMoeConfig, fields=_GRANITE_MOE_FIELDS,
+           allows={"attention_output_bias": ANY}, export_fields=_granite_moe_export, **_GRANITE_MOE),
+    Family(
+        GraniteMoeSharedForCausalLM, GraniteMoeSharedConfig, fields=_GRANITE_MOE_FIELDS,
+        fixed=dict(_GRANITE_MOE["fixed"], shared_expert_gated=False),
+        allows={"attention_output_bias": ANY, "_shared_expert": ANY},
+        requires=_GRANITE_MOE["requires"],
+        import_fields=lambda native: dict(_GRANITE_MOE["import_fields"](native),
+                                          shared_expert_intermediate_size=native.shared_intermediate_size or None),
+        export_fields=lambda config: dict(_granite_moe_export(config),
+                                          shared_intermediate_size=config.shared_expert_intermediate_size or 0),
+        renames=_GRANITE_MOE["renames"],
+        operations=(SplitRows("model.layers.{i}.mlp.shared_expert.input_linear",
+                              ("model.layers.{i}.mlp.shared_expert.gate_proj", "model.layers.{i}.mlp.shared_expert.up_proj"),
+                              lambda config: [config.shared_expert_intermediate_size] * 2),),
+    ),
+]
+
+
 # DeepSeek-V3's mixture: a sigmoid router with its bias, group-limited top-k, scaled weights, an ungated shared expert
 # of n_shared_experts x the experts' width, the dense layers first; as in transformers, no load-balancing loss
 _DEEPSEEK_MOE = dict(
