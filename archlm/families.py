@@ -21,6 +21,8 @@ from transformers import (
     CohereForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    FlexOlmoConfig,
+    FlexOlmoForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -812,6 +814,22 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
 ]
+FAMILY_LIST.append(Family(
+    # FlexOlmo: OLMo 2's block (norms on each sublayer's output, full-width q/k norms) with OLMoE's experts
+    FlexOlmoForCausalLM, FlexOlmoConfig,
+    fields={**{key: value for key, value in _LLAMA_FIELDS.items() if key != "intermediate_size"}, **_EXPERT_FIELDS,
+            "moe_intermediate_size": "intermediate_size", "norm_topk_prob": "norm_topk_prob", "norm_eps": "rms_norm_eps",
+            "attention_bias": "attention_bias"},
+    fixed=dict(norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full"),
+    allows={"attention_output_bias": ANY},
+    requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+    import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size,
+                                      output_router_logits=native.output_router_logits),
+    export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
+    renames=_SANDWICH_NORMS,
+))
+
+
 # Granite's multipliers on Mixtral's mixture (top-k weights: a softmax over the k logits, i.e. renormalised); the
 # Shared variant adds an ungated shared MLP whose gate and up rows are one matrix
 _GRANITE_MOE_FIELDS = {
