@@ -603,7 +603,9 @@ class _HistoryOnly(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Trainer.log appended a copy of `logs` to the history, then calls the callbacks
-        state.log_history[-1].update({key: value for key, value in self.pending.items() if value is not None})
+        pending = {key: value for key, value in self.pending.items() if value is not None}
+        if pending and state.log_history:
+            state.log_history[-1].update(pending)
         self.pending = {}
 
 
