@@ -23,7 +23,15 @@ The first run's tokenizer is reused by the others, so every model sees the same 
 vocabulary decides the FLOPs of the output layer, so the tokenizer is trained here first, into OUTPUT_DIR/tokenizer,
 unless --tokenizer_name or a vocab_size override is given after `--`); every run's MFU is measured against one peak
 TFLOP/s, measured once here before the runs (or the --peak_tflops given after `--`). Flags after `--` are passed on
-to every train.py run, except those this script sets per run (PER_RUN_FLAGS). What can be checked without training is checked before the first run starts: the presets,
+to every train.py run, except those this script sets per run (PER_RUN_FLAGS); `--preset_overrides
+PRESET:FIELD=VALUE,...` adds config overrides for one preset's run on top of the shared --config_overrides (its
+fields win), e.g. mixtures of the same active width from presets whose experts differ:
+
+    python examples/compare_architectures.py --presets llama,mixtral,dots1 --max_steps 400 \
+        --preset_overrides "mixtral:moe_intermediate_size=256" \
+        --preset_overrides "dots1:num_experts=32,moe_intermediate_size=64,shared_expert_intermediate_size=128" \
+        -- --config_overrides "num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=512"
+ What can be checked without training is checked before the first run starts: the presets,
 the train.py flags, and the run folders, which must not hold an earlier run unless --overwrite is given.
 Without --presets, give run folders to compare:
 
@@ -267,13 +275,15 @@ def budget_tokenizer(model_args, data_args, overrides: dict):
 
 
 def flops_budget_steps(presets: list[str], budget: float, model_args, data_args, training_args,
-                       tokenizer) -> dict[str, tuple[int, float]]:
-    """Each preset's (steps, training FLOPs) within `budget`, from its config with the overrides and the tokenizer
-    on the meta device. Refuses a budget that buys some preset no step, or a block size a preset cannot take."""
+                       tokenizer, preset_overrides: dict[str, dict] | None = None) -> dict[str, tuple[int, float]]:
+    """Each preset's (steps, training FLOPs) within `budget`, from its config with the overrides (its own on top of
+    the shared ones) and the tokenizer on the meta device. Refuses a budget that buys some preset no step, or a
+    block size a preset cannot take."""
     overrides = parse_config_overrides(model_args.config_overrides)
     plan, refused = {}, []
     for preset in presets:
-        config = build_config(dataclasses.replace(model_args, preset=preset), overrides, tokenizer)
+        own = {**overrides, **(preset_overrides or {}).get(preset, {})}
+        config = build_config(dataclasses.replace(model_args, preset=preset), own, tokenizer)
         schedule = data_args.block_size_schedule
         largest = max(size for _, size in parse_block_size_schedule(schedule)) if schedule else None
         block_size = data_args.block_size or largest or min(1024, config.max_position_embeddings)  # as train.py's
@@ -314,6 +324,33 @@ def shared_peak_tflops(run_args, training_args) -> tuple[float, str]:
     return peak, source
 
 
+def parse_preset_overrides(values: list[str], presets: list[str]) -> dict[str, dict]:
+    """`--preset_overrides PRESET:FIELD=VALUE,...` (repeatable) -> {preset: overrides}; a ValueError names what is
+    wrong (a preset not in --presets or given twice, an unknown field)."""
+    parsed = {}
+    for value in values:
+        preset, sep, text = value.partition(":")
+        preset = preset.strip()
+        if not sep or not text.strip():
+            raise ValueError(f"--preset_overrides {value!r} is not 'PRESET:FIELD=VALUE,...' (e.g. "
+                             "\"dots1:num_experts=32,moe_intermediate_size=64\").")
+        if preset not in presets:
+            raise ValueError(f"--preset_overrides {value!r}: {preset!r} is not one of --presets ({', '.join(presets)}).")
+        if preset in parsed:
+            raise ValueError(f"--preset_overrides names {preset!r} twice: give its overrides in one list.")
+        parsed[preset] = parse_config_overrides(text)
+    return parsed
+
+
+def with_overrides(train_args: list[str], shared: str | None, extra: dict) -> list[str]:
+    """train.py's flags for a run with `extra` overrides on top of the shared --config_overrides: one merged
+    --config_overrides at the end (train.py's parser keeps the last), the extra fields winning."""
+    if not extra:
+        return train_args
+    merged = {**parse_config_overrides(shared), **extra}
+    return [*train_args, "--config_overrides", ",".join(f"{key}={json.dumps(value)}" for key, value in merged.items())]
+
+
 def run_command(preset: str, folder: Path, budget: list[str], seed: int, overwrite: bool, train_args: list[str]) -> list[str]:
     """One run's train.py flags: the per-run ones first (`budget`: --max_steps N or --max_train_seconds N), then
     those given after `--`."""
@@ -330,14 +367,15 @@ def run_budget(args: argparse.Namespace, steps: dict[str, tuple[int, float]], pr
 
 
 def train_presets(presets: list[str], output_dir: Path, budgets: dict[str, list[str]], seed: int, overwrite: bool,
-                  train_args: list[str], shared_tokenizer: bool) -> list[Path]:
+                  train_args: dict[str, list[str]], shared_tokenizer: bool) -> list[Path]:
     """Trains each preset with examples/train.py in its own process (so memory peaks are its own), with its budget
-    flags. With `shared_tokenizer`, the first run's tokenizer is given to the others."""
+    flags and its train.py flags (`train_args[preset]`). With `shared_tokenizer`, the first run's tokenizer is given
+    to the others."""
     folders, tokenizer = [], []
     for preset in presets:
         folder = output_dir / preset
         command = [sys.executable, str(TRAIN_SCRIPT),
-                   *run_command(preset, folder, budgets[preset], seed, overwrite, [*tokenizer, *train_args])]
+                   *run_command(preset, folder, budgets[preset], seed, overwrite, [*tokenizer, *train_args[preset]])]
         logger.info("Training %s: %s", preset, " ".join(command))
         result = subprocess.run(command)
         if result.returncode != 0:
@@ -413,6 +451,9 @@ def main(argv: list[str] | None = None) -> str:
     budget.add_argument("--budget_seconds", type=float,
                         help="Equal wall-clock: each run gets train.py's --max_train_seconds (training and "
                              "evaluations end within that many seconds).")
+    parser.add_argument("--preset_overrides", action="append", default=[], metavar="PRESET:FIELD=VALUE,...",
+                        help="Config overrides for one preset's run, on top of the --config_overrides after `--` (its "
+                             "fields win); repeat for other presets.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of every run (with --presets).")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/compare"), help="Where the table, plot and runs go.")
     parser.add_argument("--overwrite", action="store_true",
@@ -427,6 +468,8 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"flags for train.py ({' '.join(train_args)}) need --presets")
     if args.overwrite and not args.presets:
         parser.error("--overwrite replaces earlier runs of --presets: it needs --presets")
+    if args.preset_overrides and not args.presets:
+        parser.error("--preset_overrides changes runs of --presets: it needs --presets")
     check_budget(parser, args)
     if importlib.util.find_spec("matplotlib") is None:  # the plot comes last: find out before any training
         parser.error("the loss curves need matplotlib: pip install matplotlib")
@@ -442,21 +485,32 @@ def main(argv: list[str] | None = None) -> str:
         first = ["--max_steps", "1"] if args.budget_flops is not None else run_budget(args, {}, presets[0])
         model_args, data_args, run_args, training_args = check_train_flags(
             run_command(presets[0], args.output_dir / presets[0], first, args.seed, args.overwrite, train_args))
+        try:
+            overrides = parse_preset_overrides(args.preset_overrides, presets)
+            for preset, extra in overrides.items():  # each preset's config as its run builds it, before any run
+                build_config(dataclasses.replace(model_args, preset=preset),
+                             {**parse_config_overrides(model_args.config_overrides), **extra})
+        except SETUP_ERRORS as error:
+            parser.error(f"--preset_overrides: {error}")
+        run_args_of = {preset: with_overrides(train_args, model_args.config_overrides, overrides.get(preset, {}))
+                       for preset in presets}
         steps, tokenizer = {}, None
         if args.budget_flops is not None:
             try:
                 tokenizer = budget_tokenizer(model_args, data_args, parse_config_overrides(model_args.config_overrides))
-                steps = flops_budget_steps(presets, args.budget_flops, model_args, data_args, training_args, tokenizer)
+                steps = flops_budget_steps(presets, args.budget_flops, model_args, data_args, training_args, tokenizer,
+                                           overrides)
             except SETUP_ERRORS as error:
                 raise SystemExit(f"compare_architectures.py: error: {error}") from None
         peak, peak_source = shared_peak_tflops(run_args, training_args)
-        if run_args.peak_tflops is None:
-            train_args = [*train_args, "--peak_tflops", repr(peak)]  # repr: every run logs exactly this value
+        if run_args.peak_tflops is None:  # repr: every run logs exactly this value
+            run_args_of = {preset: [*flags, "--peak_tflops", repr(peak)] for preset, flags in run_args_of.items()}
         if tokenizer is not None and model_args.tokenizer_name is None:  # trained here: every run gets it
             tokenizer.save_pretrained(args.output_dir / "tokenizer")
-            train_args = ["--tokenizer_name", str(args.output_dir / "tokenizer"), *train_args]
+            run_args_of = {preset: ["--tokenizer_name", str(args.output_dir / "tokenizer"), *flags]
+                           for preset, flags in run_args_of.items()}
         folders = train_presets(presets, args.output_dir, {preset: run_budget(args, steps, preset) for preset in presets},
-                                args.seed, args.overwrite, train_args,
+                                args.seed, args.overwrite, run_args_of,
                                 shared_tokenizer=model_args.tokenizer_name is None and tokenizer is None)
         runs += [load_run(folder) for folder in folders]
         budget = budget_label(args)

@@ -108,6 +108,24 @@ REFUSED_UP_FRONT = {
     "misspelt-train-flag": (["--presets", "gpt2,llama", "--", "--max_stepz", "3"], "the train.py flags after `--`"),
     "bad-train-flag-value": (["--presets", "gpt2,llama", "--", "--peak_tflops", "0"], "--peak_tflops must be positive"),
     "run-folder-that-is-not-a-run": (["--presets", "gpt2", "{tmp}"], "holds no training_log.json"),
+    "preset-overrides-for-a-preset-not-compared": (["--presets", "gpt2,llama", "--preset_overrides", "mixtral:num_experts=4"],
+                                                   "'mixtral' is not one of --presets (gpt2, llama)"),
+    "preset-overrides-without-a-preset": (["--presets", "llama", "--preset_overrides", "num_experts=4"],
+                                          "is not 'PRESET:FIELD=VALUE,...'"),
+    "preset-overrides-twice-for-a-preset": (["--presets", "mixtral", "--preset_overrides", "mixtral:num_experts=4",
+                                             "--preset_overrides", "mixtral:num_experts_per_tok=1"], "names 'mixtral' twice"),
+    "preset-overrides-misspelt-field": (["--presets", "llama", "--preset_overrides", "llama:num_expert=4"],
+                                        "'num_expert' is not an ArchLMConfig field. Did you mean num_experts"),
+    # the preset's config with the shared and its own overrides is built before any run
+    "preset-overrides-that-make-a-bad-config": (["--presets", "llama,mixtral", "--preset_overrides",
+                                                 "mixtral:num_experts_per_tok=9"], "`num_experts_per_tok` (9) must be at most"),
+    "preset-overrides-without-presets": (["{tmp}", "--preset_overrides", "llama:num_experts=4"], "it needs --presets"),
+    # its own overrides count in its FLOPs: 64 experts of width 4,096, top-8, cost mixtral alone its step
+    "flops-with-preset-overrides-that-buy-no-step": (
+        ["--presets", "llama,mixtral", "--budget_flops", "1e9", "--preset_overrides",
+         "mixtral:num_experts=64,num_experts_per_tok=8,moe_intermediate_size=4096", "--", "--block_size", "32",
+         "--per_device_train_batch_size", "4", "--config_overrides", "vocab_size=300," + TINY_MODEL],
+        "buys these presets no training step:\n  mixtral: one step costs"),
 }
 
 
@@ -177,6 +195,38 @@ def test_compare_trains_presets_on_the_same_data_seed_budget_and_peak(tmp_path):
     logs = [json.loads((tmp_path / preset / "training_log.json").read_text()) for preset in ("gpt2", "llama")]
     assert [log["peak_tflops"] for log in logs] == [0.05, 0.05]
     assert "every run against the same peak, 0.05 TFLOP/s (given with --peak_tflops)." in (tmp_path / "comparison.md").read_text()
+
+
+def test_preset_overrides_merge_over_the_shared_ones_in_the_last_config_overrides():
+    """train.py's parser keeps the last --config_overrides: a preset's run gets one merged list at the end, its own
+    fields winning; a preset without overrides keeps the flags as given."""
+    from archlm.train import parse_args as parse_train_args
+
+    shared = "num_hidden_layers=2,hidden_size=32,mlp_only_layers=[0]"
+    flags = ["--config_overrides", shared, "--block_size", "32"]
+    assert compare.with_overrides(flags, shared, {}) is flags
+    merged = compare.with_overrides(flags, shared, {"hidden_size": 64, "router_scoring": "sigmoid", "num_experts": 4})
+    model_args = parse_train_args(["--preset", "dots1", "--output_dir", "x", *merged])[0]
+    from archlm.configuration_archlm import parse_config_overrides
+
+    assert parse_config_overrides(model_args.config_overrides) == {
+        "num_hidden_layers": 2, "hidden_size": 64, "mlp_only_layers": [0], "router_scoring": "sigmoid", "num_experts": 4}
+
+
+@pytest.mark.slow
+def test_preset_overrides_train_each_preset_with_its_own_fields_on_the_shared_ones(tmp_path):
+    """A dense model and a mixture of the same active width: the mixture's expert fields go to its run only."""
+    command = [sys.executable, str(COMPARE_SCRIPT), "--presets", "llama,mixtral", "--max_steps", "2", "--seed", "0",
+               "--preset_overrides", "mixtral:num_experts=4,moe_intermediate_size=16", "--output_dir", str(tmp_path),
+               "--", *TINY_TRAIN_FLAGS, "--peak_tflops", "0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    dense, mixture = (json.loads((tmp_path / preset / "training_log.json").read_text())["config"]
+                      for preset in ("llama", "mixtral"))
+    assert (mixture["num_experts"], mixture["moe_intermediate_size"], mixture["hidden_size"]) == (4, 16, 32)
+    assert dense["num_experts"] is None and dense["hidden_size"] == 32 and dense["vocab_size"] == mixture["vocab_size"]
+    assert "MoE4x2" in (tmp_path / "comparison.md").read_text()
 
 
 def test_steps_within_a_flops_budget_follow_the_block_size_schedule():

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # How comparison.md and loss_curves.png here were made (2 CPU cores, fp32): a dense model, Mixtral's mixture and
 # DeepSeek-V3's (the dots1 preset) with the same active MLP width (512), trained on the same data, seed and steps.
-# compare_architectures.py gives every preset the same --config_overrides, and the mixtures need different expert
-# sizes, so dots1 trains with train.py beside them (the same flags, its tokenizer and peak) and the three run
-# folders are compared afterwards.
+# The mixtures need different expert sizes; this was run before compare_architectures.py had --preset_overrides,
+# so dots1 trains with train.py beside them (the same flags, the first run's tokenizer and peak) and the three run
+# folders are compared afterwards. Today one compare_architectures.py call with --preset_overrides does the same.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/moe_vs_dense_deepseek}
