@@ -240,6 +240,8 @@ def tiny_version(config: ArchLMConfig) -> ArchLMConfig:
         small["sliding_window"] = 8
     small.pop("auto_map", None)
     small["head_dim"] = 16
+    if config.kv_lora_rank:  # latent attention at the same small widths
+        small.update(kv_lora_rank=32, q_lora_rank=24 if config.q_lora_rank else None, qk_nope_head_dim=16, v_head_dim=16)
     rope = small.get("rope_parameters") or {}
     for params in [rope[key] for key in PER_LAYER_KEYS if key in rope] or [rope]:
         if params.get("rope_type") == "longrope":  # one factor per rotated channel pair

@@ -240,6 +240,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         router_aux_loss_coef=0.0001,
         router_weights_fp32=True,
     ),
+    # DeepSeek-V3: the dots1 mixture with group-limited routing (top-6 within 2 of 4 groups) on multi-head latent
+    # attention (a 256-wide key/value latent, what the cache holds, and a 384-wide query latent; per head 64 channels
+    # without rope + 32 with DeepSeek's interleaved rope, values 64).
+    "deepseek_v3": dict(
+        _LLAMA_LIKE,
+        num_key_value_heads=None,  # as many as heads (the latent expands into each), also when heads are overridden
+        kv_lora_rank=256,
+        q_lora_rank=384,
+        qk_nope_head_dim=64,
+        head_dim=32,
+        v_head_dim=64,
+        rope_interleaved=True,
+        norm_eps=1e-6,
+        num_experts=32,
+        num_experts_per_tok=6,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=512,
+        shared_expert_gated=False,
+        mlp_only_layers=[0],
+        router_scoring="sigmoid",
+        routed_scaling_factor=2.5,
+        router_bias_update_rate=0.001,
+        router_aux_loss_coef=0.0001,
+        router_weights_fp32=True,
+    ),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(
         vocab_size=32000,
@@ -451,6 +478,14 @@ class ArchLMConfig(PreTrainedConfig):
     sliding_window: int | None = None  # sliding layers attend to at most this many tokens, themselves included (Mistral)
     attention_bias: bool = False  # bias on q/k/v projections
     attention_output_bias: bool | None = None  # bias on o_proj; None: same as attention_bias (Qwen2: q/k/v only)
+    # multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank is set: keys and values come from one
+    # compressed latent of kv_lora_rank per token (what the cache holds) plus one rotary key of head_dim shared by the
+    # heads; each head's query and key are qk_nope_head_dim without rope + head_dim with it, its value v_head_dim.
+    # q_lora_rank: queries through a latent of that rank too (None: one q_proj)
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
     mlp_bias: bool = False  # bias on the MLP projections
     lm_head_bias: bool = False  # bias on the output projection (Phi, GPT-J)
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix
@@ -583,6 +618,45 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
                 f"({self.num_key_value_heads}): each key/value head serves a whole group of query heads."
             )
+
+    def validate_latent_attention(self):
+        """Multi-head latent attention: positive ranks and widths, on rope, and none of the options of ArchLM's other
+        attention (they act on per-head keys that this one builds from the latent)."""
+        self._check_sizes()
+        fields = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        for name in fields:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if self.kv_lora_rank is None:
+            given = [name for name in fields[1:] if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"`{given[0]}`={getattr(self, given[0])} is for multi-head latent attention: set "
+                                 "kv_lora_rank too (DeepSeek-V3: 512).")
+            return
+        missing = [name for name in ("qk_nope_head_dim", "v_head_dim") if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"multi-head latent attention (kv_lora_rank={self.kv_lora_rank}) needs `{missing[0]}` "
+                             "(DeepSeek-V3: qk_nope_head_dim=128, v_head_dim=128; head_dim is the rope part, 64).")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(f"multi-head latent attention expands its latent into every head: `num_key_value_heads` "
+                             f"({self.num_key_value_heads}) must equal `num_attention_heads` ({self.num_attention_heads}).")
+        rotary = self.position_embedding_type == "rope" and self.rotary_dim() / self.head_dim
+        refused = [
+            (self.position_embedding_type != "rope", "position_embedding_type", self.position_embedding_type, "'rope'"),
+            (self.learned_position_embeddings, "learned_position_embeddings", True, "False"),
+            (rotary not in (False, 1.0), "partial_rotary_factor", rotary, "1.0 (head_dim is the rope part)"),
+            (bool(self.no_rope_layers) and 0 in self.no_rope_layers, "no_rope_layers", self.no_rope_layers,
+             "rope in every layer"),
+            (self.qk_norm, "qk_norm", True, "False"), (self.clip_qkv is not None, "clip_qkv", self.clip_qkv, "None"),
+            (self.sub_layernorm, "sub_layernorm", True, "False"),
+            ("sliding_attention" in self.layer_types, "layer_types", self.layer_types, "full attention in every layer"),
+            (self.attn_logit_softcapping is not None, "attn_logit_softcapping", self.attn_logit_softcapping, "None"),
+            (self.query_pre_attn_scalar is not None, "query_pre_attn_scalar", self.query_pre_attn_scalar, "None")]
+        for condition, name, value, allowed in refused:
+            if condition:
+                raise ValueError(f"`{name}`={value!r} does not combine with multi-head latent attention "
+                                 f"(kv_lora_rank={self.kv_lora_rank}): it needs {allowed}.")
 
     def validate_layer_type(self):
         """transformers' check (known names, one per layer), then: only full and sliding layers, and a window for
@@ -830,6 +904,14 @@ class ArchLMConfig(PreTrainedConfig):
         """The factor on q . k before softmax."""
         if self.attention_multiplier is not None:
             return float(self.attention_multiplier)
+        if self.kv_lora_rank:  # latent attention: over the whole query (its rope and no-rope parts), times YaRN's
+            # mscale squared where the rope dict sets mscale_all_dim (DeepSeek-V3)
+            params = next(iter(self.rope_parameters_by_layer_type().values()), None) or {}
+            scale = float(self.qk_nope_head_dim + self.head_dim) ** -0.5
+            factor, mscale = params.get("factor", 1.0), params.get("mscale_all_dim", 0)
+            if params.get("rope_type", "default") != "default" and mscale and factor > 1:
+                scale *= (0.1 * mscale * math.log(factor) + 1.0) ** 2
+            return scale
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     # ----------------------------------------------------------------------------------------
@@ -887,6 +969,7 @@ class ArchLMConfig(PreTrainedConfig):
              + ("+Sigmoid" if self.router_scoring == "sigmoid" else "")
              + (f"+Group{self.n_group}top{self.topk_group}" if self.n_group > 1 else "")
              + ("+RouterBias" if self.router_bias_update_rate else "")),
+            (bool(self.kv_lora_rank), f"MLA{self.kv_lora_rank}" + (f"q{self.q_lora_rank}" if self.q_lora_rank else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
             (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
             (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
@@ -949,6 +1032,9 @@ class ArchLMConfig(PreTrainedConfig):
             ("parameters", f"{total:,}" + (f" ({active:,} active per token)" if active != total else "")),
             ("layers x hidden", f"{self.num_hidden_layers} x {self.hidden_size}"),
             ("heads (q / kv) x head_dim", f"{self.num_attention_heads} / {self.num_key_value_heads} x {self.head_dim}"),
+            ("latent attention", (f"kv latent {self.kv_lora_rank}, q " + (f"latent {self.q_lora_rank}" if self.q_lora_rank
+                                  else "projected") + f"; per head q/k {self.qk_nope_head_dim} + {self.head_dim} rope, "
+                                  f"v {self.v_head_dim}") if self.kv_lora_rank else "-"),
             ("block", ("parallel attention + MLP, " + ("one shared norm" if self.parallel_shared_norm else "a norm each"))
              if self.use_parallel_residual else "sequential (attention, then MLP)"),
             ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),

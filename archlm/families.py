@@ -19,6 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
     FlexOlmoConfig,
@@ -234,7 +236,7 @@ NEUTRAL = {
     "attn_logit_softcapping": None, "final_logit_softcapping": None,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
     "router_bias_update_rate": 0.0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
-    "topk_group": 1, "shared_expert_gated": True,
+    "topk_group": 1, "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
@@ -912,6 +914,18 @@ FAMILY_LIST += [
                                           attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(_deepseek_moe_export(config), attention_bias=_any_bias(config),
                                           sliding_window=config.sliding_window, layer_types=list(config.layer_types)),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+    Family(  # DeepSeek-V3 (and Kimi K2): its mixture on multi-head latent attention, rope over head_dim channels
+        DeepseekV3ForCausalLM, DeepseekV3Config,
+        fields={**_LLAMA_FIELDS, **_DEEPSEEK_MOE["fields"], "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
+                "head_dim": "qk_rope_head_dim", "rope_interleaved": "rope_interleave",
+                **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
+        fixed=_DEEPSEEK_MOE["fixed"],
+        allows={**_DEEPSEEK_MOE["allows"], "attention_output_bias": ANY},
+        requires=_DEEPSEEK_MOE["requires"],
+        import_fields=lambda native: dict(_deepseek_moe_import(native), attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(_deepseek_moe_export(config), attention_bias=_any_bias(config)),
         renames=_DEEPSEEK_MOE["renames"],
     ),
     Family(  # GLM-4.5 / 4.6: DeepSeek-V3's mixture on attention with partial rotary (NeoX's), q/k/v biases, qk norm

@@ -300,7 +300,8 @@ def eager_attention_forward(
     probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value.unsqueeze(2))  # (B, nkv, g, T, hd)
-    output = output.view(batch, num_heads, query_length, head_dim).transpose(1, 2).contiguous()  # (B, T, nh, hd)
+    # (B, T, nh, hd of the values: latent attention's differ from its queries')
+    output = output.view(batch, num_heads, query_length, value.shape[-1]).transpose(1, 2).contiguous()
     return output, probs.view(batch, num_heads, query_length, key_length)
 
 
@@ -422,6 +423,112 @@ class ArchLMAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
         return self.o_proj(self.sub_layernorm(attn_output)), attn_weights
+
+
+def rotate_pairs_deinterleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The interleaved rotation (pairs (0,1), (2,3), ... each by one frequency) with DeepSeek's output layout: the
+    pairs' first channels, then their second. q and k get the same layout, so q . k is the rotation's; cos/sin come
+    in the interleaved layout (f0 f0 f1 f1 ...)."""
+    cos, sin = cos[..., ::2].unsqueeze(1), sin[..., ::2].unsqueeze(1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# DeepSeek's latent norms take RMSNorm's default epsilon whatever rms_norm_eps says
+LATENT_NORM_EPS = 1e-6
+
+
+class ArchLMLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): each token's keys and values come from one latent of
+    kv_lora_rank numbers (what the cache holds: kv_lora_rank + head_dim a token and layer, where ArchLMAttention
+    holds 2 x kv heads x head_dim) and a rotary key of head_dim shared by every head.
+
+        q:  x ─► q_proj, or q_a_proj ─► q_a_layernorm ─► q_b_proj ─► per head [q_nope | q_rope]
+        kv: x ─► kv_a_proj_with_mqa ─► [latent | k_rope];  latent ─► kv_a_layernorm ─► (cache) ─► kv_b_proj ─►
+            per head [k_nope | v]
+        per head: q = [q_nope | rope(q_rope)], k = [k_nope | rope(k_rope)], scores over qk_nope_head_dim + head_dim
+    """
+
+    def __init__(self, config: ArchLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        heads, self.kv_lora_rank = config.num_attention_heads, config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_head_dim = config.qk_nope_head_dim, config.head_dim, config.v_head_dim
+        self.head_dim = self.nope_dim + self.rope_dim  # of q and k
+        self.num_key_value_groups = 1  # the latent expands into every head's key and value
+        self.scaling = config.attention_scaling
+        self.attention_dropout = config.attention_dropout
+        self.sliding_window = None
+        self.is_causal = True
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, heads * self.head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = ArchLMRMSNorm(config.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, heads * self.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim,
+                                            bias=config.attention_bias)
+        self.kv_a_layernorm = ArchLMRMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, config.hidden_size, bias=config.attention_output_bias)
+        self.o_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
+
+    def score_flops(self, seq_len: int) -> float:
+        """FLOPs per token of QK^T (over qk_nope_head_dim + head_dim) and AV (over v_head_dim) at context `seq_len`;
+        a causal query sees (seq_len + 1) / 2 keys on average."""
+        return 2 * self.config.num_attention_heads * (self.head_dim + self.v_head_dim) * (seq_len + 1) / 2
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for name in ("alibi_slopes", "query_start"):  # ArchLMAttention's: this one is on rope only
+            kwargs.pop(name, None)
+        batch, length = hidden_states.shape[:-1]
+        if hasattr(self, "q_proj"):
+            query_states = self.q_proj(hidden_states)
+        else:
+            query_states = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query_states = query_states.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, qk)
+        q_nope, q_rope = query_states.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        # both as one-head 4-D states, so that every cache layout holds them as it holds keys and values
+        latent = self.kv_a_layernorm(latent).view(batch, 1, length, self.kv_lora_rank)
+        k_rope = k_rope.view(batch, 1, length, self.rope_dim)
+        cos, sin = position_embeddings
+        if self.config.rope_interleaved:
+            q_rope, k_rope = rotate_pairs_deinterleaved(q_rope, cos, sin), rotate_pairs_deinterleaved(k_rope, cos, sin)
+        else:
+            q_rope, k_rope = apply_rotary_pos_emb(q_rope, k_rope, cos, sin)
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+
+        keys = latent.shape[2]
+        expanded = self.kv_b_proj(latent).view(batch, keys, -1, self.nope_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, value_states = expanded.split([self.nope_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        query_states = torch.cat((q_nope, q_rope), dim=-1)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, length, -1).contiguous()  # (B, T, nh * v)
+        return self.o_proj(attn_output), attn_weights
 
 
 # ------------------------------------------------------------------------------------------------
@@ -735,7 +842,7 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         self.parallel = config.use_parallel_residual
         self.shared_norm = config.use_parallel_residual and config.parallel_shared_norm
         self.residual_multiplier = config.residual_multiplier
-        self.self_attn = ArchLMAttention(config, layer_idx)
+        self.self_attn = (ArchLMLatentAttention if config.kv_lora_rank else ArchLMAttention)(config, layer_idx)
         self.mlp = ArchLMSparseMoeBlock(config) if config.layer_is_sparse(layer_idx) else MLP_CLASSES[config.mlp_type](config)
         hidden, position = config.hidden_size, config.norm_position
         inputs, outputs = position in ("pre", "sandwich"), position in ("sandwich", "sublayer_output")

@@ -92,6 +92,19 @@ NEW_OPTIONS = {
                                           attn_logit_softcapping=2.0, layer_types=SLIDING_THEN_FULL, sliding_window=3),
     "experts-routing-bias": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  router_bias_update_rate=0.01),
+    "experts-sigmoid-groups-ungated-shared": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                  router_scoring="sigmoid", n_group=2, topk_group=1,
+                                                  routed_scaling_factor=2.0, shared_expert_intermediate_size=16,
+                                                  shared_expert_gated=False),
+    # multi-head latent attention: rope only, every head its own expanded key and value
+    "latent-attention-q-latent-interleaved": dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, v_head_dim=12,
+                                                  head_dim=8, num_key_value_heads=4, position_embedding_type="rope",
+                                                  qk_norm=False, rope_interleaved=True),
+    "latent-attention-q-projected-yarn": dict(kv_lora_rank=8, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+                                              num_key_value_heads=4, position_embedding_type="rope", qk_norm=False,
+                                              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                               "factor": 4.0, "mscale_all_dim": 1.0,
+                                                               "original_max_position_embeddings": 16}),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

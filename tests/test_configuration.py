@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import TINY, VALIDATION_ERRORS, tiny_config
+from conftest import HALF_ROPE, TINY, VALIDATION_ERRORS, tiny_config
 from transformers import AutoConfig, LlamaConfig
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -518,6 +518,18 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=4,
           layer_types=["full_attention", "sliding_attention"]), ["rope_parameters", "sliding_attention"]),
     (dict(rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e4}}), ["full_attention", "factor"]),
+    # multi-head latent attention
+    (dict(kv_lora_rank=0), ["kv_lora_rank", "0"]),
+    (dict(q_lora_rank=8), ["q_lora_rank", "latent attention", "kv_lora_rank"]),
+    (dict(kv_lora_rank=16, v_head_dim=8), ["qk_nope_head_dim"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=2),
+     ["num_key_value_heads", "(2)", "num_attention_heads", "(4)"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, qk_norm=True), ["qk_norm", "latent attention"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, position_embedding_type="alibi"),
+     ["position_embedding_type", "'alibi'", "'rope'"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=HALF_ROPE),
+     ["partial_rotary_factor", "0.5"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, sliding_window=4), ["layer_types", "full attention"]),
 ])
 def test_bad_values_of_the_new_options_are_refused_naming_the_field(overrides, fragments):
     assert_refused(overrides, *fragments)

@@ -20,6 +20,8 @@ from test_convert import (  # noqa: F401 (report_parity_errors: the module's aut
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
     FlexOlmoConfig,
@@ -149,6 +151,21 @@ MOE_CASES = {
         n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
         routed_scaling_factor=2.5, sliding_window=4, max_window_layers=2, output_router_logits=True),
         ("eager", "sdpa")),
+    # and on multi-head latent attention: a query latent, DeepSeek's interleaved rope; then a projected query with
+    # YaRN (mscale_all_dim scales the scores), attention biases
+    "deepseek_v3-mla-qlatent-interleavedrope-groups-densefirst": (DeepseekV3ForCausalLM, lambda: DeepseekV3Config(
+        **dict(TINY, num_hidden_layers=3, num_key_value_heads=4), n_routed_experts=8, moe_intermediate_size=16,
+        n_shared_experts=1, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12), ("eager", "sdpa")),
+    "deepseek_v3-mla-qprojected-yarn-mscale-bias": (DeepseekV3ForCausalLM, lambda: DeepseekV3Config(
+        **dict(TINY, num_key_value_heads=4), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2,
+        n_group=1, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False, kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rope_interleave=False, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                         "beta_slow": 1}), ("eager", "sdpa")),
     "glm4_moe-sigmoid-biased-rotary50-qkvbias-qknorm-2densefirst": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
         n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
@@ -226,7 +243,7 @@ PRESET_FAMILIES = {
     "pythia": "GPTNeoXForCausalLM", "phi2": "PhiForCausalLM", "gptj": "GPTJForCausalLM", "cohere": "CohereForCausalLM",
     "stablelm": "StableLmForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "granite": "GraniteForCausalLM",
     "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-    "dots1": "Dots1ForCausalLM",
+    "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -300,7 +317,7 @@ def test_mixtures_are_bit_identical_in_bfloat16(case):
     bound, for the reasons given there)."""
     reference = build(case, "sdpa").to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
-    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe"))
+    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3"))
     inputs = batch(left_padding=False)
     with torch.no_grad():
         actual, expected = converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits
