@@ -79,6 +79,13 @@ _PARALLEL_LAYERNORM = dict(
     attention_bias=True,
     mlp_bias=True,
 )
+# DeepSeek-V3's mixture at the presets' size: 32 narrow experts, top-6 by sigmoid scores (x 2.5), an ungated shared
+# expert twice their width, the first layer dense; balanced by routing biases moved after each step
+# (auxiliary-loss-free, DeepSeek-V3's rate) with a small load-balancing loss beside them
+_DEEPSEEK_MOE = dict(num_experts=32, num_experts_per_tok=6, moe_intermediate_size=256,
+                     shared_expert_intermediate_size=512, shared_expert_gated=False, mlp_only_layers=[0],
+                     router_scoring="sigmoid", routed_scaling_factor=2.5, router_bias_update_rate=0.001,
+                     router_aux_loss_coef=0.0001, router_weights_fp32=True)
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (124M): learned positions, LayerNorm, GELU MLP, biases everywhere, tied head.
     "gpt2": dict(
@@ -220,27 +227,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
-    # dots.llm1: DeepSeek-V3's mixture on Qwen3's attention. 32 narrow experts, top-6 by sigmoid scores (x 2.5),
-    # an ungated shared expert twice their width, the first layer dense; balanced by routing biases moved after each
-    # step (auxiliary-loss-free, DeepSeek-V3's rate) with a small load-balancing loss beside them.
-    "dots1": dict(
-        _LLAMA_LIKE,
-        head_dim=64,
-        qk_norm=True,
-        norm_eps=1e-6,
-        num_experts=32,
-        num_experts_per_tok=6,
-        moe_intermediate_size=256,
-        shared_expert_intermediate_size=512,
-        shared_expert_gated=False,
-        mlp_only_layers=[0],
-        router_scoring="sigmoid",
-        routed_scaling_factor=2.5,
-        router_bias_update_rate=0.001,
-        router_aux_loss_coef=0.0001,
-        router_weights_fp32=True,
-    ),
-    # DeepSeek-V3: the dots1 mixture with group-limited routing (top-6 within 2 of 4 groups) on multi-head latent
+    # dots.llm1: DeepSeek-V3's mixture on Qwen3's attention.
+    "dots1": dict(_LLAMA_LIKE, head_dim=64, qk_norm=True, norm_eps=1e-6, **_DEEPSEEK_MOE),
+    # DeepSeek-V3: its mixture with group-limited routing (top-6 within 2 of 4 groups) on multi-head latent
     # attention (a 256-wide key/value latent, what the cache holds, and a 384-wide query latent; per head 64 channels
     # without rope + 32 with DeepSeek's interleaved rope, values 64).
     "deepseek_v3": dict(
@@ -253,19 +242,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         v_head_dim=64,
         rope_interleaved=True,
         norm_eps=1e-6,
-        num_experts=32,
-        num_experts_per_tok=6,
         n_group=4,
         topk_group=2,
-        moe_intermediate_size=256,
-        shared_expert_intermediate_size=512,
-        shared_expert_gated=False,
-        mlp_only_layers=[0],
-        router_scoring="sigmoid",
-        routed_scaling_factor=2.5,
-        router_bias_update_rate=0.001,
-        router_aux_loss_coef=0.0001,
-        router_weights_fp32=True,
+        **_DEEPSEEK_MOE,
     ),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(

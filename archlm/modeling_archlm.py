@@ -305,6 +305,15 @@ def eager_attention_forward(
     return output, probs.view(batch, num_heads, query_length, key_length)
 
 
+def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function the config names (eager_attention_forward unless another is set), with the module's
+    scale and dropout; (B, nh, T, hd) states in, (B, T, nh, hd of the values) out."""
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    return interface(module, query, key, value, attention_mask, dropout=module.attention_dropout if module.training else 0.0,
+                     scaling=module.scaling, **kwargs)
+
+
 def qk_norm_shapes(config: ArchLMConfig) -> tuple:
     """Weight shapes of q_norm and k_norm for `qk_norm_scope`: (hd,) shared by the heads, (heads, hd) one per head,
     or (heads * hd,) over the whole projection."""
@@ -407,20 +416,8 @@ class ArchLMAttention(nn.Module):
             )
         if config.attn_logit_softcapping is not None:
             kwargs["softcap"] = config.attn_logit_softcapping
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask,
+                                           sliding_window=self.sliding_window, **kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
         return self.o_proj(self.sub_layernorm(attn_output)), attn_weights
 
@@ -514,19 +511,7 @@ class ArchLMLatentAttention(nn.Module):
         k_nope, value_states = expanded.split([self.nope_dim, self.v_head_dim], dim=-1)
         key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         query_states = torch.cat((q_nope, q_rope), dim=-1)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, **kwargs)
         attn_output = attn_output.reshape(batch, length, -1).contiguous()  # (B, T, nh * v)
         return self.o_proj(attn_output), attn_weights
 
