@@ -431,7 +431,7 @@ def rotate_pairs_deinterleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-# DeepSeek's latent norms take RMSNorm's default epsilon whatever rms_norm_eps says
+# DeepSeek's latent norms: RMSNorms with RMSNorm's default epsilon, whatever norm_type and norm_eps say
 LATENT_NORM_EPS = 1e-6
 
 
