@@ -804,3 +804,20 @@ def test_regional_compilation_traces_every_architecture_option_with_the_eager_re
             failures[name] = f"{type(error).__name__}: {str(error)[:300]}"
     torch._dynamo.reset()
     assert not failures, failures
+
+
+def test_latent_attention_caches_the_latent_and_one_rotary_key_not_the_expanded_heads():
+    """Multi-head latent attention's memory saving is its cache: per token and layer kv_lora_rank + head_dim numbers
+    (16 + 8 here), where the 4 heads' expanded keys and values would take 4 x (16 + 8) + 4 x 12. Decoding from that
+    cache gives the full forward's logits."""
+    config = tiny_config(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=16, v_head_dim=12, head_dim=8)
+    model = build(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        prefix = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:], past_key_values=prefix.past_key_values, use_cache=True)
+    for layer in step.past_key_values.layers:
+        assert layer.keys.shape == (2, 1, 7, 16) and layer.values.shape == (2, 1, 7, 8)
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    assert "-MLA16q12" in config.architecture_name and "kv latent 16, q latent 12" in config.summary()
