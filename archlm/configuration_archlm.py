@@ -685,7 +685,7 @@ class ArchLMConfig(PreTrainedConfig):
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "n_group",
                      "topk_group"):
             value = getattr(self, name)
-            if (value is not None or name != "num_experts" and name != "moe_intermediate_size") and (
+            if (value is not None or name not in ("num_experts", "moe_intermediate_size")) and (
                     not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
