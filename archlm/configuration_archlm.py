@@ -164,31 +164,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
     ),
-    # OLMo: LayerNorm without parameters (eps 1e-5), SwiGLU, no biases.
-    "olmo": dict(_LLAMA_LIKE, vocab_size=50304, norm_type="layernorm_noaffine", norm_eps=1e-5,
+    # OLMo: LayerNorm without parameters (eps 1e-5), SwiGLU, no biases (rope in float32, as OLMo rounds it).
+    "olmo": dict(_LLAMA_LIKE, vocab_size=50304, norm_type="layernorm_noaffine", norm_eps=1e-5, rope_precision="float32",
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None,
                  eos_token_id=50279, pad_token_id=1),
-    # OLMo 2: norms on the sublayers' outputs only, q/k RMSNorm over their full width.
+    # OLMo 2: norms on the sublayers' outputs only, q/k RMSNorm over their full width (OLMo 2's roundings).
     "olmo2": dict(_LLAMA_LIKE, vocab_size=100352, norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full",
+                  rope_precision="float32", norm_weight_fp32=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=None,
                   eos_token_id=100257, pad_token_id=100277),
     # Pythia (GPT-NeoX): attention and MLP in parallel with a norm each, a quarter of each head rotated, GELU MLP.
     "pythia": dict(_PARALLEL_LAYERNORM, use_parallel_residual=True, parallel_shared_norm=False, hidden_act="gelu",
+                   parallel_residual_order="sublayers_first",
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
                    bos_token_id=0, eos_token_id=0),
     # Phi-2: parallel block with one shared LayerNorm, half of each head rotated, biases everywhere (lm_head too).
     "phi2": dict(_PARALLEL_LAYERNORM, vocab_size=51200, use_parallel_residual=True, hidden_act="gelu_new",
+                 parallel_residual_order="sublayers_first",
                  lm_head_bias=True,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                  bos_token_id=50256, eos_token_id=50256),
     # GPT-J: Phi-2's block without attention biases, interleaved rotary on a quarter of each head.
     "gptj": dict(_PARALLEL_LAYERNORM, vocab_size=50400, use_parallel_residual=True, hidden_act="gelu_new",
+                 parallel_residual_order="sublayers_first",
                  attention_bias=False, lm_head_bias=True, rope_interleaved=True,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
                  bos_token_id=50256, eos_token_id=50256),
     # Cohere (Command R): parallel block, bias-free LayerNorm, interleaved rotary, logits / 16, tied head.
     "cohere": dict(_LLAMA_LIKE, vocab_size=256000, norm_type="layernorm_nobias", use_parallel_residual=True,
-                   rope_interleaved=True, logits_scaling=16.0, tie_word_embeddings=True,
+                   rope_interleaved=True, rope_precision="float32_rotation", logits_scaling=16.0, tie_word_embeddings=True,
                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                    pad_token_id=0, bos_token_id=5, eos_token_id=255001),
     # StableLM 2: LayerNorm, a quarter of each head rotated, q/k/v bias, SwiGLU.
@@ -377,6 +381,12 @@ QK_NORM_SCOPES = {
     "per_head": ("PerHead", "each head normalised over head_dim with its own weight (StableLM, Cohere)"),
     "full": ("Full", "q and k normalised over their whole width, all heads together (OLMo 2)"),
 }
+# where rope rounds in a bf16/fp16 model (all three the same in float32): each family's, so imports are bit-identical
+ROPE_PRECISIONS = {
+    "default": "cos/sin tables and the rotation in the activations' dtype (Llama, most families)",
+    "float32": "float32 tables, q and k rotated in float32 and rounded once (OLMo, OLMo 2)",
+    "float32_rotation": "tables rounded to the activations' dtype, q and k rotated in float32 (Cohere)",
+}
 # transformers' layer types that ArchLM layers implement
 LAYER_TYPES = ("full_attention", "sliding_attention")
 INIT_SCHEMES = {
@@ -441,11 +451,20 @@ class ArchLMConfig(PreTrainedConfig):
     norm_position: Literal[tuple(NORM_POSITIONS)] = "pre"  # where the block's norms sit, see NORM_POSITIONS
     use_parallel_residual: bool = False  # attention and MLP read the same input, both outputs added to it (GPT-J, NeoX, Phi, Cohere)
     parallel_shared_norm: bool = True  # with use_parallel_residual: one input_layernorm feeds both (GPT-J, Phi); False: the MLP has post_attention_layernorm (NeoX)
+    # with use_parallel_residual, the order of the block's two adds: (x + attn) + mlp (StableLM, Cohere) or
+    # (attn + mlp) + x (NeoX, GPT-J, Phi); the same sum, each family's rounding (see rope_fp32)
+    parallel_residual_order: Literal["residual_first", "sublayers_first"] = "residual_first"
     sub_layernorm: bool | None = None  # Sub-LN (Magneto): a norm inside each sublayer, before o_proj and down_proj; None: on with init_scheme="magneto"
     position_embedding_type: Literal[tuple(POSITION_EMBEDDING_TYPES)] = "rope"  # see POSITION_EMBEDDING_TYPES
     learned_position_embeddings: bool = False  # add learned absolute embeddings on top of rope/alibi
     rope_parameters: RopeParameters | dict | None = None  # transformers v5 rope dict (rope_type, rope_theta, partial_rotary_factor, ...), or one dict per layer type
     rope_interleaved: bool = False  # rotate channel pairs (0,1), (2,3), ... (GPT-J, Cohere) instead of the two halves (NeoX, Llama)
+    # rounding only, the same function in float32: in a bf16/fp16 model these keep each family's roundings, so that
+    # its imports are bit-identical there too. rope_precision: see ROPE_PRECISIONS; norm_weight_fp32: RMSNorm
+    # multiplies by its weight before rounding to the activations' dtype, not after (OLMo 2; the unit-offset RMSNorm
+    # always does)
+    rope_precision: Literal[tuple(ROPE_PRECISIONS)] = "default"
+    norm_weight_fp32: bool = False
     no_rope_layers: list[int] | None = None  # SmolLM3: per layer, 1 = rope, 0 = no position signal (NoPE); None: from no_rope_layer_interval
     no_rope_layer_interval: int | None = None  # SmolLM3: every N-th layer skips rope; None: every layer uses rope
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
@@ -573,6 +592,18 @@ class ArchLMConfig(PreTrainedConfig):
                 f"with `position_embedding_type`={self.position_embedding_type!r} use "
                 "position_embedding_type='learned' (or set learned_position_embeddings=False)."
             )
+        if self.parallel_residual_order != "residual_first" and not self.use_parallel_residual:
+            raise ValueError(
+                f"`parallel_residual_order`={self.parallel_residual_order!r} orders the adds of a parallel block; "
+                "it needs `use_parallel_residual=True` (a sequential block adds each sublayer on its own)."
+            )
+        rmsnorms = {self.norm_type} | ({self.qk_norm_type or self.norm_type} if self.qk_norm else set())
+        if self.norm_weight_fp32 and "rmsnorm" not in rmsnorms:
+            raise ValueError(
+                "`norm_weight_fp32=True` applies RMSNorm's weight before rounding, but this model has no "
+                f"norm_type='rmsnorm' norm (norm_type={self.norm_type!r}"
+                + (f", qk_norm_type={self.qk_norm_type!r}" if self.qk_norm else "") + "); drop it."
+            )
         if self.init_scheme == "magneto" and not self.sub_layernorm:
             raise ValueError(
                 "`init_scheme`='magneto' is derived for Sub-LN, the extra norm inside each sublayer; it needs "
@@ -628,6 +659,7 @@ class ArchLMConfig(PreTrainedConfig):
             (bool(self.no_rope_layers) and 0 in self.no_rope_layers, "no_rope_layers", self.no_rope_layers,
              "rope in every layer"),
             (self.qk_norm, "qk_norm", True, "False"), (self.clip_qkv is not None, "clip_qkv", self.clip_qkv, "None"),
+            (self.rope_precision != "default", "rope_precision", self.rope_precision, "'default'"),
             (self.sub_layernorm, "sub_layernorm", True, "False"),
             ("sliding_attention" in self.layer_types, "layer_types", self.layer_types, "full attention in every layer"),
             (self.attn_logit_softcapping is not None, "attn_logit_softcapping", self.attn_logit_softcapping, "None"),
@@ -760,6 +792,7 @@ class ArchLMConfig(PreTrainedConfig):
         if self.position_embedding_type != "rope":
             shaping = [(name, value) for name, value, shapes_rope in (
                 ("rope_interleaved", self.rope_interleaved, self.rope_interleaved),
+                ("rope_precision", self.rope_precision, self.rope_precision != "default"),
                 ("no_rope_layers", self.no_rope_layers, self.no_rope_layers is not None and not all(self.no_rope_layers)),
             ) if shapes_rope]
             if shaping:

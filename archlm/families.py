@@ -482,6 +482,10 @@ GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh"}  # Gemma rewrites plain "gelu" to the 
 _LLAMA_FIELDS = dict(intermediate_size="intermediate_size", num_key_value_heads="num_key_value_heads",
                      hidden_act="hidden_act", rope_parameters="rope_parameters", attention_dropout="attention_dropout")
 _PARTIAL_ROPE = {"_partial_rotary_factor": ANY}
+# each family's roundings where they differ from Llama's (no effect in float32; bit-identical imports in bf16)
+_OLMO_ROUNDING = dict(rope_precision="float32")
+_OLMO2_ROUNDING = dict(rope_precision="float32", norm_weight_fp32=True)
+_SUBLAYERS_FIRST = dict(parallel_residual_order="sublayers_first")
 # Gemma 2/3 and OLMo 2 call the norm on the attention output post_attention_layernorm, Llama the one before the MLP
 _SANDWICH_NORMS = (
     Rename("model.layers.{i}.post_attention_layernorm.", "model.layers.{i}.attention_output_layernorm."),
@@ -623,7 +627,7 @@ FAMILY_LIST = [
         fixed=dict(norm_type="layernorm_noaffine", norm_eps=1e-5),  # OLMo's LayerNorm has no parameters, eps 1e-5
         allows={"attention_output_bias": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "norm_eps": {1e-5}},
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, **_OLMO_ROUNDING),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     ),
     Family(
@@ -632,7 +636,7 @@ FAMILY_LIST = [
         fixed=dict(norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full"),
         allows={"attention_output_bias": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, **_OLMO2_ROUNDING),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
         renames=_SANDWICH_NORMS,
     ),
@@ -644,7 +648,8 @@ FAMILY_LIST = [
         allows={"attention_output_bias": ANY, "logits_scaling": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
         # Cohere multiplies the logits by logit_scale, ArchLM divides by logits_scaling
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, logits_scaling=1 / native.logit_scale),
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, logits_scaling=1 / native.logit_scale,
+                                          rope_precision="float32_rotation"),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), logit_scale=1 / config.logits_scaling,
                                           hidden_act="silu"),
     ),
@@ -688,6 +693,7 @@ FAMILY_LIST = [
         allows={"attention_bias": {False}, "attention_output_bias": {False}, "mlp_bias": {False},
                 "lm_head_bias": {False}, "norm_type": {"layernorm_nobias"}, "_partial_rotary_factor": ANY},
         requires={"_head_dim": {"default"}},
+        import_fields=lambda native: dict(_SUBLAYERS_FIRST),
         renames=(Rename("model.final_layernorm.", "model.norm."),
                  Rename("model.layers.{i}.self_attn.dense.", "model.layers.{i}.self_attn.o_proj."),
                  Rename("model.layers.{i}.self_attn.q_layernorm.", "model.layers.{i}.self_attn.q_norm."),
@@ -719,7 +725,8 @@ FAMILY_LIST = [
                 "_partial_rotary_factor": ANY},
         requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
         # NeoX's hidden_dropout drops the embeddings too
-        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, embedding_dropout=native.hidden_dropout),
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias, embedding_dropout=native.hidden_dropout,
+                                          **(_SUBLAYERS_FIRST if native.use_parallel_residual else {})),
         export_fields=lambda config: dict(attention_bias=_any_bias(config)),
         renames=(Rename("gpt_neox.embed_in.", "model.embed_tokens."), Rename("gpt_neox.final_layer_norm.", "model.norm."),
                  Rename("gpt_neox.layers.{i}.attention.dense.", "model.layers.{i}.self_attn.o_proj."),
@@ -741,7 +748,7 @@ FAMILY_LIST = [
         # GPT-J's rope is the default one with theta 10000, its sin/cos table hard-coded
         requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}, "_rope_type": {"default"}, "_rope_theta": {10000.0}},
         import_fields=lambda native: dict(
-            intermediate_size=native.n_inner or 4 * native.hidden_size,
+            _SUBLAYERS_FIRST, intermediate_size=native.n_inner or 4 * native.hidden_size,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "partial_rotary_factor": native.rotary_dim / (native.hidden_size // native.num_attention_heads)}),
         export_fields=lambda config: dict(rotary_dim=config.rotary_dim()),
@@ -826,7 +833,7 @@ FAMILY_LIST.append(Family(
     allows={"attention_output_bias": ANY},
     requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
     import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size,
-                                      output_router_logits=native.output_router_logits),
+                                      output_router_logits=native.output_router_logits, **_OLMO2_ROUNDING),
     export_fields=lambda config: dict(attention_bias=_any_bias(config), hidden_act="silu"),
     renames=_SANDWICH_NORMS,
 ))

@@ -40,14 +40,16 @@ logger = logging.get_logger(__name__)
 # ------------------------------------------------------------------------------------------------
 class ArchLMRMSNorm(nn.Module):
     """RMSNorm computed in float32. `unit_offset` (Gemma): scaled by (1 + weight), weight starting at 0, and the
-    scale applied in float32 before the cast back; otherwise (Llama) by weight after the cast.
+    scale applied in float32 before the cast back; otherwise (Llama) by weight after the cast, or before it with
+    `weight_fp32` (OLMo 2: the same in float32, one rounding fewer in bf16).
 
     `shape` is the weight's shape: (C,) normalises over C; (nh, hd) gives each head its own weight (normalised
     over hd only)."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-6, unit_offset: bool = False):
+    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-6, unit_offset: bool = False,
+                 weight_fp32: bool = False):
         super().__init__()
-        self.unit_offset = unit_offset
+        self.unit_offset, self.weight_fp32 = unit_offset, weight_fp32
         self.weight = nn.Parameter(torch.zeros(shape) if unit_offset else torch.ones(shape))
         self.variance_epsilon = eps
 
@@ -58,10 +60,13 @@ class ArchLMRMSNorm(nn.Module):
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         if self.unit_offset:
             return (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
+        if self.weight_fp32:
+            return (hidden_states * self.weight.float()).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
+        return (f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, unit_offset={self.unit_offset}"
+                + (", weight_fp32=True" if self.weight_fp32 else ""))
 
 
 class ArchLMLayerNorm(nn.Module):
@@ -78,8 +83,11 @@ class ArchLMLayerNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.weight is None or self.weight.dim() == 1:  # torch's fused kernel (nn.LayerNorm's numerics)
             return F.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
-        hidden_states = F.layer_norm(hidden_states, self.normalized_shape, eps=self.eps) * self.weight
-        return hidden_states if self.bias is None else hidden_states + self.bias
+        # per-head parameters, applied in float32 and rounded once, as the fused kernel does (StableLM's one
+        # nn.LayerNorm per head: bit-identical in bf16)
+        input_dtype = hidden_states.dtype
+        hidden_states = F.layer_norm(hidden_states.float(), self.normalized_shape, eps=self.eps) * self.weight.float()
+        return (hidden_states if self.bias is None else hidden_states + self.bias.float()).to(input_dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else self.normalized_shape
@@ -99,6 +107,8 @@ def make_norm(config: ArchLMConfig, shape: int | tuple[int, ...], norm_type: str
     norm_type = norm_type or config.norm_type
     if norm_type not in NORM_CLASSES:
         raise ValueError(f"Unknown norm_type {norm_type!r}; valid: {list(NORM_CLASSES)}")
+    if norm_type == "rmsnorm" and config.norm_weight_fp32:
+        return ArchLMRMSNorm(shape, eps=config.norm_eps, weight_fp32=True)
     return NORM_CLASSES[norm_type](shape, eps=config.norm_eps)
 
 
@@ -163,6 +173,8 @@ class ArchLMRotaryEmbedding(nn.Module):
         # (B, T, rot): f0 f1 .. f0 f1 .. (halves) or f0 f0 f1 f1 .. (interleaved pairs)
         emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        if self.config.rope_precision == "float32":  # OLMo: q and k rotate by float32 tables
+            return cos, sin
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
@@ -176,19 +188,21 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
 
 
-def apply_rotary_pos_emb(q, k, cos, sin, interleaved: bool = False):
-    """Rotate the first cos.shape[-1] channels of each head (all of them unless rotary is partial); the rest pass."""
+def apply_rotary_pos_emb(q, k, cos, sin, interleaved: bool = False, in_float32: bool = False):
+    """Rotate the first cos.shape[-1] channels of each head (all of them unless rotary is partial); the rest pass.
+    `in_float32` (rope_precision other than "default"): bf16/fp16 q and k rotate in float32, rounded back once."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot): broadcast over heads
     rotate = rotate_pairs if interleaved else rotate_half
     rotary_dim = cos.shape[-1]
 
     def apply(x):
+        x = x.float() if in_float32 else x
         if rotary_dim == x.shape[-1]:
             return (x * cos) + (rotate(x) * sin)
         x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
         return torch.cat(((x_rot * cos) + (rotate(x_rot) * sin), x_pass), dim=-1)
 
-    return apply(q), apply(k)
+    return apply(q).to(q.dtype), apply(k).to(k.dtype)
 
 
 def sinusoidal_embeddings(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -405,7 +419,8 @@ class ArchLMAttention(nn.Module):
 
         if self.use_rope:
             cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, config.rope_interleaved)
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, config.rope_interleaved,
+                                                            in_float32=config.rope_precision != "default")
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -825,6 +840,7 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.post_norm = config.norm_position == "post"
         self.parallel = config.use_parallel_residual
+        self.sublayers_first = config.parallel_residual_order == "sublayers_first"
         self.shared_norm = config.use_parallel_residual and config.parallel_shared_norm
         self.residual_multiplier = config.residual_multiplier
         self.self_attn = (ArchLMLatentAttention if config.kv_lora_rank else ArchLMAttention)(config, layer_idx)
@@ -868,7 +884,12 @@ class ArchLMDecoderLayer(GradientCheckpointingLayer):
         if self.parallel:  # both sublayers read the block's input
             before_mlp = before_attention if self.shared_norm else self.post_attention_layernorm(hidden_states)
             mlp_output, router_logits = self.feed_forward(before_mlp)
-            hidden_states = hidden_states + self.residual(attn_output) + self.residual(self.mlp_output_layernorm(mlp_output))
+            attn_output, mlp_output = self.residual(attn_output), self.residual(self.mlp_output_layernorm(mlp_output))
+            # the same sum, rounded in the family's order (parallel_residual_order)
+            if self.sublayers_first:
+                hidden_states = attn_output + mlp_output + hidden_states
+            else:
+                hidden_states = hidden_states + attn_output + mlp_output
             return (self.input_layernorm(hidden_states) if self.post_norm else hidden_states), attn_weights, router_logits
 
         hidden_states = hidden_states + self.residual(attn_output)

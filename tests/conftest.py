@@ -105,6 +105,10 @@ NEW_OPTIONS = {
                                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
                                                                "factor": 4.0, "mscale_all_dim": 1.0,
                                                                "original_max_position_embeddings": 16}),
+    # rounding only (the same function in float32): every contract must still hold with them on
+    "rounding-olmo2-rope-norm-neox-adds": dict(rope_precision="float32", norm_type="rmsnorm", norm_weight_fp32=True,
+                                               use_parallel_residual=True, parallel_residual_order="sublayers_first"),
+    "rounding-cohere-rope": dict(rope_precision="float32_rotation", rope_interleaved=True),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),
@@ -113,7 +117,7 @@ _BASES = [
     dict(position_embedding_type="learned", mlp_bias=True, tie_word_embeddings=False),
     dict(norm_position="post", qk_norm=True, num_key_value_heads=2, tie_word_embeddings=False),
 ]
-_ROPE_ONLY = ("rope_parameters", "rope_interleaved", "no_rope_layers")
+_ROPE_ONLY = ("rope_parameters", "rope_interleaved", "no_rope_layers", "rope_precision")
 
 
 def new_option_configs() -> dict[str, dict]:

@@ -514,6 +514,14 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(attention_multiplier=0.5, query_pre_attn_scalar=16), ["attention_multiplier", "query_pre_attn_scalar"]),
     (dict(init_scheme="magneto", sub_layernorm=False), ["init_scheme", "magneto", "sub_layernorm"]),
     (dict(norm_position="peri"), ["norm_position", "peri"]),
+    # the rounding options: each on a model where it has something to round
+    (dict(parallel_residual_order="sublayers_first"), ["parallel_residual_order", "use_parallel_residual=True"]),
+    (dict(use_parallel_residual=True, parallel_residual_order="attention_first"), ["parallel_residual_order"]),
+    (dict(norm_weight_fp32=True, norm_type="layernorm"), ["norm_weight_fp32", "norm_type='layernorm'"]),
+    (dict(norm_weight_fp32=True, norm_type="layernorm", qk_norm=True, qk_norm_type="rmsnorm_unit_offset"),
+     ["norm_weight_fp32", "qk_norm_type='rmsnorm_unit_offset'"]),
+    (dict(rope_precision="float32", position_embedding_type="alibi"), ["rope_precision", "'float32'", "alibi"]),
+    (dict(rope_precision="float64"), ["rope_precision", "float64"]),
     (dict(qk_norm_scope="token"), ["qk_norm_scope", "token"]),
     (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=4,
           layer_types=["full_attention", "sliding_attention"]), ["rope_parameters", "sliding_attention"]),
@@ -530,6 +538,8 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, rope_parameters=HALF_ROPE),
      ["partial_rotary_factor", "0.5"]),
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, sliding_window=4), ["layer_types", "full attention"]),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, rope_precision="float32_rotation"),
+     ["rope_precision", "latent attention", "'default'"]),
 ])
 def test_bad_values_of_the_new_options_are_refused_naming_the_field(overrides, fragments):
     assert_refused(overrides, *fragments)

@@ -5,6 +5,8 @@ ids), the export lands back on the same class with equal logits, and the mapped 
 The five original families have their cases in test_convert.py; this module holds one or more per family added
 since, and checks that every registered family has a case somewhere."""
 
+from functools import partial
+
 import pytest
 import torch
 from test_convert import (  # noqa: F401 (report_parity_errors: the module's autouse fixture that prints the errors)
@@ -13,6 +15,7 @@ from test_convert import (  # noqa: F401 (report_parity_errors: the module's aut
     TINY,
     VOCAB,
     batch,
+    build_reference,
     max_relative_error,
     randomised,
     report_parity_errors,
@@ -300,24 +303,30 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
     assert from_transformers(build("mixtral-8experts-top2-sliding5", "sdpa")).config.output_router_logits is True
 
 
-# The mixtures whose bf16 rounding differs from ArchLM's, with the largest logit difference allowed:
+# The families whose bf16 rounding ArchLM does not follow, with the largest logit difference allowed:
 # - Granite-MoE's top-k weights are a softmax over the k logits; ArchLM renormalises the top-k of the softmax (as
 #   Mixtral and Qwen do): equal in exact arithmetic, a last-bit float32 difference a bf16 cast sometimes keeps;
-# - FlexOlmo's block is OLMo 2's, which ArchLM computes equally in fp32 but rounds differently in bf16: the dense OLMo 2
-#   differs as much (0.047 at this size; its RMSNorm's weight multiplied before the cast is not the only cause: doing
-#   that alone leaves 0.035), and greedy tokens may part at a near tie
-BF16_ROUNDS_APART = {"granitemoe-multipliers-top2": 2 ** -6, "flex_olmo-sublayeroutputnorms-fullwidthqknorm-top3": 0.1}
+# - GPT-J (eager only) computes its attention scores in float32; ArchLM's attention functions take them in the
+#   activations' dtype (0.016 at this size)
+BF16_ROUNDS_APART = {"granitemoe-multipliers-top2": 2 ** -6, "gptj-parallel-interleavedrope-rotarydim8-headbias": 2 ** -5}
+# every family, the five original ones (test_convert.CASES) too, each with sdpa where its class has it
+BF16_CASES = {**{case: partial(build_reference, case) for case in CASES},
+              **{case: partial(build, case, implementations[-1]) for case, (_, _, implementations) in FAMILY_CASES.items()}}
 
 
-@pytest.mark.parametrize("case", list(MOE_CASES))
-def test_mixtures_are_bit_identical_in_bfloat16(case):
-    """In bf16 every rounding counts: Mixtral, dots.llm1 and GLM-4.5 mix their experts' outputs with float32 weights,
-    Qwen3-MoE and OLMoE cast the weights to bf16 first; the import keeps each family's choice (router_weights_fp32),
-    so logits and greedy tokens are identical, the one-token decoding path included (BF16_ROUNDS_APART: within a
-    bound, for the reasons given there)."""
-    reference = build(case, "sdpa").to(torch.bfloat16).eval()
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_families_are_bit_identical_in_bfloat16(case):
+    """In bf16 every rounding counts, and families round differently where the function is the same: Mixtral,
+    dots.llm1, GLM-4.5 and DeepSeek-V3 mix their experts' outputs with float32 weights where Qwen-MoE and OLMoE cast
+    them first (router_weights_fp32); OLMo and OLMo 2 rotate q and k in float32 and Cohere with rounded tables
+    (rope_precision); OLMo 2 applies RMSNorm's weight before rounding (norm_weight_fp32); NeoX, GPT-J and Phi add
+    the two sublayers of a parallel block before the residual, StableLM and Cohere after it
+    (parallel_residual_order). The import keeps each family's choice, so logits and greedy tokens are identical,
+    the one-token decoding path included (BF16_ROUNDS_APART: within a bound, for the reasons given there)."""
+    reference = BF16_CASES[case]().to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
-    assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3"))
+    if case in MOE_CASES:
+        assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3"))
     inputs = batch(left_padding=False)
     with torch.no_grad():
         actual, expected = converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits

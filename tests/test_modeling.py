@@ -762,6 +762,33 @@ def test_norms_start_as_the_identity_scale(norm_type, weight):
     assert norms and all(torch.equal(norm.weight, torch.full_like(norm.weight, weight)) for norm in norms)
 
 
+ROUNDING_OPTIONS = {  # option -> what else it needs
+    "rope-float32": (dict(rope_precision="float32"), {}),
+    "rope-float32-rotation": (dict(rope_precision="float32_rotation"), {}),
+    "norm-weight-fp32": (dict(norm_weight_fp32=True), dict(qk_norm=True)),
+    "parallel-sublayers-first": (dict(parallel_residual_order="sublayers_first"), dict(use_parallel_residual=True)),
+}
+
+
+@pytest.mark.parametrize("option", list(ROUNDING_OPTIONS))
+def test_the_rounding_options_round_differently_in_bfloat16_and_compute_the_same_function(option):
+    """rope_precision, norm_weight_fp32 and parallel_residual_order follow a family's roundings: the same logits
+    within float32's error in a float32 model, and different bits in a bf16 one (so the option is not ignored)."""
+    rounding, base = ROUNDING_OPTIONS[option]
+    torch.manual_seed(0)
+    plain = build(tiny_config(**base))
+    with torch.no_grad():
+        for name, parameter in plain.named_parameters():  # norm weights off 1, where their rounding shows
+            parameter.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    rounded = build(tiny_config(**base, **rounding))
+    rounded.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        plain, rounded = plain.to(torch.bfloat16), rounded.to(torch.bfloat16)
+        assert not torch.equal(rounded(ids).logits, plain(ids).logits)
+
+
 def test_layernorm_noaffine_has_no_parameters():
     model = build(tiny_config(norm_type="layernorm_noaffine"))
     assert not [name for name, _ in model.named_parameters() if "norm" in name]
