@@ -492,6 +492,39 @@ class ArchLMLatentAttention(nn.Module):
         a causal query sees (seq_len + 1) / 2 keys on average."""
         return 2 * self.config.num_attention_heads * (self.head_dim + self.v_head_dim) * (seq_len + 1) / 2
 
+    def absorbs(self, length: int, keys: int, attention_mask: torch.Tensor | None) -> bool:
+        """Whether `length` new queries over `keys` cached latents attend in the latent space (`absorbed`): when
+        expanding every cached latent through kv_b_proj costs more than scoring the latents themselves (decoding,
+        short chunks), in inference, with kv_b_proj a plain Linear (not an adapter or a quantized stack) and a mask
+        that eager attention reads (a 4-D tensor, or none for one query, which then sees every key)."""
+        mask_readable = (attention_mask is None and length == 1) or (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+        expand_cost = keys * self.kv_lora_rank * (self.nope_dim + self.v_head_dim)  # per head
+        latent_cost = length * keys * (2 * self.kv_lora_rank + self.rope_dim)
+        return (not self.training and length < keys and latent_cost < expand_cost and mask_readable
+                and self.config._attn_implementation in ("eager", "sdpa") and type(self.kv_b_proj) is nn.Linear
+                and not hasattr(self.kv_b_proj.weight, "tensor_data_names"))
+
+    def absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the cached latents without expanding them (DeepSeek-V2's absorption): each head's key
+        projection moves onto its query, q_nope @ W_k (nope -> kv_lora_rank), so that the scores are
+        [q_nope W_k | q_rope] . [latent | k_rope]; the probabilities weight the latents, and each head's value
+        projection W_v applies after. Every head reads the same latents and rotary keys: the heads' queries become
+        rows of one head, one matmul each with no key copied. A step costs O(keys x kv_lora_rank) per head where the
+        expansion costs O(keys x kv_lora_rank x (nope + v)). Returns (B, nh, T, v) and the probabilities."""
+        batch, heads, length, _ = q_nope.shape
+        keys = latent.shape[2]
+        w_k, w_v = self.kv_b_proj.weight.view(heads, -1, self.kv_lora_rank).split([self.nope_dim, self.v_head_dim], 1)
+        query = torch.cat((torch.matmul(q_nope, w_k), q_rope), dim=-1)  # (B, nh, T, r + rope)
+        rows = query.reshape(batch, 1, heads * length, -1)  # row h * T + t: head h's query t
+        if attention_mask is not None:  # (B, 1, T, S) -> the same mask for each head's rows
+            attention_mask = attention_mask.unsqueeze(2).expand(-1, -1, heads, -1, -1).reshape(batch, 1, -1, keys)
+        output, probs = eager_attention_forward(self, rows, torch.cat((latent, k_rope), dim=-1), latent, attention_mask,
+                                                scaling=self.scaling)  # (B, nh * T, 1, r)
+        output = torch.matmul(output.view(batch, heads, length, -1), w_v.transpose(1, 2))  # (B, nh, T, v)
+        return output, probs.view(batch, heads, length, keys)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -522,6 +555,9 @@ class ArchLMLatentAttention(nn.Module):
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
 
         keys = latent.shape[2]
+        if past_key_values is not None and self.absorbs(length, keys, attention_mask):
+            attn_output, attn_weights = self.absorbed(q_nope, q_rope, latent, k_rope, attention_mask)
+            return self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1)), attn_weights
         expanded = self.kv_b_proj(latent).view(batch, keys, -1, self.nope_dim + self.v_head_dim).transpose(1, 2)
         k_nope, value_states = expanded.split([self.nope_dim, self.v_head_dim], dim=-1)
         key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)

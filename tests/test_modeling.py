@@ -848,3 +848,36 @@ def test_latent_attention_caches_the_latent_and_one_rotary_key_not_the_expanded_
         assert layer.keys.shape == (2, 1, 7, 16) and layer.values.shape == (2, 1, 7, 8)
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     assert "-MLA16q12" in config.architecture_name and "kv latent 16, q latent 12" in config.summary()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_latent_attention_decodes_in_the_latent_space_without_expanding_the_cache(attn_implementation):
+    """Decoding and short chunks attend to the cached latents directly (kv_b_proj absorbed into the query and the
+    output: it runs on no cached token), with the full forward's logits, left padding and a two-token chunk
+    included; a long chunk, whose expansion is cheaper (12 queries: 12 x (2 x 16 + 8) > 16 x (16 + 12) a key and
+    head), expands as the prefill does."""
+    config = tiny_config(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=16, v_head_dim=12, head_dim=8,
+                         num_key_value_heads=4, pad_token_id=0)
+    model = build(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    expanded_rows = []
+    for layer in model.model.layers:
+        layer.self_attn.kv_b_proj.register_forward_hook(lambda module, args, output: expanded_rows.append(args[0].shape[-2]))
+    ids = random_ids(2, 14)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # the first row left-padded
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True).past_key_values
+        expanded_rows.clear()
+        one = model(ids[:, 8:9], attention_mask=mask[:, :9], past_key_values=cache, use_cache=True).logits
+        two = model(ids[:, 9:11], attention_mask=mask[:, :11], past_key_values=cache, use_cache=True).logits
+        last = model(ids[:, 11:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        assert expanded_rows == []  # nothing expanded: 1, 2 and 3 queries scored against the latents
+    torch.testing.assert_close(torch.cat((one, two, last), dim=1), full[:, 8:], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cache = model(ids[:, :2], attention_mask=mask[:, :2], use_cache=True).past_key_values
+        expanded_rows.clear()
+        chunk = model(ids[:, 2:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    assert expanded_rows == [14] * config.num_hidden_layers  # each layer expanded its 14 cached latents
+    torch.testing.assert_close(chunk[:, 1:], full[:, 3:], rtol=1e-5, atol=1e-5)  # (position 2: padding in row 0)
