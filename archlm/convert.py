@@ -62,11 +62,32 @@ def _family_of(model: PreTrainedModel) -> Family:
     return family
 
 
+# rope's frequency tables (GPT-J's: its sin/cos table), buffers that no state dict holds
+ROPE_TABLES = ("inv_freq", "embed_positions")
+
+
 def _load_like(target: PreTrainedModel, source: PreTrainedModel, state_dict: StateDict) -> PreTrainedModel:
     """`target` with `state_dict` loaded strictly, on the source's device and dtype, with its attention
-    implementation, generation config and train/eval mode."""
+    implementation, generation config and train/eval mode.
+
+    The tensors the source keeps in another dtype than its parameters' stay in it: transformers loads a bf16 model
+    with its routing biases (`_keep_in_fp32_modules_strict`) and rope frequencies in float32, where a cast model has
+    them in bf16. So each tensor of the state dict keeps its own dtype, and rope's tables (computed, not loaded) the
+    dtype of the source's, cast from the target's own float32 values."""
     parameter = next(source.parameters())
+    rope_dtype = next((buffer.dtype for name, buffer in source.named_buffers() if name.endswith(ROPE_TABLES)), None)
+    rope_tables = {name: buffer for name, buffer in target.named_buffers() if name.endswith(ROPE_TABLES)}
     target = target.to(device=parameter.device, dtype=parameter.dtype)
+    for name, tensor in [*target.named_parameters(), *target.named_buffers()]:
+        wanted = state_dict[name].dtype if name in state_dict else rope_dtype if name in rope_tables else None
+        if wanted is None or wanted == tensor.dtype or not (tensor.is_floating_point() and wanted.is_floating_point):
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        module = target.get_submodule(module_name)
+        if attribute in module._parameters:
+            module._parameters[attribute].data = tensor.data.to(wanted)
+        else:
+            module._buffers[attribute] = rope_tables.get(name, tensor).to(device=parameter.device, dtype=wanted)
     target.load_state_dict(state_dict, strict=True)  # raises on any missing or unexpected key
     if source.config._attn_implementation is not None:
         target.set_attn_implementation(source.config._attn_implementation)

@@ -21,6 +21,7 @@ from test_convert import (  # noqa: F401 (report_parity_errors: the module's aut
     report_parity_errors,
 )
 from transformers import (
+    AutoModelForCausalLM,
     CohereConfig,
     CohereForCausalLM,
     DeepseekV3Config,
@@ -338,3 +339,21 @@ def test_families_are_bit_identical_in_bfloat16(case):
         generate = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(converted.generate(prompt, **generate), reference.generate(prompt, **generate))
 
+
+
+@pytest.mark.parametrize("case", ["dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding", "llama-llama3rope-gqa"])
+def test_a_model_loaded_in_bfloat16_converts_both_ways_keeping_its_float32_tensors(case, tmp_path):
+    """transformers loads a bf16 checkpoint with its rope frequencies and routing biases in float32 (a model cast
+    with .to has them in bf16): the import and the export keep each tensor's dtype, and the logits stay identical."""
+    BF16_CASES[case]().save_pretrained(tmp_path)
+    native = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = from_transformers(native)
+    back = to_transformers(ours)
+    kept = ("inv_freq", "e_score_correction_bias")
+    for model in (native, ours, back):
+        assert model.dtype == torch.bfloat16
+        assert {buffer.dtype for name, buffer in model.named_buffers() if name.endswith(kept)} == {torch.float32}
+    ids = batch(left_padding=False)["input_ids"]
+    with torch.no_grad():
+        expected = native(input_ids=ids).logits
+        assert torch.equal(ours(input_ids=ids).logits, expected) and torch.equal(back(input_ids=ids).logits, expected)
