@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -345,6 +346,11 @@ class Family:
         fields = {**_shared_fields(native), **self.fixed}
         fields.update({ours: getattr(native, theirs) for ours, theirs in self.fields.items()})
         fields.update(self.import_fields(native), converted_from=self.name)
+        # a fixed value of a field that this model turns off stays unset (ArchLM refuses settings without effect):
+        # Granite-MoE-Shared's shared expert is ungated, but by default it has none
+        imported = SimpleNamespace(**{**{key: getattr(ArchLMConfig, key, None) for key in _RELEVANT}, **fields})
+        fields = {key: value for key, value in fields.items()
+                  if key not in self.fixed or key not in _RELEVANT or _RELEVANT[key](imported)}
         try:
             config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
         except StrictDataclassError as error:  # huggingface_hub's validation errors are not ValueErrors

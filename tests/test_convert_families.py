@@ -148,6 +148,8 @@ MOE_CASES = {
     "granitemoeshared-ungatedsharedmlp-bias-top3": (GraniteMoeSharedForCausalLM, lambda: GraniteMoeSharedConfig(
         **GQA, num_local_experts=5, shared_intermediate_size=40, attention_bias=True, residual_multiplier=0.7,
         **dict(EXPERTS, num_experts_per_tok=3)), ("eager", "sdpa")),
+    "granitemoeshared-default-noshared": (GraniteMoeSharedForCausalLM, lambda: GraniteMoeSharedConfig(
+        **GQA, num_local_experts=4, **EXPERTS), ("sdpa",)),  # shared_intermediate_size=0: no shared MLP
     # DeepSeek-V3's mixture: sigmoid router + bias, top-3 within 2 of 4 groups, weights x 2.5, an ungated shared
     # expert of 2 x the experts' width, the first layer dense, the last one sliding (it has no load-balancing loss)
     "dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding": (Dots1ForCausalLM, lambda: Dots1Config(
