@@ -713,7 +713,9 @@ class ArchLMConfig(PreTrainedConfig):
     def validate_experts(self):
         """Mixture of experts: sizes, a top-k within the experts, layer choices that exist, finite coefficients."""
         self._check_sizes()
-        # the values are checked in a dense config too: a bad one is a typo there, and would bite once experts are on
+        # the values are checked in a dense config too: a bad one is a typo there, and would bite once experts are on.
+        # The fields comparisons share between dense and mixture presets (widths, which layers, the routers' loss
+        # coefficients) are accepted on a dense model; those only a mixture acts on are refused there
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "n_group",
                      "topk_group"):
             value = getattr(self, name)
@@ -727,6 +729,11 @@ class ArchLMConfig(PreTrainedConfig):
         scale = self.routed_scaling_factor
         if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"`routed_scaling_factor` must be a finite number > 0 (DeepSeek-V3: 2.5), got {scale!r}.")
+        layers = self.mlp_only_layers or []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in layers):
+            raise ValueError(
+                f"`mlp_only_layers` must list layer indices in [0, {self.num_hidden_layers - 1}], got {self.mlp_only_layers}."
+            )
         if self.num_experts is None:
             for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
                                 ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
@@ -747,10 +754,11 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError("`shared_expert_gated`=False is for a shared expert, but there is none: set "
                              "shared_expert_intermediate_size too.")
         self._check_groups()
-        layers = self.mlp_only_layers or []
-        if not all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in layers):
+        if self.sub_layernorm:
             raise ValueError(
-                f"`mlp_only_layers` must list layer indices in [0, {self.num_hidden_layers - 1}], got {self.mlp_only_layers}."
+                "`sub_layernorm`=True (Sub-LN; init_scheme='magneto' turns it on) puts a norm before each MLP's "
+                f"down_proj, and the routed experts (num_experts={self.num_experts}) have none: use it on a dense "
+                "model, or set sub_layernorm=False with init_scheme 'normal' or 'scaled'."
             )
         if not any(self.layer_is_sparse(i) for i in range(self.num_hidden_layers)):
             raise ValueError(

@@ -514,6 +514,9 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(attention_multiplier=0.5, query_pre_attn_scalar=16), ["attention_multiplier", "query_pre_attn_scalar"]),
     (dict(init_scheme="magneto", sub_layernorm=False), ["init_scheme", "magneto", "sub_layernorm"]),
     (dict(norm_position="peri"), ["norm_position", "peri"]),
+    (dict(num_experts=4, sub_layernorm=True), ["sub_layernorm", "routed experts", "num_experts=4"]),
+    (dict(num_experts=4, init_scheme="magneto"), ["sub_layernorm", "magneto", "routed experts"]),
+    (dict(mlp_only_layers=[7]), ["mlp_only_layers", "[0, 1]", "[7]"]),  # checked on a dense model too
     # the rounding options: each on a model where it has something to round
     (dict(parallel_residual_order="sublayers_first"), ["parallel_residual_order", "use_parallel_residual=True"]),
     (dict(use_parallel_residual=True, parallel_residual_order="attention_first"), ["parallel_residual_order"]),

@@ -598,6 +598,9 @@ def config_kwargs(draw):
     return dict(
         use_parallel_residual=draw(st.booleans()),
         parallel_shared_norm=draw(st.booleans()),
+        parallel_residual_order=pick(st.sampled_from(["residual_first", "sublayers_first"]), st.just("mlp_first")),
+        rope_precision=pick(st.sampled_from(["default", "float32", "float32_rotation"]), st.just("float16")),
+        norm_weight_fp32=draw(st.booleans()),
         sub_layernorm=draw(st.one_of(st.none(), st.booleans())),
         layer_types=pick(st.none(), st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                              min_size=per_layer, max_size=per_layer)),
