@@ -22,7 +22,6 @@ from transformers import (  # noqa: E402  (after the torchao logger is set)
     AutoModelForSequenceClassification,
 )
 
-from .check import check_model
 from .configuration_archlm import PRESETS, ArchLMConfig, parse_config_overrides
 from .modeling_archlm import (
     ArchLMForCausalLM,
@@ -41,6 +40,18 @@ ArchLMConfig.register_for_auto_class()
 ArchLMModel.register_for_auto_class("AutoModel")
 ArchLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 ArchLMForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+
+def __getattr__(name: str):
+    # check_model is imported on first use: `python -m archlm.check` runs archlm.check as __main__, and runpy warns
+    # when the package has imported that module already
+    if name == "check_model":
+        from .check import check_model
+
+        return check_model
+    raise AttributeError(f"module 'archlm' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",

@@ -286,6 +286,24 @@ def _facets(config: ArchLMConfig) -> dict:
     }
 
 
+# what each facet stands for, in the fields a user sets (refusals name these, not the facets' internal keys)
+FACET_MEANINGS = {
+    "_partial_rotary_factor": "the rotated share of each head (rope_parameters' partial_rotary_factor)",
+    "_rope_per_layer_type": "one rope dict per layer type (rope_parameters nested by layer type)",
+    "_no_rope_layers": "layers without rope (no_rope_layers)",
+    "_layer_types": "sliding layers: 'full' (none), 'sliding' (all) or 'mixed' (layer_types, sliding_window)",
+    "_rope_theta": "rope_parameters' rope_theta",
+    "_rope_type": "rope_parameters' rope_type",
+    "_dense_layers": "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)",
+    "_dense_layers_first": "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)",
+    "_shared_expert": "a shared expert (shared_expert_intermediate_size)",
+    "_shared_expert_whole": "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
+                            "multiple of moe_intermediate_size)",
+    "_num_key_value_heads": "key/value heads: 'mha' (one per head) or 'gqa' (num_key_value_heads)",
+    "_head_dim": "head_dim: 'default' (hidden_size // num_attention_heads) or 'explicit'",
+}
+
+
 @dataclass(frozen=True)
 class Family:
     """How one transformers model class maps onto ArchLM, and back, as data.
@@ -337,7 +355,8 @@ class Family:
 
     def _needs(self, key: str, value, allowed) -> str:
         shown = " or ".join(repr(item) for item in sorted(allowed, key=repr))
-        return f"`{key.lstrip('_')}`={value!r}: {self.name} needs {shown}"
+        name = FACET_MEANINGS[key] + " =" if key in FACET_MEANINGS else f"`{key}`="
+        return f"{name}{value!r}: {self.name} needs {shown}"
 
     def to_archlm_config(self, native: PreTrainedConfig) -> ArchLMConfig:
         for native_field, supported, reason in self.refuse:

@@ -99,6 +99,7 @@ def test_command_on_a_tiny_preset_prints_the_table_and_exits_zero():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "7 passed, 0 failed" in result.stdout
     assert "SWA8" in result.stdout  # the sliding window survived --tiny
+    assert "RuntimeWarning" not in result.stderr  # (runpy's, when the package had imported archlm.check itself)
 
 
 def test_command_on_a_saved_folder(tmp_path):

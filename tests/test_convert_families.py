@@ -359,3 +359,20 @@ def test_a_model_loaded_in_bfloat16_converts_both_ways_keeping_its_float32_tenso
     with torch.no_grad():
         expected = native(input_ids=ids).logits
         assert torch.equal(ours(input_ids=ids).logits, expected) and torch.equal(back(input_ids=ids).logits, expected)
+
+
+def test_an_export_refusal_names_the_fields_a_user_sets_not_internal_facets():
+    """Dots1 keeps its dense layers first and sizes its shared expert in whole experts: a config that breaks both
+    is refused naming mlp_only_layers and shared_expert_intermediate_size (every facet has such a description)."""
+    from archlm.families import FACET_MEANINGS, _facets
+
+    config = ArchLMConfig.from_preset("dots1", num_hidden_layers=3, mlp_only_layers=[2], hidden_size=64, head_dim=16,
+                                      num_attention_heads=4, num_experts=8, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24, vocab_size=VOCAB)
+    assert set(FACET_MEANINGS) == set(_facets(config))
+    with pytest.raises(ValueError) as refused:
+        to_transformers(ArchLMForCausalLM(config))
+    message = str(refused.value)
+    assert "nearest is Dots1ForCausalLM" in message and "_dense" not in message and "shared_expert_whole" not in message
+    assert "dense layers before every sparse one (mlp_only_layers" in message
+    assert "shared_expert_intermediate_size a multiple of moe_intermediate_size" in message
