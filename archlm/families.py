@@ -286,21 +286,22 @@ def _facets(config: ArchLMConfig) -> dict:
     }
 
 
-# what each facet stands for, in the fields a user sets (refusals name these, not the facets' internal keys)
+# what each facet stands for, in the fields a user sets (refusals name these, not the facets' internal keys): the
+# field it is, with what it means, or (None) a description naming the fields it comes from
 FACET_MEANINGS = {
-    "_partial_rotary_factor": "the rotated share of each head (rope_parameters' partial_rotary_factor)",
-    "_rope_per_layer_type": "one rope dict per layer type (rope_parameters nested by layer type)",
-    "_no_rope_layers": "layers without rope (no_rope_layers)",
-    "_layer_types": "sliding layers: 'full' (none), 'sliding' (all) or 'mixed' (layer_types, sliding_window)",
-    "_rope_theta": "rope_parameters' rope_theta",
-    "_rope_type": "rope_parameters' rope_type",
-    "_dense_layers": "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)",
-    "_dense_layers_first": "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)",
-    "_shared_expert": "a shared expert (shared_expert_intermediate_size)",
-    "_shared_expert_whole": "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
-                            "multiple of moe_intermediate_size)",
-    "_num_key_value_heads": "key/value heads: 'mha' (one per head) or 'gqa' (num_key_value_heads)",
-    "_head_dim": "head_dim: 'default' (hidden_size // num_attention_heads) or 'explicit'",
+    "_partial_rotary_factor": ("partial_rotary_factor", "the rotated share of each head, in rope_parameters"),
+    "_rope_theta": ("rope_theta", "in rope_parameters"),
+    "_rope_type": ("rope_type", "in rope_parameters"),
+    "_no_rope_layers": ("no_rope_layers", "how many layers have no rope"),
+    "_layer_types": ("layer_types", "which layers slide: 'full' none, 'sliding' all, or 'mixed'"),
+    "_num_key_value_heads": ("num_key_value_heads", "'mha': one per head, or 'gqa'"),
+    "_head_dim": ("head_dim", "'default': hidden_size // num_attention_heads, or 'explicit'"),
+    "_rope_per_layer_type": (None, "one rope dict per layer type (rope_parameters nested by layer type)"),
+    "_dense_layers": (None, "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)"),
+    "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
+    "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
+    "_shared_expert_whole": (None, "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
+                                   "multiple of moe_intermediate_size)"),
 }
 
 
@@ -355,8 +356,10 @@ class Family:
 
     def _needs(self, key: str, value, allowed) -> str:
         shown = " or ".join(repr(item) for item in sorted(allowed, key=repr))
-        name = FACET_MEANINGS[key] + " =" if key in FACET_MEANINGS else f"`{key}`="
-        return f"{name}{value!r}: {self.name} needs {shown}"
+        field, meaning = FACET_MEANINGS.get(key, (key, None))
+        if field is None:
+            return f"{meaning} = {value!r}: {self.name} needs {shown}"
+        return f"`{field}`={value!r}{f' ({meaning})' if meaning else ''}: {self.name} needs {shown}"
 
     def to_archlm_config(self, native: PreTrainedConfig) -> ArchLMConfig:
         for native_field, supported, reason in self.refuse:
