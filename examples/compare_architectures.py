@@ -279,10 +279,9 @@ def flops_budget_steps(presets: list[str], budget: float, model_args, data_args,
     """Each preset's (steps, training FLOPs) within `budget`, from its config with the overrides (its own on top of
     the shared ones) and the tokenizer on the meta device. Refuses a budget that buys some preset no step, or a
     block size a preset cannot take."""
-    overrides = parse_config_overrides(model_args.config_overrides)
     plan, refused = {}, []
     for preset in presets:
-        own = {**overrides, **(preset_overrides or {}).get(preset, {})}
+        own = merged_overrides(model_args.config_overrides, (preset_overrides or {}).get(preset, {}))
         config = build_config(dataclasses.replace(model_args, preset=preset), own, tokenizer)
         schedule = data_args.block_size_schedule
         largest = max(size for _, size in parse_block_size_schedule(schedule)) if schedule else None
@@ -342,12 +341,17 @@ def parse_preset_overrides(values: list[str], presets: list[str]) -> dict[str, d
     return parsed
 
 
+def merged_overrides(shared: str | None, own: dict) -> dict:
+    """A preset's config overrides: its own (--preset_overrides) on top of the shared --config_overrides."""
+    return {**parse_config_overrides(shared), **own}
+
+
 def with_overrides(train_args: list[str], shared: str | None, extra: dict) -> list[str]:
     """train.py's flags for a run with `extra` overrides on top of the shared --config_overrides: one merged
     --config_overrides at the end (train.py's parser keeps the last), the extra fields winning."""
     if not extra:
         return train_args
-    merged = {**parse_config_overrides(shared), **extra}
+    merged = merged_overrides(shared, extra)
     return [*train_args, "--config_overrides", ",".join(f"{key}={json.dumps(value)}" for key, value in merged.items())]
 
 
@@ -489,7 +493,7 @@ def main(argv: list[str] | None = None) -> str:
             overrides = parse_preset_overrides(args.preset_overrides, presets)
             for preset, extra in overrides.items():  # each preset's config as its run builds it, before any run
                 build_config(dataclasses.replace(model_args, preset=preset),
-                             {**parse_config_overrides(model_args.config_overrides), **extra})
+                             merged_overrides(model_args.config_overrides, extra))
         except SETUP_ERRORS as error:
             parser.error(f"--preset_overrides: {error}")
         run_args_of = {preset: with_overrides(train_args, model_args.config_overrides, overrides.get(preset, {}))
