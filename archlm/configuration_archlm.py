@@ -452,7 +452,7 @@ class ArchLMConfig(PreTrainedConfig):
     use_parallel_residual: bool = False  # attention and MLP read the same input, both outputs added to it (GPT-J, NeoX, Phi, Cohere)
     parallel_shared_norm: bool = True  # with use_parallel_residual: one input_layernorm feeds both (GPT-J, Phi); False: the MLP has post_attention_layernorm (NeoX)
     # with use_parallel_residual, the order of the block's two adds: (x + attn) + mlp (StableLM, Cohere) or
-    # (attn + mlp) + x (NeoX, GPT-J, Phi); the same sum, each family's rounding (see rope_fp32)
+    # (attn + mlp) + x (NeoX, GPT-J, Phi); the same sum, each family's rounding (see rope_precision below)
     parallel_residual_order: Literal["residual_first", "sublayers_first"] = "residual_first"
     sub_layernorm: bool | None = None  # Sub-LN (Magneto): a norm inside each sublayer, before o_proj and down_proj; None: on with init_scheme="magneto"
     position_embedding_type: Literal[tuple(POSITION_EMBEDDING_TYPES)] = "rope"  # see POSITION_EMBEDDING_TYPES
