@@ -99,6 +99,19 @@ def test_vs_mixtral_reports_every_row_for_both_models(tmp_path):
 
 
 @pytest.mark.slow
+def test_vs_deepseek_reports_decoding_at_each_context_and_the_caches(tmp_path):
+    run_benchmark("vs_deepseek", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "256", "--contexts",
+                  "8,24", "--decode_tokens", "3", "--pairs", "1", "--output_dir", str(tmp_path), model_flags=[])
+    results = json.loads((tmp_path / "vs_deepseek.json").read_text())
+    assert [row["measure"] for row in results["rows"]] == [
+        "decode tokens/s at context 8", "decode tokens/s at context 24", "cache numbers per token (all layers)"]
+    assert all(row["archlm"] > 0 and row["deepseek"] > 0 for row in results["rows"])
+    # both cache the latent (256) and the rotary key (32) in each layer
+    assert results["rows"][-1]["archlm"] == results["rows"][-1]["deepseek"] == 2 * (256 + 32)
+    assert (tmp_path / "vs_deepseek.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_loss_chunks_checks_and_times_the_plain_path_and_every_chunk_size(tmp_path):
     # 1,000 tokens x vocabulary 20,000: loss_chunk_size gives 838-token chunks, added to those asked for (400 and
     # 2,000, cut to the 1,000 tokens there are)
