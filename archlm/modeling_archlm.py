@@ -839,6 +839,31 @@ class ArchLMSparseMoeBlock(nn.Module):
         return output.view(shape), router_logits
 
 
+def sequence_balance_loss(router_logits: tuple[torch.Tensor, ...], blocks: list[ArchLMSparseMoeBlock], batch: int,
+                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, the load-balancing loss of sigmoid routers: per
+    sequence and sparse layer, sum_i f_i P_i, where f_i = E / (k T) x the sequence's tokens routed to expert i (the
+    top-k each block ran: routing bias and group limit included) and P_i is the mean over its T tokens of expert i's
+    sigmoid score normalised over the experts; padding excluded; the mean over sequences and layers. 1 when balanced
+    (transformers' softmax loss is k there)."""
+    losses = []
+    for logits, block in zip(router_logits, blocks):
+        experts, top_k = logits.shape[-1], block.top_k
+        scores = torch.sigmoid(logits.float())
+        scores = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, experts)  # (B, T, E)
+        routed = torch.zeros_like(scores).view(-1, experts).scatter_(-1, block.choose(logits)[1], 1.0).view_as(scores)
+        if attention_mask is None or attention_mask.dim() != 2:
+            weights = scores.new_ones(scores.shape[:2])
+        else:
+            weights = attention_mask.reshape(batch, -1).to(scores.dtype)  # (B, T)
+        tokens = weights.sum(dim=1, keepdim=True)  # (B, 1)
+        f = (routed * weights[..., None]).sum(dim=1) * experts / (top_k * tokens.clamp_min(1))  # (B, E)
+        p = (scores * weights[..., None]).sum(dim=1) / tokens.clamp_min(1)  # (B, E)
+        losses.append(((f * p).sum(dim=-1), tokens[:, 0] > 0))
+    loss, seen = (torch.stack(parts) for parts in zip(*losses))  # (L, B) each
+    return (loss * seen).sum() / seen.sum().clamp_min(1)  # sequences of padding only count for nothing
+
+
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE's z-loss: the mean over tokens (padding excluded) and sparse layers of logsumexp(router logits)^2,
     which keeps the router's logits small."""
@@ -1457,14 +1482,20 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
                 loss = loss + self.z_loss(logits, labels, **kwargs)
         if skip_logits:
             logits = None
-        if outputs.router_logits:  # transformers' load-balancing loss (Switch / Mixtral), padding excluded
+        if outputs.router_logits:  # the load-balancing loss, padding excluded: transformers' (Switch, Mixtral) for
+            # softmax routers, DeepSeek-V3's sequence-wise one for sigmoid routers
             config = self.config
             # the mask of the tokens the routers saw: with a cache, the 2-D mask also covers the past
             routed = outputs.last_hidden_state.shape[1]
             token_mask = attention_mask[:, -routed:] if isinstance(attention_mask, torch.Tensor) \
                 and attention_mask.dim() == 2 else None
-            aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts, config.num_experts_per_tok,
-                                                token_mask)
+            if config.router_scoring == "sigmoid":
+                blocks = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, ArchLMSparseMoeBlock)]
+                aux_loss = sequence_balance_loss(outputs.router_logits, blocks, outputs.last_hidden_state.shape[0],
+                                                 token_mask)
+            else:
+                aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts,
+                                                    config.num_experts_per_tok, token_mask)
             if loss is not None:
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
                 if config.router_z_loss_coef:

@@ -157,6 +157,39 @@ def test_moe_loss_is_cross_entropy_plus_the_weighted_aux_and_z_losses():
     assert routed.aux_loss >= config.num_experts_per_tok * 0.99  # num_experts_per_tok when perfectly balanced
 
 
+SIGMOID_ROUTER = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, router_scoring="sigmoid",
+                      n_group=4, topk_group=2, router_aux_loss_coef=0.1)
+
+
+def test_sigmoid_routers_balance_by_deepseek_v3s_sequence_wise_loss_on_the_experts_they_ran():
+    """For each sequence and sparse layer, sum_i f_i P_i: f_i = E / (k T) x the tokens the block sent to expert i
+    (its routing bias and group limit included), P_i the mean of expert i's normalised sigmoid score over the
+    sequence's real tokens; the mean over sequences and layers, added to the loss with router_aux_loss_coef."""
+    model = build(tiny_config(**SIGMOID_ROUTER)).eval()
+    blocks = [layer.mlp for layer in model.model.layers]
+    with torch.no_grad():
+        blocks[1].e_score_correction_bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0.5]))  # pulls tokens to expert 7
+    input_ids, attention_mask, position_ids = left_padded_batch(length=10, pad=3)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=input_ids)
+    routed = model(**inputs, output_router_logits=True)
+    expected = []
+    for logits, block in zip(routed.router_logits, blocks):
+        for row, mask in zip(logits.view(2, 10, 8), attention_mask.bool()):
+            row = row[mask]  # the sequence's real tokens
+            chosen = block.choose(row)[1]  # what the block ran
+            f = torch.bincount(chosen.reshape(-1), minlength=8).float() * 8 / (2 * len(row))
+            scores = torch.sigmoid(row)
+            expected.append((f * (scores / scores.sum(-1, keepdim=True)).mean(0)).sum())
+    assert blocks[1].choose(routed.router_logits[1])[1].eq(7).any(dim=-1).all()  # every token went to expert 7
+    torch.testing.assert_close(routed.aux_loss, torch.stack(expected).mean())
+    torch.testing.assert_close(routed.loss, model(**inputs).loss + 0.1 * routed.aux_loss)
+    with torch.no_grad():  # routers that score every expert alike: balanced, whichever k each token takes
+        for block in blocks:
+            block.gate.weight.zero_()
+            block.e_score_correction_bias.zero_()
+    torch.testing.assert_close(model(**inputs, output_router_logits=True).aux_loss, torch.tensor(1.0))
+
+
 def test_moe_counts_active_parameters_and_flops_of_the_routed_experts_only():
     config = tiny_config(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[0])
     model = build(config)
