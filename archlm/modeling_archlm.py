@@ -495,15 +495,17 @@ class ArchLMLatentAttention(nn.Module):
     def absorbs(self, length: int, keys: int, attention_mask: torch.Tensor | None) -> bool:
         """Whether `length` new queries over `keys` cached latents attend in the latent space (`absorbed`): when
         expanding every cached latent through kv_b_proj costs more than scoring the latents themselves (decoding,
-        short chunks), in inference, with kv_b_proj a plain Linear (not an adapter or a quantized stack) and a mask
-        that eager attention reads (a 4-D tensor, or none for one query, which then sees every key)."""
+        short chunks), in inference, with kv_b_proj a plain Linear whose whole weight is here (not an adapter, a
+        quantized matrix, or a ZeRO-3 partition, which only the module's own forward is sure to gather) and a mask that eager
+        attention reads (a 4-D tensor, or none for one query, which then sees every key)."""
         mask_readable = (attention_mask is None and length == 1) or (
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
         expand_cost = keys * self.kv_lora_rank * (self.nope_dim + self.v_head_dim)  # per head
         latent_cost = length * keys * (2 * self.kv_lora_rank + self.rope_dim)
         return (not self.training and length < keys and latent_cost < expand_cost and mask_readable
                 and self.config._attn_implementation in ("eager", "sdpa") and type(self.kv_b_proj) is nn.Linear
-                and not hasattr(self.kv_b_proj.weight, "tensor_data_names"))
+                and not hasattr(self.kv_b_proj.weight, "tensor_data_names")
+                and self.kv_b_proj.weight.numel() == self.kv_b_proj.in_features * self.kv_b_proj.out_features)
 
     def absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
