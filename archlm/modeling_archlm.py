@@ -496,8 +496,8 @@ class ArchLMLatentAttention(nn.Module):
         """Whether `length` new queries over `keys` cached latents attend in the latent space (`absorbed`): when
         expanding every cached latent through kv_b_proj costs more than scoring the latents themselves (decoding,
         short chunks), in inference, with kv_b_proj a plain Linear whose whole weight is here (not an adapter, a
-        quantized matrix, or a ZeRO-3 partition, which only the module's own forward is sure to gather) and a mask that eager
-        attention reads (a 4-D tensor, or none for one query, which then sees every key)."""
+        quantized matrix, or a ZeRO-3 partition, which only the module's own forward is sure to gather) and a mask
+        that eager attention reads (a 4-D tensor, or none for one query, which then sees every key)."""
         mask_readable = (attention_mask is None and length == 1) or (
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
         expand_cost = keys * self.kv_lora_rank * (self.nope_dim + self.v_head_dim)  # per head
