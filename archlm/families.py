@@ -18,12 +18,20 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
+    ArceeConfig,
+    ArceeForCausalLM,
+    Cohere2Config,
+    Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    Ernie4_5Config,
+    Ernie4_5ForCausalLM,
+    Exaone4Config,
+    Exaone4ForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
     Gemma2Config,
@@ -32,8 +40,12 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    Glm4Config,
+    Glm4ForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTJConfig,
@@ -46,14 +58,20 @@ from transformers import (
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
     GraniteMoeSharedForCausalLM,
+    HeliumConfig,
+    HeliumForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MinistralConfig,
+    MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
     OlmoConfig,
     OlmoeConfig,
     OlmoeForCausalLM,
@@ -72,6 +90,8 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SeedOssConfig,
+    SeedOssForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -255,8 +275,10 @@ _RELEVANT = {
     "shared_expert_gated": lambda config: config.num_experts and config.shared_expert_intermediate_size,
 }
 # Dropped on export with a warning: inference is unchanged (they act in training only), training the export further
-# is not (router_bias_update_rate: the biases it moved are exported, only their further moves are lost)
-DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "router_z_loss_coef", "z_loss_coef", "router_bias_update_rate")
+# is not (router_bias_update_rate: the biases it moved are exported, only their further moves are lost;
+# attention_dropout: ERNIE 4.5 has none)
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "attention_dropout", "router_z_loss_coef", "z_loss_coef",
+                     "router_bias_update_rate")
 
 
 def _facets(config: ArchLMConfig) -> dict:
@@ -265,6 +287,8 @@ def _facets(config: ArchLMConfig) -> dict:
     layers = config.num_hidden_layers
     default_head_dim = config.hidden_size // config.num_attention_heads
     first_rope = next(iter(config.rope_parameters_by_layer_type().values()), None)
+    rotates = [bool(rope) for rope in config.no_rope_layers or [1] * layers]
+    slides = [layer_type == "sliding_attention" for layer_type in config.layer_types]
     return {
         "_partial_rotary_factor": config.rotary_dim() / config.head_dim if config.position_embedding_type == "rope" else 1.0,
         "_rope_per_layer_type": bool(set(config.rope_parameters or {}) & {"full_attention", "sliding_attention"}),
@@ -283,6 +307,8 @@ def _facets(config: ArchLMConfig) -> dict:
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
         and config.head_dim == default_head_dim else "explicit",
+        # Cohere 2 and EXAONE 4 rotate q and k in their sliding layers only (EXAONE 4 without a window: in all)
+        "_rope_layers": "sliding" if rotates == slides else "all" if all(rotates) and not any(slides) else "other",
     }
 
 
@@ -296,6 +322,8 @@ FACET_MEANINGS = {
     "_layer_types": ("layer_types", "which layers slide: 'full' none, 'sliding' all, or 'mixed'"),
     "_num_key_value_heads": ("num_key_value_heads", "'mha': one per head, or 'gqa'"),
     "_head_dim": ("head_dim", "'default': hidden_size // num_attention_heads, or 'explicit'"),
+    "_rope_layers": (None, "the layers with rope (no_rope_layers) against layer_types ('sliding': the sliding ones "
+                           "only; 'all': every layer, none sliding)"),
     "_rope_per_layer_type": (None, "one rope dict per layer type (rope_parameters nested by layer type)"),
     "_dense_layers": (None, "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)"),
     "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
@@ -787,6 +815,149 @@ FAMILY_LIST = [
                  Rename("transformer.h.{i}.mlp.fc_in.", "model.layers.{i}.mlp.up_proj."),
                  Rename("transformer.h.{i}.mlp.fc_out.", "model.layers.{i}.mlp.down_proj.")),
         ignore=(r"\.attn\.(masked_)?bias$", r"embed_positions$"),
+    ),
+]
+
+
+def _rope_in_sliding_layers(native: PreTrainedConfig, rope_without_window: bool) -> dict:
+    """Cohere 2 and EXAONE 4 rotate q and k in their sliding layers only, the full ones going without rope. Without
+    a window every layer attends fully: EXAONE 4's all with rope, Cohere 2's all without (though its model cannot
+    run without one: it always builds the sliding mask)."""
+    fields = _native_layer_types(native)
+    if not native.sliding_window and rope_without_window:
+        return fields
+    rotates = [int(layer_type == "sliding_attention") for layer_type in fields["layer_types"]]
+    return dict(fields, no_rope_layers=rotates if 0 in rotates else None)
+
+
+def _rope_in_sliding_layers_export(config: ArchLMConfig, rope_without_window: bool) -> dict:
+    """A window wherever a full layer goes without rope (any will do when none slides), and always for Cohere 2."""
+    rope_everywhere = not config.no_rope_layers or all(config.no_rope_layers)
+    windowless = rope_without_window and rope_everywhere and "sliding_attention" not in config.layer_types
+    return dict(sliding_window=None if windowless else config.sliding_window or config.max_position_embeddings,
+                layer_types=list(config.layer_types))
+
+
+# Glm and Glm4: partial rotary on interleaved pairs, q/k/v biases, Phi-3's fused gate_up MLP
+_GLM = dict(
+    fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias"),
+    allows=_PARTIAL_ROPE,
+    requires={"hidden_act": LLAMA_ACTIVATIONS},
+    # its config's partial_rotary_factor argument (default 0.5) would override the rope dict's
+    export_fields=lambda config: dict(hidden_act="silu", partial_rotary_factor=config.rotary_dim() / config.head_dim),
+    operations=(SplitRows("model.layers.{i}.mlp.gate_up_proj", ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+                          lambda config: [config.intermediate_size] * 2),),
+)
+_GLM_FIXED = dict(rope_interleaved=True, attention_output_bias=False)  # attention_bias: q/k/v only
+
+
+FAMILY_LIST += [
+    Family(
+        # OLMo 3: OLMo 2 with sliding layers (3 in 4 by default) and a rope dict per layer type
+        Olmo3ForCausalLM, Olmo3Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", layer_types="layer_types",
+                    sliding_window="sliding_window"),
+        fixed=dict(norm_position="sublayer_output", qk_norm=True, qk_norm_scope="full"),
+        allows={"attention_output_bias": ANY, "_layer_types": ANY, "_rope_per_layer_type": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(_native_layer_types(native), attention_output_bias=native.attention_bias,
+                                          **_OLMO2_ROUNDING),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config), rope_parameters=_rope_per_layer_type(config),
+                                          layer_types=list(config.layer_types), hidden_act="silu"),
+        renames=_SANDWICH_NORMS,
+    ),
+    Family(
+        # Ministral: Mistral's attention with full and sliding layers (layer_types)
+        MinistralForCausalLM, MinistralConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", layer_types="layer_types",
+                    sliding_window="sliding_window"),
+        allows={"_layer_types": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        # MinistralConfig leaves head_dim None, which its attention cannot build with: read with the hidden / heads
+        # fallback, written on export
+        import_fields=lambda native: dict(_native_layer_types(native), head_dim=_head_dim(native)),
+        export_fields=lambda config: dict(layer_types=list(config.layer_types), hidden_act="silu"),
+    ),
+    Family(
+        # Arcee (AFM): Llama with an ungated MLP, ReLU squared (the only activation serving engines run for it)
+        ArceeForCausalLM, ArceeConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias"),
+        fixed=dict(mlp_type="standard", hidden_act="relu2"),
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": {"relu2"}},
+        import_fields=lambda native: dict(head_dim=_head_dim(native), attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=_any_bias(config)),
+    ),
+    Family(
+        # Seed-OSS: Llama with separate q/k/v and o_proj biases, dropout on each sublayer's output
+        SeedOssForCausalLM, SeedOssConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    attention_output_bias="attention_out_bias", mlp_bias="mlp_bias", hidden_dropout="residual_dropout"),
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        export_fields=lambda config: dict(hidden_act="silu"),
+    ),
+    Family(
+        # Helium: Llama with interleaved rope, q/k/v biases only, RMSNorm's weight applied in float32
+        HeliumForCausalLM, HeliumConfig,
+        fields=dict(_LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias"),
+        fixed=dict(rope_interleaved=True, attention_output_bias=False),
+        # its o_proj is hidden_size wide on both sides
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(norm_weight_fp32=True),
+        export_fields=lambda config: dict(hidden_act="silu"),
+    ),
+    Family(
+        # ERNIE 4.5: Llama with interleaved rope rotated in float32; `use_bias` covers q/k/v/o and the MLP, and its
+        # attention has no dropout
+        Ernie4_5ForCausalLM, Ernie4_5Config,
+        fields={**{key: value for key, value in _LLAMA_FIELDS.items() if key != "attention_dropout"},
+                "head_dim": "head_dim", "norm_eps": "rms_norm_eps"},
+        fixed=dict(rope_interleaved=True),
+        # the biases the ArchLM model lacks are exported as zeros
+        allows={"attention_bias": ANY, "attention_output_bias": ANY, "mlp_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(attention_bias=native.use_bias, attention_output_bias=native.use_bias,
+                                          mlp_bias=native.use_bias, rope_precision="float32"),
+        export_fields=lambda config: dict(use_bias=_any_bias(config) or config.mlp_bias, hidden_act="silu"),
+    ),
+    Family(
+        # EXAONE 4: OLMo 2's norms on each sublayer's output (Llama's RMSNorm), Qwen3's per-head q/k norms, and,
+        # with a window, rope in the sliding layers only
+        Exaone4ForCausalLM, Exaone4Config,
+        # no head_dim field in its config (the model reads it with a hidden / heads fallback): written on export
+        fields=dict(_LLAMA_FIELDS, norm_eps="rms_norm_eps", layer_types="layer_types", sliding_window="sliding_window"),
+        fixed=dict(norm_position="sublayer_output", qk_norm=True),
+        allows={"_layer_types": ANY, "_no_rope_layers": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_rope_layers": {"sliding", "all"}},
+        import_fields=lambda native: dict(_rope_in_sliding_layers(native, rope_without_window=True),
+                                          head_dim=_head_dim(native)),
+        export_fields=lambda config: dict(_rope_in_sliding_layers_export(config, rope_without_window=True),
+                                          head_dim=config.head_dim, hidden_act="silu"),
+        renames=_SANDWICH_NORMS,
+    ),
+    Family(GlmForCausalLM, GlmConfig, fixed=_GLM_FIXED, **_GLM),
+    Family(
+        # GLM-4: Glm with norms before and after each sublayer
+        Glm4ForCausalLM, Glm4Config, fixed=dict(_GLM_FIXED, norm_position="sandwich"), **_GLM,
+        renames=(Rename("model.layers.{i}.post_self_attn_layernorm.", "model.layers.{i}.attention_output_layernorm."),
+                 Rename("model.layers.{i}.post_mlp_layernorm.", "model.layers.{i}.mlp_output_layernorm.")),
+    ),
+    Family(
+        # Cohere 2: Cohere's parallel block without q/k norms, with sliding layers, rope in those only
+        Cohere2ForCausalLM, Cohere2Config,
+        fields=dict(_LLAMA_FIELDS, norm_eps="layer_norm_eps", attention_bias="attention_bias", layer_types="layer_types",
+                    sliding_window="sliding_window"),
+        fixed=dict(norm_type="layernorm_nobias", use_parallel_residual=True, rope_interleaved=True),
+        allows={"attention_output_bias": ANY, "logits_scaling": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_rope_layers": {"sliding"}},
+        import_fields=lambda native: dict(_rope_in_sliding_layers(native, rope_without_window=False),
+                                          attention_output_bias=native.attention_bias,
+                                          logits_scaling=1 / native.logit_scale, rope_precision="float32_rotation"),
+        export_fields=lambda config: dict(_rope_in_sliding_layers_export(config, rope_without_window=False),
+                                          attention_bias=_any_bias(config), logit_scale=1 / config.logits_scaling,
+                                          hidden_act="silu"),
     ),
 ]
 # (output_router_logits is imported but exported off: transformers' MoE classes cannot generate with it on)

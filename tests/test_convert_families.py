@@ -21,13 +21,21 @@ from test_convert import (  # noqa: F401 (report_parity_errors: the module's aut
     report_parity_errors,
 )
 from transformers import (
+    ArceeConfig,
+    ArceeForCausalLM,
     AutoModelForCausalLM,
+    Cohere2Config,
+    Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    Ernie4_5Config,
+    Ernie4_5ForCausalLM,
+    Exaone4Config,
+    Exaone4ForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
     Gemma2Config,
@@ -36,22 +44,32 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
-    GraniteMoeConfig,
-    GraniteMoeForCausalLM,
-    GraniteMoeSharedConfig,
-    GraniteMoeSharedForCausalLM,
+    Glm4Config,
+    Glm4ForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
+    GraniteMoeSharedConfig,
+    GraniteMoeSharedForCausalLM,
+    HeliumConfig,
+    HeliumForCausalLM,
+    MinistralConfig,
+    MinistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
     OlmoConfig,
     OlmoeConfig,
     OlmoeForCausalLM,
@@ -64,6 +82,8 @@ from transformers import (
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SeedOssConfig,
+    SeedOssForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -119,6 +139,36 @@ FAMILY_CASES = {
     "gptj-parallel-interleavedrope-rotarydim8-headbias": (GPTJForCausalLM, lambda: GPTJConfig(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64, pad_token_id=0,
         bos_token_id=1, eos_token_id=2), ("eager",)),
+    # OLMo 3's default pattern (3 sliding layers, then a full one), YaRN on the full layer only
+    "olmo3-sliding3then1-ropepertype-yarnfull-bias": (Olmo3ForCausalLM, lambda: Olmo3Config(
+        **dict(GQA, num_hidden_layers=4), sliding_window=4, attention_bias=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 16}}), ("eager", "sdpa")),
+    "ministral-slidingthenfull-headdim32": (MinistralForCausalLM, lambda: MinistralConfig(
+        **GQA, head_dim=32, sliding_window=4, layer_types=SLIDING_THEN_FULL), ("eager", "sdpa")),
+    "arcee-relu2-ungatedmlp-bias": (ArceeForCausalLM, lambda: ArceeConfig(
+        **GQA, attention_bias=True, mlp_bias=True), ("eager", "sdpa")),
+    "seed_oss-qkvbias-nooutbias-mlpbias-headdim32": (SeedOssForCausalLM, lambda: SeedOssConfig(
+        **GQA, head_dim=32, attention_bias=True, attention_out_bias=False, mlp_bias=True), ("eager", "sdpa")),
+    "helium-interleavedrope-fp32normweight-qkvbias": (HeliumForCausalLM, lambda: HeliumConfig(
+        **GQA, head_dim=16, attention_bias=True, mlp_bias=True), ("eager", "sdpa")),
+    "ernie4_5-interleavedfp32rope-allbias-headdim32": (Ernie4_5ForCausalLM, lambda: Ernie4_5Config(
+        **GQA, head_dim=32, use_bias=True), ("eager", "sdpa")),
+    "exaone4-sublayeroutputnorms-qknorm-ropeinslidingonly": (Exaone4ForCausalLM, lambda: Exaone4Config(
+        **dict(GQA, num_hidden_layers=3), sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]), ("eager", "sdpa")),
+    "exaone4-nowindow-ropeeverywhere": (Exaone4ForCausalLM, lambda: Exaone4Config(
+        **GQA, sliding_window=None, layer_types=["full_attention"] * 2), ("sdpa",)),
+    "glm-partialinterleavedrope50-qkvbias-fusedgateup": (GlmForCausalLM, lambda: GlmConfig(
+        **GQA, head_dim=16), ("eager", "sdpa")),
+    "glm4-sandwich-partialinterleavedrope25-headdim32": (Glm4ForCausalLM, lambda: Glm4Config(
+        **GQA, head_dim=32, partial_rotary_factor=0.25), ("eager", "sdpa")),
+    "cohere2-parallel-ropeinslidingonly-bias-logitscale": (Cohere2ForCausalLM, lambda: Cohere2Config(
+        **dict(GQA, num_hidden_layers=3), sliding_window=4, attention_bias=True, logit_scale=0.125,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]), ("eager", "sdpa")),
+    "cohere2-nosliding-norope": (Cohere2ForCausalLM, lambda: Cohere2Config(
+        **GQA, sliding_window=4, layer_types=["full_attention"] * 2), ("sdpa",)),  # with a window, full: no rope
 }
 # mixtures of experts: the same parity, the auxiliary load-balancing loss included
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=True)
