@@ -1426,6 +1426,19 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
+                                      **kwargs):
+        # longrope rotates every position by its short factors while the sequence fits original_max_position_embeddings
+        # and by its long ones past it: at the step that crosses, the keys cached so far were rotated by the short
+        # ones, so all of them are computed again, once (as transformers' Phi-3 does)
+        switches = [params["original_max_position_embeddings"]
+                    for params in self.config.rope_parameters_by_layer_type().values()
+                    if params.get("rope_type") == "longrope" and self.config.position_embedding_type == "rope"]
+        if past_key_values is not None and switches and input_ids.shape[1] > min(switches):
+            if 0 < past_key_values.get_seq_length() <= min(switches):
+                past_key_values, kwargs["next_sequence_length"] = None, None
+        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

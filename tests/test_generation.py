@@ -272,3 +272,22 @@ def test_alibi_under_continuous_batching_is_refused_before_generating(attn):
     model.config._attn_implementation = f"paged|{attn}"
     with pytest.raises(ValueError, match="(?i)alibi.*paged"):
         model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_longrope_generation_recomputes_the_cache_when_it_crosses_to_the_long_factors():
+    """longrope rotates every position by its short factors up to original_max_position_embeddings (16 here) and by
+    its long ones past it: the step that crosses recomputes the keys cached with the short factors (as transformers'
+    Phi-3 does), so cached greedy decoding from a 10-token prompt to 22 tokens scores as decoding without a cache."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+            "long_factor": [3.0, 5.0, 7.0, 9.0], "original_max_position_embeddings": 16}
+    torch.manual_seed(0)
+    model = ArchLMForCausalLM(tiny_config(rope_parameters=rope, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # large weights: the two rotations give clearly different scores
+            parameter.normal_(0.0, 0.3)
+    prompt = torch.randint(3, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    generate = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached, uncached = model.generate(prompt, **generate), model.generate(prompt, use_cache=False, **generate)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-5, atol=1e-5)
