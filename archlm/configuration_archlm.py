@@ -166,6 +166,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # OLMo: LayerNorm without parameters (eps 1e-5), SwiGLU, no biases (rope in float32, as OLMo rounds it).
     "olmo": dict(_LLAMA_LIKE, vocab_size=50304, norm_type="layernorm_noaffine", norm_eps=1e-5, rope_precision="float32",
+                 layernorm_precision="float32",
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None,
                  eos_token_id=50279, pad_token_id=1),
     # OLMo 2: norms on the sublayers' outputs only, q/k RMSNorm over their full width (OLMo 2's roundings).
@@ -192,7 +193,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  bos_token_id=50256, eos_token_id=50256),
     # Cohere (Command R): parallel block, bias-free LayerNorm, interleaved rotary, logits / 16, tied head.
     "cohere": dict(_LLAMA_LIKE, vocab_size=256000, norm_type="layernorm_nobias", use_parallel_residual=True,
-                   rope_interleaved=True, rope_precision="float32_rotation", logits_scaling=16.0, tie_word_embeddings=True,
+                   rope_interleaved=True, rope_precision="float32_rotation", layernorm_precision="float32_explicit",
+                   logits_scaling=16.0, tie_word_embeddings=True,
                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                    pad_token_id=0, bos_token_id=5, eos_token_id=255001),
     # StableLM 2: LayerNorm, a quarter of each head rotated, q/k/v bias, SwiGLU.
@@ -387,6 +389,12 @@ ROPE_PRECISIONS = {
     "float32": "float32 tables, q and k rotated in float32 and rounded once (OLMo, OLMo 2)",
     "float32_rotation": "tables rounded to the activations' dtype, q and k rotated in float32 (Cohere)",
 }
+# where LayerNorm rounds in a bf16/fp16 model (all the same function in float32)
+LAYERNORM_PRECISIONS = {
+    "default": "torch's kernel on the activations (nn.LayerNorm: GPT-2, NeoX, Phi, StableLM, Starcoder2)",
+    "float32": "torch's kernel on float32 activations, rounded once (OLMo)",
+    "float32_explicit": "mean and variance by their formula in float32, rounded once (Cohere)",
+}
 # transformers' layer types that ArchLM layers implement
 LAYER_TYPES = ("full_attention", "sliding_attention")
 INIT_SCHEMES = {
@@ -465,6 +473,7 @@ class ArchLMConfig(PreTrainedConfig):
     # always does)
     rope_precision: Literal[tuple(ROPE_PRECISIONS)] = "default"
     norm_weight_fp32: bool = False
+    layernorm_precision: Literal[tuple(LAYERNORM_PRECISIONS)] = "default"  # see LAYERNORM_PRECISIONS
     no_rope_layers: list[int] | None = None  # SmolLM3: per layer, 1 = rope, 0 = no position signal (NoPE); None: from no_rope_layer_interval
     no_rope_layer_interval: int | None = None  # SmolLM3: every N-th layer skips rope; None: every layer uses rope
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
@@ -597,8 +606,14 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`parallel_residual_order`={self.parallel_residual_order!r} orders the adds of a parallel block; "
                 "it needs `use_parallel_residual=True` (a sequential block adds each sublayer on its own)."
             )
-        rmsnorms = {self.norm_type} | ({self.qk_norm_type or self.norm_type} if self.qk_norm else set())
-        if self.norm_weight_fp32 and "rmsnorm" not in rmsnorms:
+        norms = {self.norm_type} | ({self.qk_norm_type or self.norm_type} if self.qk_norm else set())
+        if self.layernorm_precision != "default" and not any(norm.startswith("layernorm") for norm in norms):
+            raise ValueError(
+                f"`layernorm_precision`={self.layernorm_precision!r} says where LayerNorm rounds, but this model has "
+                f"no LayerNorm (norm_type={self.norm_type!r}" + (f", qk_norm_type={self.qk_norm_type!r}" if self.qk_norm
+                                                                  else "") + "); drop it."
+            )
+        if self.norm_weight_fp32 and "rmsnorm" not in norms:
             raise ValueError(
                 "`norm_weight_fp32=True` applies RMSNorm's weight before rounding, but this model has no "
                 f"norm_type='rmsnorm' norm (norm_type={self.norm_type!r}"

@@ -539,7 +539,7 @@ _LLAMA_FIELDS = dict(intermediate_size="intermediate_size", num_key_value_heads=
                      hidden_act="hidden_act", rope_parameters="rope_parameters", attention_dropout="attention_dropout")
 _PARTIAL_ROPE = {"_partial_rotary_factor": ANY}
 # each family's roundings where they differ from Llama's (no effect in float32; bit-identical imports in bf16)
-_OLMO_ROUNDING = dict(rope_precision="float32")
+_OLMO_ROUNDING = dict(rope_precision="float32", layernorm_precision="float32")
 _OLMO2_ROUNDING = dict(rope_precision="float32", norm_weight_fp32=True)
 _SUBLAYERS_FIRST = dict(parallel_residual_order="sublayers_first")
 # Gemma 2/3 and OLMo 2 call the norm on the attention output post_attention_layernorm, Llama the one before the MLP
@@ -705,7 +705,7 @@ FAMILY_LIST = [
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
         # Cohere multiplies the logits by logit_scale, ArchLM divides by logits_scaling
         import_fields=lambda native: dict(attention_output_bias=native.attention_bias, logits_scaling=1 / native.logit_scale,
-                                          rope_precision="float32_rotation"),
+                                          rope_precision="float32_rotation", layernorm_precision="float32_explicit"),
         export_fields=lambda config: dict(attention_bias=_any_bias(config), logit_scale=1 / config.logits_scaling,
                                           hidden_act="silu"),
     ),
@@ -954,7 +954,8 @@ FAMILY_LIST += [
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_rope_layers": {"sliding"}},
         import_fields=lambda native: dict(_rope_in_sliding_layers(native, rope_without_window=False),
                                           attention_output_bias=native.attention_bias,
-                                          logits_scaling=1 / native.logit_scale, rope_precision="float32_rotation"),
+                                          logits_scaling=1 / native.logit_scale, rope_precision="float32_rotation",
+                                          layernorm_precision="float32_explicit"),
         export_fields=lambda config: dict(_rope_in_sliding_layers_export(config, rope_without_window=False),
                                           attention_bias=_any_bias(config), logit_scale=1 / config.logits_scaling,
                                           hidden_act="silu"),

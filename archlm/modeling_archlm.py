@@ -71,27 +71,40 @@ class ArchLMRMSNorm(nn.Module):
 
 class ArchLMLayerNorm(nn.Module):
     """LayerNorm over the last dimension, with a weight and a bias, a weight only, or no parameters (OLMo).
-    A 2-D `shape` (nh, hd) gives each head its own parameters (StableLM, Cohere qk-norm)."""
+    A 2-D `shape` (nh, hd) gives each head its own parameters (StableLM, Cohere qk-norm). `precision`
+    (layernorm_precision) is where a bf16/fp16 model rounds: torch's kernel on the activations, or in float32."""
 
-    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, weight: bool = True, bias: bool = True):
+    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, weight: bool = True, bias: bool = True,
+                 precision: str = "default"):
         super().__init__()
         self.normalized_shape = (shape if isinstance(shape, int) else shape[-1],)
         self.weight = nn.Parameter(torch.ones(shape)) if weight else None
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
-        self.eps = eps
+        self.eps, self.precision = eps, precision
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.weight.dim() == 1:  # torch's fused kernel (nn.LayerNorm's numerics)
+        per_head = self.weight is not None and self.weight.dim() > 1
+        if self.precision == "default" and not per_head:  # torch's fused kernel (nn.LayerNorm's numerics)
             return F.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
-        # per-head parameters, applied in float32 and rounded once, as the fused kernel does (StableLM's one
-        # nn.LayerNorm per head: bit-identical in bf16)
+        # in float32, rounded once at the end: OLMo's (the kernel on float32), Cohere's (its own formula), and
+        # per-head parameters (as StableLM's one nn.LayerNorm per head rounds)
         input_dtype = hidden_states.dtype
-        hidden_states = F.layer_norm(hidden_states.float(), self.normalized_shape, eps=self.eps) * self.weight.float()
-        return (hidden_states if self.bias is None else hidden_states + self.bias.float()).to(input_dtype)
+        hidden_states = hidden_states.float()
+        if self.precision == "float32_explicit":
+            centred = hidden_states - hidden_states.mean(-1, keepdim=True)
+            hidden_states = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            hidden_states = F.layer_norm(hidden_states, self.normalized_shape, eps=self.eps)
+        if self.weight is not None:
+            hidden_states = hidden_states * self.weight.float()
+        if self.bias is not None:
+            hidden_states = hidden_states + self.bias.float()
+        return hidden_states.to(input_dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else self.normalized_shape
-        return f"{shape}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
+        return (f"{shape}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
+                + (f", precision={self.precision!r}" if self.precision != "default" else ""))
 
 
 NORM_CLASSES: dict[str, Callable[..., nn.Module]] = {
@@ -109,6 +122,8 @@ def make_norm(config: ArchLMConfig, shape: int | tuple[int, ...], norm_type: str
         raise ValueError(f"Unknown norm_type {norm_type!r}; valid: {list(NORM_CLASSES)}")
     if norm_type == "rmsnorm" and config.norm_weight_fp32:
         return ArchLMRMSNorm(shape, eps=config.norm_eps, weight_fp32=True)
+    if norm_type.startswith("layernorm"):
+        return NORM_CLASSES[norm_type](shape, eps=config.norm_eps, precision=config.layernorm_precision)
     return NORM_CLASSES[norm_type](shape, eps=config.norm_eps)
 
 

@@ -108,7 +108,8 @@ NEW_OPTIONS = {
     # rounding only (the same function in float32): every contract must still hold with them on
     "rounding-olmo2-rope-norm-neox-adds": dict(rope_precision="float32", norm_type="rmsnorm", norm_weight_fp32=True,
                                                use_parallel_residual=True, parallel_residual_order="sublayers_first"),
-    "rounding-cohere-rope": dict(rope_precision="float32_rotation", rope_interleaved=True),
+    "rounding-cohere-rope-layernorm": dict(rope_precision="float32_rotation", rope_interleaved=True,
+                                           norm_type="layernorm_nobias", layernorm_precision="float32_explicit"),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

@@ -525,6 +525,8 @@ def test_special_ids_given_with_a_preset_are_still_validated():
      ["norm_weight_fp32", "qk_norm_type='rmsnorm_unit_offset'"]),
     (dict(rope_precision="float32", position_embedding_type="alibi"), ["rope_precision", "'float32'", "alibi"]),
     (dict(rope_precision="float64"), ["rope_precision", "float64"]),
+    (dict(layernorm_precision="float32"), ["layernorm_precision", "'float32'", "no LayerNorm", "norm_type='rmsnorm'"]),
+    (dict(norm_type="layernorm", layernorm_precision="float16"), ["layernorm_precision", "float16"]),
     (dict(qk_norm_scope="token"), ["qk_norm_scope", "token"]),
     (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}, sliding_window=4,
           layer_types=["full_attention", "sliding_attention"]), ["rope_parameters", "sliding_attention"]),

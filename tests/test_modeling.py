@@ -601,6 +601,7 @@ def config_kwargs(draw):
         parallel_residual_order=pick(st.sampled_from(["residual_first", "sublayers_first"]), st.just("mlp_first")),
         rope_precision=pick(st.sampled_from(["default", "float32", "float32_rotation"]), st.just("float16")),
         norm_weight_fp32=draw(st.booleans()),
+        layernorm_precision=pick(st.sampled_from(["default", "float32", "float32_explicit"]), st.just("float64")),
         sub_layernorm=draw(st.one_of(st.none(), st.booleans())),
         layer_types=pick(st.none(), st.lists(st.sampled_from(["full_attention", "sliding_attention"]),
                                              min_size=per_layer, max_size=per_layer)),
@@ -790,6 +791,34 @@ def test_the_rounding_options_round_differently_in_bfloat16_and_compute_the_same
         torch.testing.assert_close(rounded(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
         plain, rounded = plain.to(torch.bfloat16), rounded.to(torch.bfloat16)
         assert not torch.equal(rounded(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layernorm_precision_rounds_as_olmo_and_cohere_do(dtype):
+    """`layernorm_precision` is where a half-precision LayerNorm rounds: OLMo runs torch's kernel on float32
+    activations, Cohere its own float32 formula (per head for its q/k norms); each equals that family's module bit
+    for bit, where torch's kernel on the half-precision activations (nn.LayerNorm's) differs in some rows."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm
+
+    from archlm.modeling_archlm import make_norm
+
+    hidden = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0)).mul(3).add(1).to(dtype)
+    olmo = make_norm(tiny_config(hidden_size=256, norm_type="layernorm_noaffine", norm_eps=1e-5,
+                                 layernorm_precision="float32"), 256)
+    assert torch.equal(olmo(hidden), OlmoLayerNorm(256)(hidden))
+    default = make_norm(tiny_config(hidden_size=256, norm_type="layernorm_noaffine", norm_eps=1e-5), 256)
+    assert not torch.equal(default(hidden), OlmoLayerNorm(256)(hidden))
+    for shape, rows in ((256, hidden), ((4, 64), hidden.view(-1, 4, 64))):  # block norm, per-head q/k norm
+        config = tiny_config(hidden_size=256, norm_type="layernorm_nobias", norm_eps=1e-5,
+                             layernorm_precision="float32_explicit")
+        ours, cohere = make_norm(config, shape).to(dtype), CohereLayerNorm(shape, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            ours.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(1))
+            cohere.weight.copy_(ours.weight)
+            assert torch.equal(ours(rows), cohere(rows))
+            ours.precision = "default"
+            assert not torch.equal(ours(rows), cohere(rows))
 
 
 def test_layernorm_noaffine_has_no_parameters():
