@@ -574,6 +574,8 @@ class ArchLMLatentAttention(nn.Module):
         keys = latent.shape[2]
         if past_key_values is not None and self.absorbs(length, keys, attention_mask):
             attn_output, attn_weights = self.absorbed(q_nope, q_rope, latent, k_rope, attention_mask)
+            if self.config._attn_implementation != "eager":  # as the prefill's sdpa: no attention weights
+                attn_weights = None
             return self.o_proj(attn_output.transpose(1, 2).reshape(batch, length, -1)), attn_weights
         expanded = self.kv_b_proj(latent).view(batch, keys, -1, self.nope_dim + self.v_head_dim).transpose(1, 2)
         k_nope, value_states = expanded.split([self.nope_dim, self.v_head_dim], dim=-1)

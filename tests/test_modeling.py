@@ -913,3 +913,10 @@ def test_latent_attention_decodes_in_the_latent_space_without_expanding_the_cach
         chunk = model(ids[:, 2:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
     assert expanded_rows == [14] * config.num_hidden_layers  # each layer expanded its 14 cached latents
     torch.testing.assert_close(chunk[:, 1:], full[:, 3:], rtol=1e-5, atol=1e-5)  # (position 2: padding in row 0)
+    with torch.no_grad():  # attention weights as the implementation gives them in the prefill: eager's, or none
+        step = model(ids[:, 13:], attention_mask=torch.cat((mask, mask[:, -1:]), dim=1), past_key_values=cache,
+                     output_attentions=True)
+    if attn_implementation == "eager":
+        assert step.attentions[0].shape == (2, 4, 1, 15) and torch.allclose(step.attentions[0].sum(-1), torch.ones(2, 4, 1))
+    else:
+        assert all(weights is None for weights in step.attentions or ())
