@@ -200,13 +200,13 @@ def file_extension(path: str) -> str:
 
 
 def check_readable_file(path: str, flag: str) -> None:
+    if not os.path.exists(path):  # first: a mistyped folder name has no extension either
+        raise ValueError(f"{flag} {path!r} does not exist (relative paths start at {os.getcwd()!r}).")
     if file_extension(path) not in FILE_BUILDERS:
         raise ValueError(
             f"{flag} {path!r}: unsupported extension {Path(path).suffix or '(none)'!r}; "
             f"supported: {', '.join('.' + ext for ext in FILE_BUILDERS)}."
         )
-    if not os.path.exists(path):
-        raise ValueError(f"{flag} {path!r} does not exist.")
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path!r} is not a regular file.")
     try:
@@ -350,10 +350,15 @@ def _load_hub_dataset(args: DataArguments) -> tuple[Dataset | IterableDataset, D
     try:
         if os.path.isfile(os.path.join(name, "state.json")):  # one Dataset written by save_to_disk: the train split
             splits = {"train": datasets.load_from_disk(name)}
-            if args.streaming:
-                splits = {"train": splits["train"].to_iterable_dataset()}
+        elif os.path.isfile(os.path.join(name, "dataset_dict.json")):
+            # a DatasetDict written by save_to_disk: its splits' own files (load_dataset would read every .arrow file
+            # in the folder, the cache files that mapping a split leaves beside it included)
+            splits = dict(datasets.load_from_disk(name))
         else:
             splits = datasets.load_dataset(name, args.dataset_config_name, streaming=args.streaming)
+        if args.streaming:  # (a folder saved by save_to_disk is read whole)
+            splits = {split: data.to_iterable_dataset() if isinstance(data, Dataset) else data
+                      for split, data in splits.items()}
     except Exception as error:  # noqa: BLE001 - offline, unknown name, bad config: one message
         raise ValueError(f"--dataset_name {args.source_name!r} could not be loaded: {error}") from error
     if "train" not in splits:
@@ -509,11 +514,13 @@ def pack_datasets(raw: RawData, tokenizer, block_size: int, args: DataArguments)
 def characters_per_token(blocks: Dataset | IterableDataset | None, tokenizer, max_blocks: int = 4096) -> float | None:
     """Characters of text per predicted token of the validation blocks (the first `max_blocks`): eval_loss divided
     by it is the loss in nats per character, which compares runs whose tokenizers differ (a loss per token does
-    not: a larger vocabulary has fewer, harder tokens). Each block's first token is not predicted, so not counted."""
+    not: a larger vocabulary has fewer, harder tokens). Each block's first token is not predicted, so not counted;
+    special tokens (the end of each document) are predicted but hold no text: they count no characters, whatever
+    their name's length."""
     if not isinstance(blocks, Dataset) or blocks.num_rows == 0:
         return None
     characters = tokens = 0
     for ids in blocks.select(range(min(max_blocks, blocks.num_rows)))["input_ids"]:
-        characters += len(tokenizer.decode(ids[1:]))
+        characters += len(tokenizer.decode(ids[1:], skip_special_tokens=True))
         tokens += len(ids) - 1
     return characters / tokens if characters and tokens else None

@@ -6,12 +6,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, DatasetDict, IterableDataset
 
 from archlm import data as data_module
 from archlm.data import (
     DataArguments,
     block_size_at,
+    characters_per_token,
     load_raw_data,
     pack_datasets,
     parse_block_size_schedule,
@@ -242,6 +243,9 @@ def test_a_folder_stands_for_its_text_files_of_any_text_type(tmp_path, tokenizer
 def test_unsupported_extension_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"unsupported extension '\.docx'.*\.jsonl"):
         load_raw_data(DataArguments(train_file=[write(tmp_path / "a.docx", "x")]))
+    # a mistyped folder has no extension either: what is wrong is that it does not exist
+    with pytest.raises(ValueError, match=r"my_corpsu' does not exist \(relative paths start at"):
+        load_raw_data(DataArguments(train_file=[str(tmp_path / "my_corpsu")]))
 
 
 def test_non_utf8_text_file_is_an_error(tmp_path):
@@ -295,6 +299,31 @@ def test_dataset_name_loads_a_datasets_folder_with_its_own_validation_split(tmp_
     assert decode_stream(packed.validation, tokenizer) == (SAMPLE_TEXTS[0] + EOS_TOKEN) * 5
     with pytest.raises(ValueError, match="no_such_dataset': no such folder"):
         load_raw_data(DataArguments(dataset_name=str(tmp_path / "no_such_dataset")))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dataset_name_loads_a_dataset_dict_saved_with_save_to_disk_after_training_on_one_split(tmp_path, tokenizer,
+                                                                                            streaming):
+    """Packing a split read on its own leaves datasets' cache files in that split's folder; the whole DatasetDict
+    still loads, each split from its own files (reading every .arrow file there failed on the caches' columns)."""
+    DatasetDict({"train": Dataset.from_dict({"text": SAMPLE_TEXTS * 3}),
+                 "validation": Dataset.from_dict({"text": SAMPLE_TEXTS[:1]})}).save_to_disk(tmp_path / "saved")
+    one_split = DataArguments(dataset_name=str(tmp_path / "saved" / "train"))
+    pack_datasets(load_raw_data(one_split), tokenizer, block_size=8, args=one_split)
+    assert list((tmp_path / "saved" / "train").glob("cache-*.arrow"))  # what made the next load fail
+    raw = load_raw_data(DataArguments(dataset_name=str(tmp_path / "saved"), streaming=streaming))
+    assert [record["text"] for record in raw.train] == SAMPLE_TEXTS * 3
+    assert [record["text"] for record in raw.validation] == SAMPLE_TEXTS[:1]
+
+
+def test_characters_per_token_counts_the_texts_characters_not_the_end_of_document_tokens(tokenizer):
+    """eval_nats_per_char divides by the characters of text the predicted tokens hold: an end-of-document token
+    holds none (its name, 13 characters, counted once per document, understated the metric on short records)."""
+    first, second = SAMPLE_TEXTS[0], SAMPLE_TEXTS[2]
+    ids = tokenizer(first)["input_ids"] + [EOS_TOKEN_ID] + tokenizer(second)["input_ids"] + [EOS_TOKEN_ID]
+    assert tokenizer.decode(ids, skip_special_tokens=False) == first + EOS_TOKEN + second + EOS_TOKEN
+    characters = len(first) - len(tokenizer.decode(ids[:1])) + len(second)  # the first token is not predicted
+    assert characters_per_token(Dataset.from_dict({"input_ids": [ids]}), tokenizer) == characters / (len(ids) - 1)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
