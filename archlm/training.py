@@ -166,6 +166,10 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is not a folder.")
     if model_args.tokenizer_name and missing_local_folder(model_args.tokenizer_name):
         raise ValueError(f"--tokenizer_name {model_args.tokenizer_name!r}: no such folder.")
+    if training_args.fp16 and training_args.use_cpu:
+        raise ValueError("--fp16 mixed precision needs a GPU: on a CPU the Trainer would train in float32 and say "
+                         "nothing. Use --bf16 (CPU autocast; its matmuls may be slower than float32's there) or drop "
+                         "--fp16.")
     check_optimizer(training_args)
     if run_args.max_train_seconds is not None:
         check_time_budget(run_args.max_train_seconds, training_args)

@@ -547,6 +547,7 @@ BAD_INPUTS = {
     "resume without checkpoints": (lambda d: ["--resume_from_checkpoint", "latest"], "no checkpoint"),
     "expert parallelism": (lambda d: ["--preset", "mixtral", "--expert_parallel_size", "2"],
                            "--expert_parallel_size 2: expert parallelism .* GPU.* ZeRO-2/3"),
+    "fp16 on a CPU": (lambda d: ["--fp16", "--use_cpu", "true"], "--fp16 mixed precision needs a GPU.*--bf16"),
 }
 
 
