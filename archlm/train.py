@@ -299,9 +299,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         resume = (f"the last checkpoint, {checkpoints[-1].name}, holds the finite weights before it "
                   "(--resume_from_checkpoint latest)" if checkpoints else "no checkpoint was saved before it")
         raise SystemExit(f"train.py: error: training stopped: {error}; the model was not saved; {resume}") from None
-    except BaseException:  # Ctrl+C, out of memory, ...: the steps logged since the log's last write are kept
+    except BaseException as error:  # Ctrl+C, out of memory, ...: the steps logged since the log's last write are
+        # kept, and the log says the run stopped and why (a resumed run writes it again)
         with contextlib.suppress(Exception):  # (a full disk must not hide the error that stopped the run)
-            training_log.write(training_args, trainer.state)
+            training_log.stop(training_args, trainer.state,
+                              f"interrupted at step {trainer.state.global_step}: {type(error).__name__} {error}".strip())
         raise
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):

@@ -704,8 +704,9 @@ def test_a_long_training_log_is_written_at_evaluations_checkpoints_and_the_end_a
 
 
 def test_a_run_that_dies_of_an_exception_leaves_every_logged_step_in_its_log(tmp_path):
-    """Between checkpoints the log may lag the run by a few logs: an exception (Ctrl+C here) writes it first. The
-    file is removed just before the interrupt, so only that last write can hold the 4 steps."""
+    """Between checkpoints the log may lag the run by a few logs: an exception (Ctrl+C here) writes it first, saying
+    the run stopped and why. The file is removed just before the interrupt, so only that last write can hold the 4
+    steps."""
     from transformers import TrainerCallback
 
     class InterruptAtStep4(TrainerCallback):
@@ -718,7 +719,8 @@ def test_a_run_that_dies_of_an_exception_leaves_every_logged_step_in_its_log(tmp
         train("--config_overrides", TINY_MODEL, "--max_steps", "8", "--output_dir", str(tmp_path / "run"),
               callbacks=[InterruptAtStep4()])
     log = read_log(tmp_path / "run")
-    assert log["status"] == "running" and [entry["step"] for entry in log["steps"]] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in log["steps"]] == [1, 2, 3, 4]
+    assert log["status"] == "stopped" and log["stopped"] == "interrupted at step 4: KeyboardInterrupt"
 
 
 def test_a_peak_probed_on_a_busy_machine_is_probed_again_before_mfu_passes_one(tmp_path):
