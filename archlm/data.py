@@ -34,6 +34,8 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, Features, IterableDataset, Value
 
+from .tokenization_archlm import safe_cut_between
+
 logger = logging.getLogger(__name__)
 
 # file extension -> `datasets` builder; prose, markup and source code are read as plain text
@@ -260,13 +262,17 @@ def _file_signatures(paths: Iterable[os.PathLike | str]) -> list[tuple[str, int,
 
 
 def _text_file_records(files: list[tuple[str, int, int]]) -> Iterator[dict]:
-    """Each file as written (newline="" keeps \\r\\n), in pieces cut before a line that starts with a
-    non-space character; `document_end` marks a file's last piece."""
+    """Each file as written (newline="" keeps \\r\\n), in pieces of about TEXT_CHUNK_CHARS cut where tokenizing the
+    pieces gives the tokens of the whole (tokenization_archlm.safe_cut_between: before a line that starts with a
+    non-space character, after a line break the pre-tokenizer splits off either way; where none comes, at any line
+    start past 16 pieces' length); `document_end` marks a file's last piece."""
     for path, _, _ in files:
         pieces, size = [], 0
         with open(path, encoding="utf-8", newline="") as file:
             for line in file:
-                if size >= TEXT_CHUNK_CHARS and not line[:1].isspace():
+                cut = size >= TEXT_CHUNK_CHARS and (safe_cut_between(pieces[-1], line) or (
+                    size >= 16 * TEXT_CHUNK_CHARS and not line[:1].isspace()))
+                if cut:
                     yield {"text": "".join(pieces), "document_end": False}
                     pieces, size = [], 0
                 pieces.append(line)

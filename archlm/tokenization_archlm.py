@@ -120,6 +120,12 @@ MAX_CHUNK_CHARS = 1 << 24
 # piece. `\s` and `\w` here cover all of what the tokenizers regex engine calls `\s`, `\p{L}` and
 # `\p{N}`, so a character that is `\S` or punctuation here is so there too.
 _SAFE_CUT = re.compile(r".*(?:\S\n|[^\s\w]\r\n)(?=\S)", re.DOTALL)
+_SAFE_CUT_END = re.compile(r"(?:\S\n|[^\s\w]\r\n)\Z")
+
+
+def safe_cut_between(before: str, after: str) -> bool:
+    """Whether text cut between `before` and `after` pre-tokenizes into the same words as joined (see _SAFE_CUT)."""
+    return bool(_SAFE_CUT_END.search(before)) and after[:1] != "" and not after[:1].isspace()
 
 
 class ArchLMTokenizerFast(PreTrainedTokenizerFast):

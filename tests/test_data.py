@@ -80,17 +80,27 @@ def test_text_files_keep_their_line_breaks_with_eos_only_between_files(tmp_path,
     assert decode_stream(packed.train, tokenizer) == "".join(text + EOS_TOKEN for text in SAMPLE_TEXTS)
 
 
-def test_large_text_file_is_read_in_pieces_cut_at_line_starts(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_large_text_file_is_read_in_pieces_that_tokenize_as_the_whole_file(tmp_path, monkeypatch, eol):
+    """Cut only where the pre-tokenizer splits anyway (before an unindented line, after a line break it takes on its
+    own): a CRLF line break at a piece's end would otherwise become one token where the whole file has two."""
     monkeypatch.setattr(data_module, "TEXT_CHUNK_CHARS", 40)
-    text = "".join(f"def f{i}():\n    return {i}\n\n" for i in range(30))
-    args = DataArguments(train_file=[write(tmp_path / "big.txt", text)], validation_split_percentage=0)
+    text = "".join(f"def f{i}():{eol}    return {i}{eol}{eol if i % 4 == 0 else ''}" for i in range(20))  # < 16 x 40
+    tokenizer = train_tokenizer([text] * 20, 300)
+    assert eol == "\n" or "\u010d\u010a" in tokenizer.get_vocab()  # "\r\n" is one token where nothing follows it
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.encode())
+    args = DataArguments(train_file=[str(path)], validation_split_percentage=0)
     raw = load_raw_data(args)
     records = raw.train.to_list()
-    assert len(records) > 5 and "".join(r["text"] for r in records) == text
+    assert "".join(r["text"] for r in records) == text
+    # every "return N\n" ends a piece once it holds 40 characters; CRLF after a word or bracket is no safe cut, so
+    # the file stays whole until 16 pieces' length
+    assert len(records) == (1 if eol == "\r\n" else 10)
     assert [r["document_end"] for r in records] == [False] * (len(records) - 1) + [True]
-    assert all(r["text"][:1] not in " \n" for r in records)  # never cut inside an indented block
+    assert all(r["text"][:1] not in " \r\n" for r in records)  # never cut inside an indented block
     packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
-    assert decode_stream(packed.train, tokenizer) == text + EOS_TOKEN
+    assert [row[0] for row in packed.train["input_ids"]] == tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "json", "csv", "parquet"])
