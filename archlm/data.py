@@ -332,6 +332,12 @@ def _select_text_column(dataset: Dataset | IterableDataset, text_column: str, wh
     dataset = dataset.select_columns([text_column])
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")
+    # a null or empty record holds no document: kept, it would train on a bare end-of-document token
+    rows = dataset.num_rows if isinstance(dataset, Dataset) else None
+    dataset = dataset.filter(lambda record: bool(record["text"]))
+    if rows is not None and dataset.num_rows < rows:
+        logger.warning("%s: %d of %d records have no text in %r (null or empty); they are left out.",
+                       where, rows - dataset.num_rows, rows, text_column)
     return dataset
 
 

@@ -103,6 +103,21 @@ def test_large_text_file_is_read_in_pieces_that_tokenize_as_the_whole_file(tmp_p
     assert [row[0] for row in packed.train["input_ids"]] == tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]
 
 
+def test_records_without_text_are_left_out_with_a_warning(tmp_path, tokenizer, caplog):
+    """A null or empty text field (a csv's empty cell, a jsonl null) is no document: it would train on a bare
+    end-of-document token."""
+    rows = [{"content": SAMPLE_TEXTS[0]}, {"content": None}, {"content": ""}, {"content": SAMPLE_TEXTS[1]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    args = DataArguments(train_file=[str(path)], text_column="content", validation_split_percentage=0)
+    with caplog.at_level("WARNING", logger="archlm.data"):
+        raw = load_raw_data(args)
+    assert raw.train["text"] == SAMPLE_TEXTS[:2]
+    assert "2 of 4 records have no text in 'content'" in caplog.text
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    assert decode_stream(packed.train, tokenizer) == SAMPLE_TEXTS[0] + EOS_TOKEN + SAMPLE_TEXTS[1] + EOS_TOKEN
+
+
 @pytest.mark.parametrize("extension", ["jsonl", "json", "csv", "parquet"])
 def test_structured_files_use_text_column_and_each_record_is_a_document(tmp_path, tokenizer, extension):
     rows = [{"id": i, "content": text} for i, text in enumerate(SAMPLE_TEXTS)]
