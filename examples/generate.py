@@ -42,7 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="auto: bf16 on a GPU that supports it, else float32")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # what generate would refuse only after loading the model, with a traceback
+    for flag, value, allowed in (("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1),
+                                 ("--num_beams", args.num_beams, args.num_beams >= 1),
+                                 ("--temperature", args.temperature, args.temperature > 0),
+                                 ("--top_k", args.top_k, args.top_k >= 0),
+                                 ("--top_p", args.top_p, 0 < args.top_p <= 1),
+                                 ("--repetition_penalty", args.repetition_penalty, args.repetition_penalty > 0)):
+        if not allowed:
+            parser.error(f"{flag} {value} is out of range: --max_new_tokens and --num_beams >= 1, --temperature > 0 "
+                         "(greedy decoding: drop --do_sample), --top_k >= 0, --top_p in (0, 1], --repetition_penalty > 0.")
+    return args
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:

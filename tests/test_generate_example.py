@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
 from archlm import ArchLMForCausalLM
 from archlm.tokenization_archlm import train_tokenizer
@@ -74,6 +74,16 @@ def test_empty_prompt_is_refused(model_folder):
     model_folder, _ = model_folder
     result = run(model_folder, stdin="")
     assert result.returncode != 0 and "empty prompt" in result.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--max_new_tokens", "0"], "--max_new_tokens 0"),
+                                          (["--do_sample", "--temperature", "0"], "--temperature 0.0"),
+                                          (["--top_p", "1.5"], "--top_p 1.5")])
+def test_out_of_range_flags_are_refused_before_the_model_loads(capsys, flags, named):
+    generate_example = load_script(SCRIPT, "generate_example")
+    with pytest.raises(SystemExit):
+        generate_example.parse_args(["runs/no_such_run", "def ", *flags])
+    assert f"{named} is out of range" in capsys.readouterr().err
 
 
 def test_a_missing_local_folder_is_named_at_once(tmp_path):
