@@ -310,6 +310,8 @@ def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path)
         load_raw_data(DataArguments(train_file=[txt, jsonl]))
     with pytest.raises(ValueError, match="--validation_file needs --train_file"):
         load_raw_data(DataArguments(validation_file=[txt]))
+    with pytest.raises(ValueError, match="--max_corpus_mb sizes the default corpus.*--max_train_samples"):
+        load_raw_data(DataArguments(train_file=[txt], max_corpus_mb=1))
 
 
 def test_dataset_name_loads_a_datasets_folder_with_its_own_validation_split(tmp_path, tokenizer):
