@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # what generate would refuse only after loading the model, with a traceback
     for flag, value, allowed in (("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1),
                                  ("--num_beams", args.num_beams, args.num_beams >= 1),
-                                 ("--temperature", args.temperature, args.temperature > 0),
+                                 ("--temperature", args.temperature, args.temperature > 0 or not args.do_sample),
                                  ("--top_k", args.top_k, args.top_k >= 0),
                                  ("--top_p", args.top_p, 0 < args.top_p <= 1),
                                  ("--repetition_penalty", args.repetition_penalty, args.repetition_penalty > 0)):
