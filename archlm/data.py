@@ -176,8 +176,9 @@ def check_data_arguments(args: DataArguments) -> None:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} must be positive, got {value}.")
     if args.max_corpus_mb is not None and (args.train_file or args.dataset_name):
-        raise ValueError("--max_corpus_mb sizes the default corpus (Python's standard library), not --train_file or "
-                         "--dataset_name data: use --max_train_samples to cut those.")
+        # a warning, not an error: flags shared by several runs (compare_architectures) may hold it
+        logger.warning("--max_corpus_mb sizes the default corpus (Python's standard library) and is ignored with "
+                       "--train_file or --dataset_name data: --max_train_samples cuts those.")
 
 
 def expand_data_files(paths: list[str], flag: str) -> list[str]:

@@ -304,14 +304,16 @@ def test_non_text_column_is_an_error(tmp_path):
         load_raw_data(DataArguments(train_file=[path]))
 
 
-def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path):
+def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path, caplog):
     txt, jsonl = write(tmp_path / "a.txt", "x"), write(tmp_path / "b.jsonl", '{"text": "x"}\n')
     with pytest.raises(ValueError, match="one format.*'.jsonl', '.txt'"):
         load_raw_data(DataArguments(train_file=[txt, jsonl]))
     with pytest.raises(ValueError, match="--validation_file needs --train_file"):
         load_raw_data(DataArguments(validation_file=[txt]))
-    with pytest.raises(ValueError, match="--max_corpus_mb sizes the default corpus.*--max_train_samples"):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="archlm.data"):
         load_raw_data(DataArguments(train_file=[txt], max_corpus_mb=1))
+    assert "--max_corpus_mb sizes the default corpus (Python's standard library) and is ignored" in caplog.text
 
 
 def test_dataset_name_loads_a_datasets_folder_with_its_own_validation_split(tmp_path, tokenizer):
