@@ -120,11 +120,10 @@ def make_norm(config: ArchLMConfig, shape: int | tuple[int, ...], norm_type: str
     norm_type = norm_type or config.norm_type
     if norm_type not in NORM_CLASSES:
         raise ValueError(f"Unknown norm_type {norm_type!r}; valid: {list(NORM_CLASSES)}")
-    if norm_type == "rmsnorm" and config.norm_weight_fp32:
-        return ArchLMRMSNorm(shape, eps=config.norm_eps, weight_fp32=True)
-    if norm_type.startswith("layernorm"):
-        return NORM_CLASSES[norm_type](shape, eps=config.norm_eps, precision=config.layernorm_precision)
-    return NORM_CLASSES[norm_type](shape, eps=config.norm_eps)
+    # the rounding options of each kind of norm (the unit-offset RMSNorm always applies its weight in float32)
+    options = (dict(precision=config.layernorm_precision) if norm_type.startswith("layernorm")
+               else dict(weight_fp32=config.norm_weight_fp32) if norm_type == "rmsnorm" else {})
+    return NORM_CLASSES[norm_type](shape, eps=config.norm_eps, **options)
 
 
 def optional_norm(config: ArchLMConfig, present: bool, shape: int | tuple[int, ...]) -> nn.Module:
@@ -1448,11 +1447,11 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         # longrope rotates every position by its short factors while the sequence fits original_max_position_embeddings
         # and by its long ones past it: at the step that crosses, the keys cached so far were rotated by the short
         # ones, so all of them are computed again, once (as transformers' Phi-3 does)
-        switches = [params["original_max_position_embeddings"]
-                    for params in self.config.rope_parameters_by_layer_type().values()
-                    if params.get("rope_type") == "longrope" and self.config.position_embedding_type == "rope"]
-        if past_key_values is not None and switches and input_ids.shape[1] > min(switches):
-            if 0 < past_key_values.get_seq_length() <= min(switches):
+        switch = self.config.position_embedding_type == "rope" and min(
+            (params["original_max_position_embeddings"] for params in self.config.rope_parameters_by_layer_type().values()
+             if params.get("rope_type") == "longrope"), default=None)
+        if past_key_values is not None and switch and input_ids.shape[1] > switch:
+            if 0 < past_key_values.get_seq_length() <= switch:
                 past_key_values, kwargs["next_sequence_length"] = None, None
         return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
 
