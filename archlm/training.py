@@ -4,7 +4,7 @@ Trainer, its callbacks, the run log.
     flags ──► check (nothing loaded yet) ──► data ──► tokenizer ──► model (+ LoRA) ──► packed blocks
           ──► ArchLMTrainer (curriculum, metrics) + ThroughputCallback + TrainingLogCallback
           ──► output folder: weights, config.json (auto_map), remote code, tokenizer, generation_config.json,
-              training_log.json
+              training_log.json, loss_curve.png
 
 Every problem with the flags or the data is found before the output folder is touched, and raised as a
 `ValueError` whose message names the flag and the value.
@@ -41,6 +41,7 @@ from .configuration_archlm import PRESETS, ArchLMConfig
 from .data import block_size_at, iter_texts
 from .modeling_archlm import ArchLMForCausalLM
 from .optim import muon_optimizer
+from .plots import LOSS_CURVE_NAME, plot_training_log
 from .routing import RouterBiasCallback, RouterStatsCallback  # noqa: F401 (also imported from here)
 from .tokenization_archlm import train_tokenizer
 
@@ -784,13 +785,25 @@ class TrainingLogCallback(TrainerCallback):
         if due:
             self.write(args, state)
 
+    def plot(self, state) -> None:
+        """`loss_curve.png` beside the log (train and eval loss, learning rate), once the run has ended: drawing it
+        at every write would cost more than the log itself. A figure that fails is reported, not raised: the run's
+        weights and log are what matter."""
+        if state.is_world_process_zero:
+            try:
+                plot_training_log(self.document(state), self.path.with_name(LOSS_CURVE_NAME))
+            except Exception as error:  # noqa: BLE001 (matplotlib's errors have no common base)
+                logger.warning("could not draw %s: %s", LOSS_CURVE_NAME, error)
+
     def finish(self, args, state, summary: dict) -> None:
         self.summary = summary
         self.write(args, state)
+        self.plot(state)
 
     def stop(self, args, state, reason: str) -> None:
         self.stopped = reason
         self.write(args, state)
+        self.plot(state)
 
 
 def mean_logged_loss(steps: list[dict]) -> float:

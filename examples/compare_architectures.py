@@ -55,6 +55,7 @@ from pathlib import Path
 from archlm import ArchLMConfig
 from archlm.configuration_archlm import parse_config_overrides
 from archlm.data import check_data_arguments, load_raw_data, parse_block_size_schedule
+from archlm.plots import plot_runs
 from archlm.train import parse_args as parse_train_args
 from archlm.training import (
     SETUP_ERRORS,
@@ -164,27 +165,8 @@ def comparison_table(runs: list[dict]) -> str:
 
 def plot_loss_curves(runs: list[dict], path: Path, budget: str | None = None) -> None:
     """Training loss (lines) and eval loss (markers) against step, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for run in runs:
-        label = f"{run['folder'].name} ({run['architecture_name']})"
-        steps = [entry["step"] for entry in run["steps"]]
-        (line,) = axes.plot(steps, [entry["loss"] for entry in run["steps"]], label=label, linewidth=1.2)
-        if run.get("evals"):
-            axes.plot([entry["step"] for entry in run["evals"]], [entry["eval_loss"] for entry in run["evals"]],
-                      "o--", color=line.get_color(), markersize=4, linewidth=0.8)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (lines: train, dots: eval)")
-    axes.set_title(f"ArchLM architectures: same data and seed, {budget}" if budget else "ArchLM architectures")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plot_runs([(f"{run['folder'].name} ({run['architecture_name']})", run) for run in runs], path,
+              f"ArchLM architectures: same data and seed, {budget}" if budget else "ArchLM architectures")
 
 
 def peak_note(runs: list[dict], source: str | None = None) -> str:

@@ -46,7 +46,7 @@ TINY = [
 ]
 MODEL_FILES = [
     "model.safetensors", "config.json", "configuration_archlm.py", "modeling_archlm.py", "tokenizer.json",
-    "tokenizer_config.json", "generation_config.json", "training_log.json",
+    "tokenizer_config.json", "generation_config.json", "training_log.json", "loss_curve.png",
 ]
 
 
@@ -852,6 +852,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint
     assert not (output / "model.safetensors").exists()
     log = read_log(output)
     assert log["status"] == "stopped" and "step 3" in log["stopped"] and len(log["steps"]) == 2
+    assert (output / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curve up to the divergence
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
         weights = load_file(output / checkpoint / "model.safetensors")
         assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint
