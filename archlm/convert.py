@@ -17,8 +17,9 @@ non-empty OUT_DIR (its contents are deleted once the conversion has succeeded). 
     >>> llama = to_transformers(archlm_model)  # a LlamaForCausalLM again
 
 Supported: GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), OLMo, OLMo 2, Phi, Phi-3,
-GPT-NeoX, StableLM, Starcoder2, Cohere, Granite, SmolLM3, GPT-J, and the mixtures of experts Mixtral, Qwen2-MoE,
-Qwen3-MoE and OLMoE (`FAMILY_LIST`, in `archlm/families.py`). Each family is one declarative `Family`
+GPT-NeoX, StableLM, Starcoder2, Cohere, Granite, SmolLM3, GPT-J, ..., and the mixtures of experts Mixtral,
+Qwen2-MoE, Qwen3-MoE, OLMoE, ... (`FAMILY_LIST`, in `archlm/families.py`; the mixtures' records in
+`archlm/families_moe.py`, the `Family` record itself in `archlm/family_spec.py`). Each family is one declarative `Family`
 record: which native config field holds each ArchLM field, the ArchLM values the family fixes and those it also
 allows, key renames, and the few reversible weight operations (fused matrices split and re-fused, GPT-2's Conv1D
 transposed, per-head norms stacked). The same record converts both ways and says what an ArchLM config sets that
@@ -47,7 +48,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .check import missing_local_folder
 from .configuration_archlm import ArchLMConfig
-from .families import FAMILIES, FAMILY_LIST, Family, StateDict
+from .families import FAMILIES, FAMILY_LIST
+from .family_spec import Family, StateDict
 from .modeling_archlm import ArchLMForCausalLM, grouped_mm_takes
 from .tokenization_archlm import VOCABULARY_FILES
 

@@ -414,7 +414,7 @@ def test_a_model_loaded_in_bfloat16_converts_both_ways_keeping_its_float32_tenso
 def test_an_export_refusal_names_the_fields_a_user_sets_not_internal_facets():
     """Dots1 keeps its dense layers first and sizes its shared expert in whole experts: a config that breaks both
     is refused naming mlp_only_layers and shared_expert_intermediate_size (every facet has such a description)."""
-    from archlm.families import FACET_MEANINGS, _facets
+    from archlm.family_spec import FACET_MEANINGS, _facets
 
     config = ArchLMConfig.from_preset("dots1", num_hidden_layers=3, mlp_only_layers=[2], hidden_size=64, head_dim=16,
                                       num_attention_heads=4, num_experts=8, moe_intermediate_size=16,

@@ -1,0 +1,466 @@
+"""How a transformers family is written down for `archlm.convert`: the `Family` record, the reversible weight
+operations (`Transpose`, `SplitRows`, `SplitHeadInterleaved`, `StackHeads`) and key renames (`Rename`), the neutral
+ArchLM config a family departs from, and the helpers and field maps the records share. The records themselves are in
+`archlm.families` (dense models) and `archlm.families_moe` (mixtures of experts).
+"""
+
+import copy
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from .configuration_archlm import TOKEN_ID_FIELDS, ArchLMConfig, token_ids_fit
+from .modeling_archlm import ArchLMForCausalLM
+
+logger = logging.getLogger("archlm.convert")  # the converter's messages, whichever module holds the rule
+
+StateDict = dict[str, torch.Tensor]
+
+# ------------------------------------------------------------------------------------------------
+# Weight operations: each one maps native tensors to ArchLM's and back (`to_archlm` / `to_native`).
+# Renames (`Rename`, key prefixes) come first on import and last on export; the few operations that split a fused
+# matrix or regroup heads run in between. `{i}` in a key stands for the layer index, `{h}` for the head.
+# ------------------------------------------------------------------------------------------------
+class WeightOp:
+    """A reversible operation on whole state dicts (after renaming on import, before it on export)."""
+
+    def to_archlm(self, state_dict: StateDict, config: ArchLMConfig) -> None:
+        raise NotImplementedError
+
+    def to_native(self, state_dict: StateDict, config: ArchLMConfig) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Transpose(WeightOp):
+    """GPT-2's Conv1D stores (in, out), the transpose of nn.Linear's (out, in)."""
+
+    pattern: str  # a regex on ArchLM keys
+
+    def to_archlm(self, state_dict, config):
+        for key in [key for key in state_dict if re.search(self.pattern, key)]:
+            state_dict[key] = state_dict[key].t()
+
+    to_native = to_archlm
+
+
+@dataclass(frozen=True)
+class SplitRows(WeightOp):
+    """One fused matrix (and bias) whose rows are parts side by side, e.g. Phi-3's qkv_proj = [q | k | v] with GQA
+    sizes, or gate_up_proj = [gate | up]. `sizes` gives each part's rows from the config."""
+
+    fused: str  # "model.layers.{i}.self_attn.qkv_proj"
+    parts: tuple[str, ...]  # ("model.layers.{i}.self_attn.q_proj", ...)
+    sizes: Callable[[ArchLMConfig], list[int]]
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                fused = self.fused.format(i=i) + suffix
+                if fused in state_dict:
+                    for part, tensor in zip(self.parts, state_dict.pop(fused).split(self.sizes(config), dim=0)):
+                        state_dict[part.format(i=i) + suffix] = tensor
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                parts = [part.format(i=i) + suffix for part in self.parts]
+                if all(part in state_dict for part in parts):
+                    state_dict[self.fused.format(i=i) + suffix] = torch.cat([state_dict.pop(part) for part in parts])
+
+
+@dataclass(frozen=True)
+class SplitHeadInterleaved(WeightOp):
+    """GPT-NeoX's query_key_value holds, per head, its q, k and v rows: (nh, 3, hd, C), not [q | k | v]."""
+
+    fused: str
+    parts: tuple[str, str, str]
+
+    def to_archlm(self, state_dict, config):
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                fused = self.fused.format(i=i) + suffix
+                if fused in state_dict:
+                    grouped = state_dict.pop(fused).reshape(heads, 3, head_dim, -1)  # (nh, 3, hd, C or 1)
+                    for j, part in enumerate(self.parts):
+                        tensor = grouped[:, j].reshape(heads * head_dim, -1)
+                        state_dict[part.format(i=i) + suffix] = tensor.squeeze(-1) if suffix == ".bias" else tensor
+
+    def to_native(self, state_dict, config):
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                parts = [part.format(i=i) + suffix for part in self.parts]
+                if all(part in state_dict for part in parts):
+                    grouped = torch.stack([state_dict.pop(part).reshape(heads, head_dim, -1) for part in parts], dim=1)
+                    fused = grouped.reshape(3 * heads * head_dim, -1)  # (nh, 3, hd, C) -> (3 nh hd, C)
+                    state_dict[self.fused.format(i=i) + suffix] = fused.squeeze(-1) if suffix == ".bias" else fused
+
+
+@dataclass(frozen=True)
+class StackHeads(WeightOp):
+    """StableLM keeps one LayerNorm per head (`q_layernorm.norms.{h}.weight`); ArchLM one (heads, hd) weight."""
+
+    per_head: str  # "model.layers.{i}.self_attn.q_layernorm.norms.{h}.weight"
+    stacked: str  # "model.layers.{i}.self_attn.q_norm.weight"
+    heads: Callable[[ArchLMConfig], int]
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            keys = [self.per_head.format(i=i, h=h) for h in range(self.heads(config))]
+            if all(key in state_dict for key in keys):
+                state_dict[self.stacked.format(i=i)] = torch.stack([state_dict.pop(key) for key in keys])
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            if self.stacked.format(i=i) in state_dict:
+                for h, row in enumerate(state_dict.pop(self.stacked.format(i=i))):
+                    state_dict[self.per_head.format(i=i, h=h)] = row
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A key prefix renamed, `{i}` standing for the layer index: Rename("transformer.h.{i}.ln_1.",
+    "model.layers.{i}.input_layernorm."). Written as templates rather than transformers' `WeightRenaming` regexes,
+    whose reverse turns a `\\1` back-reference into a pattern: a template reverses by swapping its two sides."""
+
+    native: str
+    archlm: str
+
+    @staticmethod
+    def _pattern(template: str) -> re.Pattern:
+        return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+    def apply(self, key: str, to_archlm: bool) -> str | None:
+        source, target = (self.native, self.archlm) if to_archlm else (self.archlm, self.native)
+        match = self._pattern(source).match(key)
+        if match is None:
+            return None
+        return target.format(**match.groupdict()) + key[match.end():]
+
+
+def _rename(state_dict: StateDict, renames: tuple[Rename, ...], to_archlm: bool) -> StateDict:
+    """Each key renamed by the first rename that matches it (one per key, so that renames never chain)."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        new_key = next((new for rename in renames if (new := rename.apply(key, to_archlm)) is not None), key)
+        renamed[new_key] = tensor
+    return renamed
+
+
+# ------------------------------------------------------------------------------------------------
+# Families as data
+# ------------------------------------------------------------------------------------------------
+ANY = None  # in `allows`: every value of a field the family maps
+# What an ArchLM model must be for a family to express it, unless the family fixes, maps or allows otherwise:
+# the plain Llama decoder. Facets (keys starting with "_") are derived from several fields, see `_facets`.
+NEUTRAL = {
+    "position_embedding_type": "rope", "learned_position_embeddings": False, "_partial_rotary_factor": 1.0,
+    "rope_interleaved": False, "_rope_per_layer_type": False, "_no_rope_layers": 0, "_layer_types": "full",
+    "norm_type": "rmsnorm", "norm_position": "pre", "use_parallel_residual": False, "parallel_shared_norm": True,
+    "sub_layernorm": False, "mlp_type": "gated", "hidden_act": "silu", "qk_norm": False, "qk_norm_scope": "head",
+    "qk_norm_type": None, "clip_qkv": None, "attention_bias": False, "attention_output_bias": False,
+    "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
+    "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
+    "router_bias_update_rate": 0.0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
+    "topk_group": 1, "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
+}
+# Fields that matter only when another is on
+_RELEVANT = {
+    "parallel_shared_norm": lambda config: config.use_parallel_residual,
+    "qk_norm_scope": lambda config: config.qk_norm,
+    "qk_norm_type": lambda config: config.qk_norm,
+    "norm_topk_prob": lambda config: config.num_experts,
+    "_shared_expert": lambda config: config.num_experts,
+    "_dense_layers": lambda config: config.num_experts,
+    "router_bias_update_rate": lambda config: config.num_experts,
+    "router_scoring": lambda config: config.num_experts,
+    "routed_scaling_factor": lambda config: config.num_experts,
+    "n_group": lambda config: config.num_experts,
+    "topk_group": lambda config: config.num_experts and config.n_group > 1,
+    "shared_expert_gated": lambda config: config.num_experts and config.shared_expert_intermediate_size,
+}
+# Dropped on export with a warning: inference is unchanged (they act in training only), training the export further
+# is not (router_bias_update_rate: the biases it moved are exported, only their further moves are lost;
+# attention_dropout: ERNIE 4.5 has none)
+DROPPED_ON_EXPORT = ("hidden_dropout", "embedding_dropout", "attention_dropout", "router_z_loss_coef", "z_loss_coef",
+                     "router_bias_update_rate")
+
+
+def _facets(config: ArchLMConfig) -> dict:
+    """Properties spread over several fields, in the form the families' rules compare."""
+    sliding = config.layer_types.count("sliding_attention")
+    layers = config.num_hidden_layers
+    default_head_dim = config.hidden_size // config.num_attention_heads
+    first_rope = next(iter(config.rope_parameters_by_layer_type().values()), None)
+    rotates = [bool(rope) for rope in config.no_rope_layers or [1] * layers]
+    slides = [layer_type == "sliding_attention" for layer_type in config.layer_types]
+    return {
+        "_partial_rotary_factor": config.rotary_dim() / config.head_dim if config.position_embedding_type == "rope" else 1.0,
+        "_rope_per_layer_type": bool(set(config.rope_parameters or {}) & {"full_attention", "sliding_attention"}),
+        "_no_rope_layers": layers - sum(config.no_rope_layers) if config.no_rope_layers else 0,
+        "_layer_types": "full" if sliding == 0 else "sliding" if sliding == layers else "mixed",
+        "_rope_theta": (first_rope or {}).get("rope_theta"),
+        "_rope_type": (first_rope or {}).get("rope_type", "default"),
+        "_dense_layers": sum(not config.layer_is_sparse(i) for i in range(layers)),
+        # DeepSeek-V3 and dots.llm1 keep their dense layers first (first_k_dense_replace) and size their shared
+        # expert as n_shared_experts x moe_intermediate_size
+        "_dense_layers_first": [config.layer_is_sparse(i) for i in range(layers)] == sorted(
+            config.layer_is_sparse(i) for i in range(layers)),
+        "_shared_expert": bool(config.shared_expert_intermediate_size),
+        "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
+        % config.moe_intermediate_size == 0,
+        "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
+        "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
+        and config.head_dim == default_head_dim else "explicit",
+        # Cohere 2 and EXAONE 4 rotate q and k in their sliding layers only (EXAONE 4 without a window: in all)
+        "_rope_layers": "sliding" if rotates == slides else "all" if all(rotates) and not any(slides) else "other",
+    }
+
+
+# what each facet stands for, in the fields a user sets (refusals name these, not the facets' internal keys): the
+# field it is, with what it means, or (None) a description naming the fields it comes from
+FACET_MEANINGS = {
+    "_partial_rotary_factor": ("partial_rotary_factor", "the rotated share of each head, in rope_parameters"),
+    "_rope_theta": ("rope_theta", "in rope_parameters"),
+    "_rope_type": ("rope_type", "in rope_parameters"),
+    "_no_rope_layers": ("no_rope_layers", "how many layers have no rope"),
+    "_layer_types": ("layer_types", "which layers slide: 'full' none, 'sliding' all, or 'mixed'"),
+    "_num_key_value_heads": ("num_key_value_heads", "'mha': one per head, or 'gqa'"),
+    "_head_dim": ("head_dim", "'default': hidden_size // num_attention_heads, or 'explicit'"),
+    "_rope_layers": (None, "the layers with rope (no_rope_layers) against layer_types ('sliding': the sliding ones "
+                           "only; 'all': every layer, none sliding)"),
+    "_rope_per_layer_type": (None, "one rope dict per layer type (rope_parameters nested by layer type)"),
+    "_dense_layers": (None, "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)"),
+    "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
+    "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
+    "_shared_expert_whole": (None, "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
+                                   "multiple of moe_intermediate_size)"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers model class maps onto ArchLM, and back, as data.
+
+    - `fields`: ArchLM field -> the native config's field of the same meaning, copied both ways as they are;
+    - `fixed`: the ArchLM values this family implies (an import sets them; an export requires them);
+    - `allows`: the values a family accepts beyond NEUTRAL and `fixed` (a set, or ANY);
+    - `import_fields` / `export_fields`: the few values computed from the other side's config;
+    - `refuse`: native settings ArchLM cannot compute, (field, the only value ArchLM can take, reason);
+    - `requires`: the values a family needs of a field it maps (or of a facet), e.g. Llama's silu;
+    - `renames` (native -> ArchLM key prefixes) and `operations` for the weights; `ignore`: native keys to drop.
+    Everything an ArchLM config sets that is not NEUTRAL, fixed, mapped or allowed is what the family cannot
+    express: the export lists it (every such field)."""
+
+    model_class: type[PreTrainedModel]
+    config_class: type[PreTrainedConfig]
+    fields: dict[str, str] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    allows: dict[str, Any] = field(default_factory=dict)
+    import_fields: Callable[[PreTrainedConfig], dict] = lambda native: {}
+    export_fields: Callable[[ArchLMConfig], dict] = lambda config: {}
+    requires: dict[str, set] = field(default_factory=dict)
+    refuse: tuple[tuple[str, Any, str], ...] = ()
+    renames: tuple[Rename, ...] = ()
+    operations: tuple[WeightOp, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.model_class.__name__
+
+    def mismatches(self, config: ArchLMConfig) -> list[str]:
+        """One line per ArchLM setting this family cannot express."""
+        values = {**{key: getattr(config, key) for key in NEUTRAL if not key.startswith("_")}, **_facets(config)}
+        lines = []
+        for key, neutral in NEUTRAL.items():
+            extra = self.allows.get(key, ())
+            relevant = _RELEVANT.get(key, lambda config: True)(config)
+            if extra is ANY or not relevant or (key in self.fields and key not in self.allows):
+                continue
+            expected = {self.fixed.get(key, neutral), *extra}
+            if values[key] not in expected:
+                lines.append(self._needs(key, values[key], expected))
+        for key, allowed in self.requires.items():
+            value = values[key] if key in values else getattr(config, key)
+            if value not in allowed:
+                lines.append(self._needs(key, value, allowed))
+        return lines
+
+    def _needs(self, key: str, value, allowed) -> str:
+        shown = " or ".join(repr(item) for item in sorted(allowed, key=repr))
+        field, meaning = FACET_MEANINGS.get(key, (key, None))
+        if field is None:
+            return f"{meaning} = {value!r}: {self.name} needs {shown}"
+        return f"`{field}`={value!r}{f' ({meaning})' if meaning else ''}: {self.name} needs {shown}"
+
+    def to_archlm_config(self, native: PreTrainedConfig) -> ArchLMConfig:
+        for native_field, supported, reason in self.refuse:
+            if getattr(native, native_field, supported) != supported:
+                raise _unsupported(native, native_field, getattr(native, native_field), reason)
+        fields = {**_shared_fields(native), **self.fixed}
+        fields.update({ours: getattr(native, theirs) for ours, theirs in self.fields.items()})
+        fields.update(self.import_fields(native), converted_from=self.name)
+        # a fixed value of a field that this model turns off stays unset (ArchLM refuses settings without effect):
+        # Granite-MoE-Shared's shared expert is ungated, but by default it has none
+        imported = SimpleNamespace(**{**{key: getattr(ArchLMConfig, key, None) for key in _RELEVANT}, **fields})
+        fields = {key: value for key, value in fields.items()
+                  if key not in self.fixed or key not in _RELEVANT or _RELEVANT[key](imported)}
+        try:
+            config = ArchLMConfig(**{key: value for key, value in fields.items() if not key.startswith("_")})
+        except StrictDataclassError as error:  # huggingface_hub's validation errors are not ValueErrors
+            raise ValueError(f"Cannot convert this {native.model_type} model: ArchLM refuses the config it maps to: "
+                             f"{error}") from error
+        # What the family cannot express on export, it does not compute either: a native setting read into ArchLM
+        # that this class ignores (Llama's partial_rotary_factor) would change the logits silently.
+        mismatches = self.mismatches(config)
+        if mismatches:
+            listed = "\n".join(f"  - {line}" for line in mismatches)
+            raise ValueError(f"Cannot convert this {native.model_type} model: {self.name} does not compute what its "
+                             f"config sets, so ArchLM has no equivalent for:\n{listed}")
+        return config
+
+    def to_native_config(self, config: ArchLMConfig) -> PreTrainedConfig:
+        for name in DROPPED_ON_EXPORT:
+            if getattr(config, name) and name not in self.fields:
+                logger.warning(
+                    "%s has no `%s`; exporting without it (%s=%s). Inference logits are unchanged (it acts in "
+                    "training only), but training the exported model further runs without it.",
+                    self.name, name, name, getattr(config, name),
+                )
+        fields = {**_shared_fields(config), **{theirs: copy.deepcopy(getattr(config, ours)) for ours, theirs in self.fields.items()}}
+        return self.config_class(**{**fields, **self.export_fields(config)})
+
+    def state_dict_to_archlm(self, model: PreTrainedModel, config: ArchLMConfig) -> StateDict:
+        state_dict = {key: value for key, value in model.state_dict().items()
+                      if not any(re.search(pattern, key) for pattern in self.ignore)}
+        state_dict = _rename(state_dict, self.renames, to_archlm=True)
+        for operation in self.operations:
+            operation.to_archlm(state_dict, config)
+        return {key: value.contiguous() for key, value in state_dict.items()}
+
+    def state_dict_to_native(self, model: ArchLMForCausalLM) -> StateDict:
+        state_dict = dict(model.state_dict())
+        for operation in reversed(self.operations):
+            operation.to_native(state_dict, model.config)
+        return {key: value.contiguous() for key, value in _rename(state_dict, self.renames, to_archlm=False).items()}
+
+
+def _unsupported(config: PreTrainedConfig, field: str, value, reason: str) -> ValueError:
+    return ValueError(
+        f"Cannot convert this {config.model_type} model: `{field}`={value!r} {reason}; ArchLM has no equivalent."
+    )
+
+
+def _shared_fields(config: PreTrainedConfig) -> dict:
+    """Fields every family names the same way (GPT-2 and GPT-J through their `attribute_map`), ArchLM too: read
+    from either side, and accepted by either side's constructor."""
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings,
+        use_cache=config.use_cache,
+        **_special_token_ids(config),
+    )
+
+
+def _special_token_ids(config: PreTrainedConfig) -> dict:
+    """pad/bos/eos ids; one outside the vocabulary (transformers accepts such a config with a warning) becomes None,
+    with a warning naming it, so that any model transformers accepts converts."""
+    ids = {}
+    for name in TOKEN_ID_FIELDS:
+        value = getattr(config, name, None)
+        if not token_ids_fit(value, config.vocab_size):
+            logger.warning("%s=%r is outside the vocabulary (vocab_size=%d): converted as None", name, value,
+                           config.vocab_size)
+            value = None
+        ids[name] = value
+    return ids
+
+
+def native_head_dim(native: PreTrainedConfig) -> int:
+    # Mistral reads `head_dim` with `or`, Llama/Qwen with getattr: both fall back to hidden / heads
+    return getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
+
+
+def any_bias(config: ArchLMConfig) -> bool:
+    """One native flag for q/k/v/o: a bias the ArchLM model lacks is exported as zeros (the same function)."""
+    return config.attention_bias or config.attention_output_bias
+
+
+def native_layer_types(native: PreTrainedConfig) -> dict:
+    """A native `layer_types` and window as the model runs them: with no window (Qwen without use_sliding_window:
+    None, or 0 in Qwen2-MoE), a layer called sliding attends to everything."""
+    layer_types = list(native.layer_types or ["full_attention"] * native.num_hidden_layers)
+    if not native.sliding_window:
+        return dict(layer_types=["full_attention"] * len(layer_types), sliding_window=None)
+    return dict(layer_types=layer_types, sliding_window=native.sliding_window)
+
+
+def window_of_every_native_layer(native: PreTrainedConfig) -> dict:
+    """Families whose one `sliding_window` (None: off) applies to every layer, with no layer_types."""
+    window = native.sliding_window or None
+    return dict(sliding_window=window,
+                layer_types=["sliding_attention" if window else "full_attention"] * native.num_hidden_layers)
+
+
+def qwen_layer_fields(config: ArchLMConfig) -> dict:
+    """Qwen2/3 and SmolLM3 choose full or sliding attention per layer through `layer_types`."""
+    sliding = "sliding_attention" in config.layer_types
+    return dict(use_sliding_window=sliding, sliding_window=config.sliding_window, layer_types=list(config.layer_types))
+
+
+def gemma_scale(config: ArchLMConfig) -> dict:
+    """Gemma 2/3 always scale scores by query_pre_attn_scalar**-0.5; ArchLM's None means head_dim."""
+    return dict(query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
+
+
+def rope_per_layer_type(config: ArchLMConfig) -> dict:
+    """Gemma 3 reads one rope dict per layer type, for both types."""
+    by_type = config.rope_parameters_by_layer_type()
+    shared = next(iter(by_type.values()))
+    return {layer_type: copy.deepcopy(by_type.get(layer_type, shared)) for layer_type in ("full_attention", "sliding_attention")}
+
+
+def window_of_every_layer(config: ArchLMConfig) -> dict:
+    """Families whose one `sliding_window` applies to every layer."""
+    return dict(sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None)
+
+
+def phi3_original_length(config: ArchLMConfig) -> dict:
+    """Phi-3's top-level original_max_position_embeddings overrides the one in rope_parameters: keep them equal."""
+    original = (config.rope_parameters or {}).get("original_max_position_embeddings")
+    return dict(original_max_position_embeddings=original or config.max_position_embeddings)
+
+
+LLAMA_ACTIVATIONS = {"silu", "swish"}  # what serving engines run for the Llama-like families (ACT2FN's swish is SiLU)
+GPT2_ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh"}  # Gemma rewrites plain "gelu" to the tanh approximation
+LLAMA_FIELDS = dict(intermediate_size="intermediate_size", num_key_value_heads="num_key_value_heads",
+                     hidden_act="hidden_act", rope_parameters="rope_parameters", attention_dropout="attention_dropout")
+PARTIAL_ROPE = {"_partial_rotary_factor": ANY}
+# each family's roundings where they differ from Llama's (no effect in float32; bit-identical imports in bf16)
+OLMO_ROUNDING = dict(rope_precision="float32", layernorm_precision="float32")
+OLMO2_ROUNDING = dict(rope_precision="float32", norm_weight_fp32=True)
+SUBLAYERS_FIRST = dict(parallel_residual_order="sublayers_first")
+# Gemma 2/3 and OLMo 2 call the norm on the attention output post_attention_layernorm, Llama the one before the MLP
+SANDWICH_NORMS = (
+    Rename("model.layers.{i}.post_attention_layernorm.", "model.layers.{i}.attention_output_layernorm."),
+    Rename("model.layers.{i}.pre_feedforward_layernorm.", "model.layers.{i}.post_attention_layernorm."),
+    Rename("model.layers.{i}.post_feedforward_layernorm.", "model.layers.{i}.mlp_output_layernorm."),
+)
