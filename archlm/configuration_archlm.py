@@ -364,6 +364,7 @@ NORM_TYPES = {
     "layernorm": ("LN", "LayerNorm with weight and bias (GPT-2)"),
     "layernorm_nobias": ("LNNoBias", "LayerNorm with a weight and no bias (Cohere)"),
     "layernorm_noaffine": ("LNNoAffine", "LayerNorm without learned parameters (OLMo)"),
+    "layernorm_unit_offset": ("LN+1", "LayerNorm scaled by (1 + weight), weight initialised to 0, with a bias (Nemotron)"),
 }
 NORM_POSITIONS = {
     "pre": ("PreNorm", "x + f(norm(x)): norm before each sublayer (GPT-2, Llama)"),

@@ -47,6 +47,8 @@ from transformers import (
     MinistralForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    NemotronConfig,
+    NemotronForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -441,6 +443,19 @@ FAMILY_LIST += [
         requires={"hidden_act": {"relu2"}},
         import_fields=lambda native: dict(head_dim=native_head_dim(native), attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(attention_bias=any_bias(config)),
+    ),
+    Family(
+        # Nemotron (Minitron): LayerNorm scaled by 1 + weight (its LayerNorm1P, with a bias), an ungated MLP (ReLU
+        # squared by default), half of each head rotated by default
+        NemotronForCausalLM, NemotronConfig,
+        fields=dict(LLAMA_FIELDS, head_dim="head_dim", norm_eps="norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias"),
+        fixed=dict(norm_type="layernorm_unit_offset", mlp_type="standard"),
+        allows={"attention_output_bias": ANY, **PARTIAL_ROPE},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        # its config's partial_rotary_factor argument (default 0.5) would override the rope dict's
+        export_fields=lambda config: dict(attention_bias=any_bias(config),
+                                          partial_rotary_factor=config.rotary_dim() / config.head_dim),
     ),
     Family(
         # Seed-OSS: Llama with separate q/k/v and o_proj biases, dropout on each sublayer's output

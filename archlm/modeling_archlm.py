@@ -72,20 +72,26 @@ class ArchLMRMSNorm(nn.Module):
 class ArchLMLayerNorm(nn.Module):
     """LayerNorm over the last dimension, with a weight and a bias, a weight only, or no parameters (OLMo).
     A 2-D `shape` (nh, hd) gives each head its own parameters (StableLM, Cohere qk-norm). `precision`
-    (layernorm_precision) is where a bf16/fp16 model rounds: torch's kernel on the activations, or in float32."""
+    (layernorm_precision) is where a bf16/fp16 model rounds: torch's kernel on the activations, or in float32.
+    `unit_offset` (Nemotron's LayerNorm1P): scaled by (1 + weight), weight starting at 0; 1 + weight is rounded to
+    the weight's dtype before the kernel, as Nemotron does."""
 
     def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, weight: bool = True, bias: bool = True,
-                 precision: str = "default"):
+                 precision: str = "default", unit_offset: bool = False):
         super().__init__()
         self.normalized_shape = (shape if isinstance(shape, int) else shape[-1],)
-        self.weight = nn.Parameter(torch.ones(shape)) if weight else None
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(shape) if unit_offset else torch.ones(shape)) if weight else None
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
         self.eps, self.precision = eps, precision
+
+    def scale(self) -> torch.Tensor | None:
+        return self.weight + 1.0 if self.unit_offset else self.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         per_head = self.weight is not None and self.weight.dim() > 1
         if self.precision == "default" and not per_head:  # torch's fused kernel (nn.LayerNorm's numerics)
-            return F.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
+            return F.layer_norm(hidden_states, self.normalized_shape, self.scale(), self.bias, self.eps)
         # in float32, rounded once at the end: OLMo's (the kernel on float32), Cohere's (its own formula), and
         # per-head parameters (as StableLM's one nn.LayerNorm per head rounds)
         input_dtype = hidden_states.dtype
@@ -96,7 +102,7 @@ class ArchLMLayerNorm(nn.Module):
         else:
             hidden_states = F.layer_norm(hidden_states, self.normalized_shape, eps=self.eps)
         if self.weight is not None:
-            hidden_states = hidden_states * self.weight.float()
+            hidden_states = hidden_states * self.scale().float()
         if self.bias is not None:
             hidden_states = hidden_states + self.bias.float()
         return hidden_states.to(input_dtype)
@@ -104,6 +110,7 @@ class ArchLMLayerNorm(nn.Module):
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else self.normalized_shape
         return (f"{shape}, eps={self.eps}, weight={self.weight is not None}, bias={self.bias is not None}"
+                + (", unit_offset=True" if self.unit_offset else "")
                 + (f", precision={self.precision!r}" if self.precision != "default" else ""))
 
 
@@ -113,6 +120,7 @@ NORM_CLASSES: dict[str, Callable[..., nn.Module]] = {
     "layernorm": ArchLMLayerNorm,
     "layernorm_nobias": partial(ArchLMLayerNorm, bias=False),
     "layernorm_noaffine": partial(ArchLMLayerNorm, weight=False, bias=False),
+    "layernorm_unit_offset": partial(ArchLMLayerNorm, unit_offset=True),
 }
 
 

@@ -66,6 +66,7 @@ NEW_OPTIONS = {
     "sublayer-output-norms": dict(norm_position="sublayer_output"),
     "unit-offset-rmsnorm": dict(norm_type="rmsnorm_unit_offset"),
     "noaffine-layernorm": dict(norm_type="layernorm_noaffine"),
+    "unit-offset-layernorm": dict(norm_type="layernorm_unit_offset"),
     "softcaps": dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
     "granite-multipliers": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
                                 logits_scaling=2.0),

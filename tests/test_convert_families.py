@@ -66,6 +66,8 @@ from transformers import (
     MinistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    NemotronConfig,
+    NemotronForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
@@ -149,6 +151,10 @@ FAMILY_CASES = {
         **GQA, head_dim=32, sliding_window=4, layer_types=SLIDING_THEN_FULL), ("eager", "sdpa")),
     "arcee-relu2-ungatedmlp-bias": (ArceeForCausalLM, lambda: ArceeConfig(
         **GQA, attention_bias=True, mlp_bias=True), ("eager", "sdpa")),
+    "nemotron-layernorm1p-relu2-partialrope50-bias": (NemotronForCausalLM, lambda: NemotronConfig(
+        **GQA, attention_bias=True, mlp_bias=True), ("eager", "sdpa")),
+    "nemotron-fullrope-gelu-headdim32": (NemotronForCausalLM, lambda: NemotronConfig(
+        **GQA, head_dim=32, hidden_act="gelu", partial_rotary_factor=1.0), ("eager", "sdpa")),
     "seed_oss-qkvbias-nooutbias-mlpbias-headdim32": (SeedOssForCausalLM, lambda: SeedOssConfig(
         **GQA, head_dim=32, attention_bias=True, attention_out_bias=False, mlp_bias=True), ("eager", "sdpa")),
     "helium-interleavedrope-fp32normweight-qkvbias": (HeliumForCausalLM, lambda: HeliumConfig(
