@@ -66,7 +66,8 @@ class DataArguments:
     validation_file: list[str] | None = field(
         default=None, metadata={"help": "Validation files, same formats. Default: a split carved from the training data."}
     )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text (json/csv/parquet/datasets)."})
+    text_column: str | None = field(default=None, metadata={
+        "help": "Column holding the text of json/csv/parquet files and datasets (default: 'text')."})
     streaming: bool = field(default=False, metadata={"help": "Read the data lazily as an IterableDataset (needs --max_steps)."})
     block_size: int | None = field(
         default=None,
@@ -175,6 +176,12 @@ def check_data_arguments(args: DataArguments) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} must be positive, got {value}.")
+    train_files = expand_data_files(args.train_file or [], "--train_file")
+    if args.text_column is not None and not args.dataset_name and all(
+            FILE_BUILDERS.get(file_extension(path)) == "text" for path in train_files):
+        # plain text has no columns: each file is a document (the default corpus too)
+        logger.warning("--text_column %r is ignored: %s", args.text_column,
+                       "plain-text files have no columns" if train_files else "the default corpus has no columns")
     if args.max_corpus_mb is not None and (args.train_file or args.dataset_name):
         # a warning, not an error: flags shared by several runs (compare_architectures) may hold it
         logger.warning("--max_corpus_mb sizes the default corpus (Python's standard library) and is ignored with "
@@ -320,8 +327,10 @@ def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
     return list(first) if first is not None else []
 
 
-def _select_text_column(dataset: Dataset | IterableDataset, text_column: str, where: str) -> Dataset | IterableDataset:
-    """Keeps only `text_column`, renamed "text"; every record is a document."""
+def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | None,
+                        where: str) -> Dataset | IterableDataset:
+    """Keeps only `text_column` ("text" when None), renamed "text"; every record is a document."""
+    text_column = text_column or "text"
     columns = _column_names(dataset)
     if text_column not in columns:
         raise ValueError(

@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from archlm import data as data_module
 from archlm.data import (
     DataArguments,
+    check_data_arguments,
     block_size_at,
     characters_per_token,
     load_raw_data,
@@ -296,6 +297,20 @@ def test_missing_text_column_lists_the_columns(tmp_path):
     path = write(tmp_path / "data.jsonl", json.dumps({"title": "t", "body": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"--text_column 'text' is not a column.*\['title', 'body'\]"):
         load_raw_data(DataArguments(train_file=[path]))
+
+
+def test_a_text_column_where_there_are_no_columns_is_reported(tmp_path, caplog):
+    txt, jsonl = write(tmp_path / "a.txt", "x = 1\n"), write(tmp_path / "b.jsonl", '{"body": "x = 1"}\n')
+    with caplog.at_level("WARNING", logger="archlm.data"):
+        check_data_arguments(DataArguments(train_file=[txt], text_column="body"))
+        check_data_arguments(DataArguments(text_column="body"))
+        assert caplog.text.count("--text_column 'body' is ignored") == 2
+        assert "plain-text files have no columns" in caplog.text and "the default corpus has no columns" in caplog.text
+        caplog.clear()
+        assert load_raw_data(DataArguments(train_file=[jsonl], text_column="body",
+                                           validation_split_percentage=0)).train["text"] == ["x = 1"]
+        check_data_arguments(DataArguments(train_file=[txt]))  # the default: nothing to report
+    assert "--text_column" not in caplog.text
 
 
 def test_non_text_column_is_an_error(tmp_path):
