@@ -10,6 +10,8 @@ This module holds the dense families' records and the whole list; `archlm/famili
 `archlm/family_spec.py` the `Family` record, the weight operations and the helpers the records share.
 """
 
+import math
+
 from transformers import (
     ArceeConfig,
     ArceeForCausalLM,
@@ -17,6 +19,8 @@ from transformers import (
     Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
+    CwmConfig,
+    CwmForCausalLM,
     Ernie4_5Config,
     Ernie4_5ForCausalLM,
     Exaone4Config,
@@ -41,6 +45,10 @@ from transformers import (
     GraniteForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
+    HyperCLOVAXConfig,
+    HyperCLOVAXForCausalLM,
+    Jais2Config,
+    Jais2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MinistralConfig,
@@ -55,6 +63,8 @@ from transformers import (
     Olmo3ForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    PersimmonConfig,
+    PersimmonForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PhiConfig,
@@ -73,6 +83,10 @@ from transformers import (
     StableLmForCausalLM,
     Starcoder2Config,
     Starcoder2ForCausalLM,
+    VaultGemmaConfig,
+    VaultGemmaForCausalLM,
+    YoutuConfig,
+    YoutuForCausalLM,
 )
 
 from .configuration_archlm import ArchLMConfig
@@ -530,6 +544,123 @@ FAMILY_LIST += [
     ),
 ]
 
+
+class _PowerOfTwo:
+    """A `requires` set: every power of two, the scales by which x * s and x / (1 / s) round alike in any dtype."""
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, (int, float)) and value > 0 and math.frexp(value)[0] == 0.5
+
+    def __iter__(self):
+        yield self
+
+    def __repr__(self) -> str:
+        return "a power of two"
+
+
+def _hyperclovax_import(native: PreTrainedConfig) -> dict:
+    """HyperCLOVA X multiplies its logits by logits_scaling, ArchLM divides them by its inverse: refused (naming the
+    native value) where the two would round apart."""
+    if native.logits_scaling not in _PowerOfTwo():
+        raise ValueError(f"Cannot convert this {native.model_type} model: `logits_scaling`={native.logits_scaling!r} "
+                         "multiplies its logits, and ArchLM divides them by the inverse, which rounds differently in "
+                         "bf16 unless the scale is a power of two.")
+    return dict(attention_output_bias=native.attention_bias, logits_scaling=1 / native.logits_scaling,
+                norm_position="sandwich" if native.use_post_norm else "pre")
+
+
+FAMILY_LIST += [
+    Family(
+        # VaultGemma: Gemma 2 with one norm before each sublayer (no norms on their outputs)
+        VaultGemmaForCausalLM, VaultGemmaConfig,
+        fields=dict(LLAMA_FIELDS, hidden_act="hidden_activation", head_dim="head_dim", norm_eps="rms_norm_eps",
+                    attention_bias="attention_bias", layer_types="layer_types", sliding_window="sliding_window",
+                    query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcapping",
+                    final_logit_softcapping="final_logit_softcapping"),
+        fixed=dict(norm_type="rmsnorm_unit_offset", scale_embeddings_by_sqrt_hidden=True, hidden_act="gelu_pytorch_tanh"),
+        allows={"attention_output_bias": ANY, "_layer_types": ANY},
+        requires={"hidden_act": GEMMA_ACTIVATIONS},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=any_bias(config), **gemma_scale(config)),
+        # its norm before the MLP keeps Gemma 2's name
+        renames=(Rename("model.layers.{i}.pre_feedforward_layernorm.", "model.layers.{i}.post_attention_layernorm."),),
+    ),
+    Family(
+        # HyperCLOVA X: Granite's multipliers with an explicit head_dim and, with use_post_norm, a norm on each
+        # sublayer's output too (Peri-LN: Gemma 2's sandwich); its logits are multiplied by logits_scaling
+        HyperCLOVAXForCausalLM, HyperCLOVAXConfig,
+        fields=dict(LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias", embedding_multiplier="embedding_multiplier",
+                    residual_multiplier="residual_multiplier", attention_multiplier="attention_multiplier"),
+        allows={"attention_output_bias": ANY, "logits_scaling": ANY, "norm_position": {"sandwich"}},
+        # ArchLM divides the logits by the inverse of its scale: the same product in bf16 only for a power of two
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "logits_scaling": _PowerOfTwo()},
+        import_fields=_hyperclovax_import,
+        # its attention_multiplier is the whole score scale (None: 1/sqrt(head_dim), written out as ArchLM's)
+        export_fields=lambda config: dict(attention_bias=any_bias(config), attention_multiplier=config.attention_scaling,
+                                          logits_scaling=1 / config.logits_scaling,
+                                          use_post_norm=config.norm_position == "sandwich", hidden_act="silu"),
+        renames=(Rename("model.layers.{i}.post_norm1.", "model.layers.{i}.attention_output_layernorm."),
+                 Rename("model.layers.{i}.post_norm2.", "model.layers.{i}.mlp_output_layernorm.")),
+    ),
+    Family(
+        # CWM: Llama with full and sliding layers (layer_types), no attention biases
+        CwmForCausalLM, CwmConfig,
+        fields=dict(LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", mlp_bias="mlp_bias",
+                    layer_types="layer_types", sliding_window="sliding_window"),
+        allows={"_layer_types": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=native_layer_types,
+        export_fields=lambda config: dict(layer_types=list(config.layer_types), hidden_act="silu"),
+    ),
+    Family(
+        # Jais 2: Llama's attention with LayerNorm (with bias) and an ungated MLP (ReLU squared by default)
+        Jais2ForCausalLM, Jais2Config,
+        fields=dict(LLAMA_FIELDS, head_dim="head_dim", norm_eps="layer_norm_eps", attention_bias="attention_bias",
+                    mlp_bias="mlp_bias"),
+        fixed=dict(norm_type="layernorm", mlp_type="standard"),
+        # a norm bias the ArchLM model lacks is exported as zeros
+        allows={"attention_output_bias": ANY, "norm_type": {"layernorm_nobias"}},
+        import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=any_bias(config)),
+    ),
+    Family(
+        # Persimmon (Fuyu's decoder): NeoX's per-head fused query_key_value in a sequential block, LayerNorm on q
+        # and k over head_dim, half of each head rotated by default, an ungated MLP (ReLU squared), biases everywhere
+        PersimmonForCausalLM, PersimmonConfig,
+        fields=dict(intermediate_size="intermediate_size", hidden_act="hidden_act", rope_parameters="rope_parameters",
+                    attention_dropout="attention_dropout", norm_eps="layer_norm_eps", qk_norm="qk_layernorm"),
+        fixed=dict(norm_type="layernorm", mlp_type="standard", attention_bias=True, attention_output_bias=True,
+                   mlp_bias=True),
+        # the biases the ArchLM model lacks are exported as zeros
+        allows={"attention_bias": {False}, "attention_output_bias": {False}, "mlp_bias": {False},
+                "norm_type": {"layernorm_nobias"}, "_partial_rotary_factor": ANY},
+        requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
+        refuse=(("hidden_dropout", 0.0, "drops out the MLP's output only (ArchLM's hidden_dropout drops both "
+                 "sublayers')"),),
+        # its config's partial_rotary_factor argument (default 0.5) would override the rope dict's
+        export_fields=lambda config: dict(partial_rotary_factor=config.rotary_dim() / config.head_dim),
+        renames=(Rename("model.final_layernorm.", "model.norm."),
+                 Rename("model.layers.{i}.self_attn.dense.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("model.layers.{i}.self_attn.q_layernorm.", "model.layers.{i}.self_attn.q_norm."),
+                 Rename("model.layers.{i}.self_attn.k_layernorm.", "model.layers.{i}.self_attn.k_norm."),
+                 Rename("model.layers.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("model.layers.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj.")),
+        operations=(SplitHeadInterleaved("model.layers.{i}.self_attn.query_key_value",
+                                         tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
+    ),
+    Family(
+        # Youtu-LLM: DeepSeek-V3's multi-head latent attention on a dense Llama decoder
+        YoutuForCausalLM, YoutuConfig,
+        fields={**LLAMA_FIELDS, "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
+                "head_dim": "qk_rope_head_dim", "rope_interleaved": "rope_interleave",
+                **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
+        allows={"attention_output_bias": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=lambda native: dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
+    ),
+]
 
 # the more specific families first: `archlm.convert.native_family` picks the first that expresses a config
 FAMILY_LIST += MOE_FAMILY_LIST

@@ -375,7 +375,7 @@ NON_EXPORTABLE = {
                                     ["learned_position_embeddings"]),
     "learned-positions-llama-blocks": ("llama", dict(position_embedding_type="learned", num_key_value_heads=2),
                                        "LlamaForCausalLM", ["position_embedding_type"]),
-    "sandwich-norms-on-plain-rmsnorm": ("llama", dict(norm_position="sandwich"), "LlamaForCausalLM", ["norm_position"]),
+    "post-norms-on-plain-rmsnorm": ("llama", dict(norm_position="post"), "LlamaForCausalLM", ["norm_position"]),
     "parallel-softcap-subln": ("llama", dict(use_parallel_residual=True, attn_logit_softcapping=30.0, init_scheme="magneto"),
                                "LlamaForCausalLM", ["use_parallel_residual", "sub_layernorm", "attn_logit_softcapping"]),
     "qk-norm-with-layernorm-and-mlp-bias": ("qwen3", dict(norm_type="layernorm", mlp_bias=True), "Qwen3ForCausalLM",
@@ -424,12 +424,12 @@ def test_export_refuses_what_is_not_a_causal_lm():
 
 
 def test_cli_refuses_a_non_exportable_folder_naming_the_fields(tmp_path, capsys):
-    config = ArchLMConfig.from_preset("llama", **ARCHLM_TINY, norm_position="sandwich")
-    ArchLMForCausalLM(config).save_pretrained(tmp_path / "sandwich")
+    config = ArchLMConfig.from_preset("llama", **ARCHLM_TINY, norm_position="post")
+    ArchLMForCausalLM(config).save_pretrained(tmp_path / "postnorm")
     with pytest.raises(SystemExit) as exit_info:
-        convert_main(["--to-native", str(tmp_path / "sandwich"), str(tmp_path / "out")])
+        convert_main(["--to-native", str(tmp_path / "postnorm"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "`norm_position`='sandwich'" in capsys.readouterr().err
+    assert "`norm_position`='post'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -28,6 +28,8 @@ from transformers import (
     Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
+    CwmConfig,
+    CwmForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     Dots1Config,
@@ -62,6 +64,10 @@ from transformers import (
     GraniteMoeSharedForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
+    HyperCLOVAXConfig,
+    HyperCLOVAXForCausalLM,
+    Jais2Config,
+    Jais2ForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MixtralConfig,
@@ -76,6 +82,8 @@ from transformers import (
     OlmoeConfig,
     OlmoeForCausalLM,
     OlmoForCausalLM,
+    PersimmonConfig,
+    PersimmonForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PhiConfig,
@@ -92,6 +100,10 @@ from transformers import (
     StableLmForCausalLM,
     Starcoder2Config,
     Starcoder2ForCausalLM,
+    VaultGemmaConfig,
+    VaultGemmaForCausalLM,
+    YoutuConfig,
+    YoutuForCausalLM,
 )
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
@@ -175,6 +187,29 @@ FAMILY_CASES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"]), ("eager", "sdpa")),
     "cohere2-nosliding-norope": (Cohere2ForCausalLM, lambda: Cohere2Config(
         **GQA, sliding_window=4, layer_types=["full_attention"] * 2), ("sdpa",)),  # with a window, full: no rope
+    "vaultgemma-prenormonly-softcaps-slidingthenfull": (VaultGemmaForCausalLM, lambda: VaultGemmaConfig(
+        **GQA, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, layer_types=SLIDING_THEN_FULL,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0), ("eager",)),
+    # logits_scaling multiplies HyperCLOVA X's logits (ArchLM divides by its inverse)
+    "hyperclovax-perilnorms-multipliers-logitsx4-bias-headdim32": (HyperCLOVAXForCausalLM, lambda: HyperCLOVAXConfig(
+        **GQA, head_dim=32, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=4.0, attention_bias=True), ("eager", "sdpa")),
+    "hyperclovax-nopostnorm-defaultscale": (HyperCLOVAXForCausalLM, lambda: HyperCLOVAXConfig(
+        **GQA, use_post_norm=False), ("sdpa",)),
+    "cwm-slidingthenfull-llama3rope-headdim32": (CwmForCausalLM, lambda: CwmConfig(
+        **GQA, head_dim=32, sliding_window=4, layer_types=SLIDING_THEN_FULL), ("eager", "sdpa")),
+    "jais2-layernorm-relu2-ungatedmlp-bias-headdim32": (Jais2ForCausalLM, lambda: Jais2Config(
+        **GQA, head_dim=32), ("eager", "sdpa")),
+    "persimmon-interleavedqkv-headqklayernorm-partialrope50-relu2-bias": (PersimmonForCausalLM, lambda: PersimmonConfig(
+        **TINY), ("eager", "sdpa")),
+    "persimmon-noqknorm-fullrope-gelu": (PersimmonForCausalLM, lambda: PersimmonConfig(
+        **TINY, qk_layernorm=False, partial_rotary_factor=1.0, hidden_act="gelu"), ("sdpa",)),
+    "youtu-mla-qlatent-interleavedrope-densemlp-tied": (YoutuForCausalLM, lambda: YoutuConfig(
+        **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12), ("eager", "sdpa")),
+    "youtu-mla-qprojected-halvesrope-bias": (YoutuForCausalLM, lambda: YoutuConfig(
+        **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, rope_interleave=False, attention_bias=True, tie_word_embeddings=False), ("eager", "sdpa")),
 }
 # mixtures of experts: the same parity, the auxiliary load-balancing loss included
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=True)
