@@ -523,6 +523,9 @@ class ArchLMConfig(PreTrainedConfig):
     # the top-k weights stay float32 and the experts' weighted outputs are summed in float32 (Mixtral); False: both
     # in the activations' dtype (Qwen-MoE, OLMoE). The same in a float32 model; in bf16/fp16 it is the native rounding
     router_weights_fp32: bool = False
+    # the top-k weights as the softmax of the k largest router logits (Granite-MoE), not the softmax over every expert
+    # renormalised over the k: the same weights one rounding apart (needs softmax scoring and norm_topk_prob)
+    router_topk_softmax: bool = False
     decoder_sparse_step: int = 1  # every N-th layer is sparse (Qwen-MoE)
     mlp_only_layers: list[int] | None = None  # layers that stay dense
     router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
@@ -753,7 +756,7 @@ class ArchLMConfig(PreTrainedConfig):
         if self.num_experts is None:
             for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
                                 ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
-                                ("topk_group", 1), ("shared_expert_gated", True)):
+                                ("topk_group", 1), ("shared_expert_gated", True), ("router_topk_softmax", False)):
                 if getattr(self, name) != unset:
                     raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
                                      "dense (num_experts=None): set num_experts too.")
@@ -770,6 +773,14 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError("`shared_expert_gated`=False is for a shared expert, but there is none: set "
                              "shared_expert_intermediate_size too.")
         self._check_groups()
+        if self.router_topk_softmax and (self.router_scoring != "softmax" or not self.norm_topk_prob
+                                         or self.router_bias_update_rate):
+            raise ValueError(
+                "`router_topk_softmax`=True takes the softmax of the k largest router logits, which equals softmax "
+                "scoring renormalised over the k: it needs router_scoring='softmax' and norm_topk_prob=True, and no "
+                f"routing bias (got router_scoring={self.router_scoring!r}, norm_topk_prob={self.norm_topk_prob}, "
+                f"router_bias_update_rate={self.router_bias_update_rate})."
+            )
         if self.sub_layernorm:
             raise ValueError(
                 "`sub_layernorm`=True (Sub-LN; init_scheme='magneto' turns it on) puts a norm before each MLP's "

@@ -135,7 +135,7 @@ _GRANITE_MOE = dict(
     fixed=dict(norm_topk_prob=True),
     requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
     import_fields=lambda native: dict(attention_output_bias=native.attention_bias, intermediate_size=native.intermediate_size,
-                                      output_router_logits=native.output_router_logits),
+                                      output_router_logits=native.output_router_logits, router_topk_softmax=True),
     # the shared MLP's before the block's: on export the first rename that matches a key wins
     renames=(Rename("model.layers.{i}.shared_mlp.input_linear.", "model.layers.{i}.mlp.shared_expert.input_linear."),
              Rename("model.layers.{i}.shared_mlp.output_linear.", "model.layers.{i}.mlp.shared_expert.down_proj."),

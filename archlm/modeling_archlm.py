@@ -808,7 +808,7 @@ class ArchLMSparseMoeBlock(nn.Module):
     def __init__(self, config: ArchLMConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
-        self.router_weights_fp32 = config.router_weights_fp32
+        self.router_weights_fp32, self.topk_softmax = config.router_weights_fp32, config.router_topk_softmax
         self.sigmoid, self.scale = config.router_scoring == "sigmoid", config.routed_scaling_factor
         self.n_group, self.topk_group = config.n_group, config.topk_group
         router = Float32Linear if self.sigmoid else nn.Linear
@@ -826,6 +826,10 @@ class ArchLMSparseMoeBlock(nn.Module):
 
     def choose(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing: (T, E) logits -> the top-k experts' weights (float32) and indices, each (T, k)."""
+        if self.topk_softmax:  # Granite-MoE's order: the k largest logits first, then their softmax
+            top_k_logits, top_k_index = router_logits.float().topk(self.top_k, dim=-1)
+            top_k_weights = F.softmax(top_k_logits, dim=-1)
+            return top_k_weights * self.scale if self.scale != 1 else top_k_weights, top_k_index
         if self.sigmoid:
             scores = torch.sigmoid(router_logits.float())
         else:

@@ -67,8 +67,9 @@ def reference_moe(block, hidden_states):
     dict(num_experts=6, num_experts_per_tok=2, router_bias_update_rate=1e-3),
     dict(num_experts=8, num_experts_per_tok=3, router_scoring="sigmoid", n_group=4, topk_group=2,
          routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False),
+    dict(num_experts=5, num_experts_per_tok=3, router_topk_softmax=True),
 ], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias",
-        "sigmoid-groups-scaled-ungatedshared"])
+        "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -246,6 +247,9 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(num_experts=4, shared_expert_gated=False), ["shared_expert_gated", "shared_expert_intermediate_size"]),
     (dict(router_scoring="sigmoid"), ["router_scoring", "dense", "num_experts"]),
     (dict(n_group=0), ["n_group", "0"]),
+    (dict(num_experts=4, router_topk_softmax=True, norm_topk_prob=False), ["router_topk_softmax", "norm_topk_prob=False"]),
+    (dict(num_experts=4, router_topk_softmax=True, router_scoring="sigmoid"), ["router_topk_softmax", "'sigmoid'"]),
+    (dict(router_topk_softmax=True), ["router_topk_softmax", "dense", "num_experts"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:
