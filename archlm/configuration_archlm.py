@@ -939,9 +939,13 @@ class ArchLMConfig(PreTrainedConfig):
     def layer_uses_rope(self, layer_idx: int) -> bool:
         return self.position_embedding_type == "rope" and (self.no_rope_layers is None or bool(self.no_rope_layers[layer_idx]))
 
-    def rotary_dim(self, layer_type: str = "full_attention") -> int:
-        """How many channels of each head rope rotates (the first ones; partial rotary rotates fewer)."""
-        params = self.rope_parameters_by_layer_type().get(layer_type) or {}
+    def rotary_dim(self, layer_type: str | None = None) -> int:
+        """How many channels of each head rope rotates (the first ones; partial rotary rotates fewer) in layers of
+        `layer_type`; None: the full-attention layers', or the first layer type's where every layer slides."""
+        by_type = self.rope_parameters_by_layer_type()
+        if layer_type is None:
+            layer_type = "full_attention" if "full_attention" in by_type else next(iter(by_type), "full_attention")
+        params = by_type.get(layer_type) or {}
         if params.get("rope_type") == "proportional":  # its frequencies cover the whole head, zero past the rotated part
             return self.head_dim
         return int(self.head_dim * (params.get("partial_rotary_factor") or 1.0))

@@ -26,6 +26,7 @@ from transformers import (
     LlamaModel,
     MistralConfig,
     MistralForCausalLM,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -301,6 +302,10 @@ EXPORT_CASES = {
         "mistral", **ARCHLM_TINY, sliding_window=4, attention_bias=True, mlp_bias=True)),
     "gpt2-nobias-layernormnobias-untied-zerofilled": (GPT2LMHeadModel, lambda: ArchLMConfig.from_preset(
         "gpt2", **ARCHLM_TINY, attention_bias=False, mlp_bias=False, norm_type="layernorm_nobias")),
+    # every layer slides: the partial rotary factor is the sliding layers' (there are no full ones to read it from)
+    "phi3-partialrope50-everylayerslides": (Phi3ForCausalLM, lambda: ArchLMConfig.from_preset(
+        "mistral", **ARCHLM_TINY, sliding_window=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
 }
 
 
