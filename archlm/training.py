@@ -324,9 +324,14 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
     """The model's config: the preset or the loaded model's, then the tokenizer's vocabulary and special ids
     (when given and not overridden), then --config_overrides. A tokenizer larger than the vocabulary is refused."""
     if model_args.model_name_or_path is not None:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **overrides)
-        if not isinstance(config, ArchLMConfig):
-            raise ValueError(f"--model_name_or_path {model_args.model_name_or_path!r} is a {type(config).__name__}, not an ArchLM model.")
+        loaded = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        if not isinstance(loaded, ArchLMConfig):
+            raise ValueError(
+                f"--model_name_or_path {model_args.model_name_or_path!r} is a {type(loaded).__name__}, not an ArchLM "
+                "model: convert it first (python -m archlm.convert --from-transformers SRC OUT), then fine-tune OUT.")
+        # built anew from the saved fields and the overrides, so that every check a preset's config gets runs
+        # (from_pretrained(**overrides) sets them after the checks: a layer count or a rope dict it would refuse)
+        config = ArchLMConfig.from_dict({**loaded.to_dict(), **overrides})
         # (a sigmoid router keeps its biases, fixed, at rate 0)
         if overrides.get("router_bias_update_rate", None) == 0 and config.router_scoring == "softmax" and \
                 AutoConfig.from_pretrained(model_args.model_name_or_path).router_bias_update_rate:
@@ -372,17 +377,20 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
     """A new model from `config`, or the fine-tuned one from its folder; generation settings from the tokenizer."""
     kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path is not None:
+        refusal = (f"--config_overrides {model_args.config_overrides!r} change %s the weights in --model_name_or_path "
+                   f"{model_args.model_name_or_path!r}: fine-tuning keeps the architecture; override only fields "
+                   "that leave the weights alone (dropout, rope scaling, window, ...).")
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+            model, loading = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                                  output_loading_info=True, **kwargs)
         except RuntimeError as error:
             if "mismatch" not in str(error):
                 raise
             # transformers' message is a table of tensors; the cause is the overrides
-            raise ValueError(
-                f"--config_overrides {model_args.config_overrides!r} change the shapes of the weights in "
-                f"--model_name_or_path {model_args.model_name_or_path!r}: fine-tuning keeps the architecture; "
-                "override only fields that leave the weights' shapes alone (dropout, rope scaling, window, ...)."
-            ) from None
+            raise ValueError(refusal % "the shapes of") from None
+        changed = sorted(loading.get("missing_keys", [])) + sorted(loading.get("unexpected_keys", []))
+        if model_args.config_overrides and changed:  # (fewer layers, a bias turned on: weights dropped or made up)
+            raise ValueError(refusal % "which tensors make up" + f" ({len(changed)} differ, e.g. {changed[0]!r})")
     else:
         model = ArchLMForCausalLM._from_config(config, **kwargs)
     model.generation_config.bos_token_id = config.bos_token_id

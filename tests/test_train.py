@@ -581,6 +581,28 @@ def test_fine_tuning_with_overrides_that_change_weight_shapes_is_refused_by_name
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("num_hidden_layers=1", r"num_hidden_layers.*\(1\).*layer_types"),  # a preset's check, not a crash at a save
+    ('rope_parameters={"rope_type":"linear","rope_theta":10000.0}', r"factor"),
+    ("attention_bias=True", r"attention_bias=True.*change which tensors make up the weights.*bias"),
+    ("norm_eps=0.0", r"norm_eps"),
+], ids=["fewer-layers", "rope-without-factor", "new-biases", "zero-eps"])
+def test_fine_tuning_overrides_get_every_check_before_training(trained, tmp_path, override, message):
+    with pytest.raises(SystemExit, match=message):
+        train("--model_name_or_path", str(trained[0]), "--config_overrides", override, "--max_steps", "2",
+              "--output_dir", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_native_transformers_folder_to_fine_tune_is_pointed_to_the_converter(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(SystemExit, match=r"is a LlamaConfig, not an ArchLM model: convert it first.*--from-transformers"):
+        train("--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "out"))
+
+
 def test_fine_tuning_refuses_to_drop_learned_routing_biases(tmp_path):
     base = train("--preset", "mixtral", "--config_overrides",
                  f"{TINY_MODEL},num_experts=4,moe_intermediate_size=16,router_bias_update_rate=0.01",
