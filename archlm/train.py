@@ -136,8 +136,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     raw = load_raw_data(data_args)
     tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, raw.train, checkpoint)
     config = build_config(model_args, overrides, tokenizer)
-    if checkpoint is not None:
-        check_resume_config(checkpoint, config)
+    if checkpoint is not None:  # (the dropout a recipe fits to the run is set again when training starts)
+        recipe = getattr(run_args, "recipe_record", None) or {}
+        check_resume_config(checkpoint, config, ignored=recipe.get("dropout", {}).get("fields", ()))
     set_seed(training_args.seed)
     model = build_model(model_args, config, tokenizer)
     if model_args.lora_r:

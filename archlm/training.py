@@ -249,16 +249,17 @@ RESUME_IGNORED_FIELDS = {"transformers_version", "architectures", "auto_map", "d
                          "_name_or_path", "output_attentions", "output_hidden_states", "return_dict"}
 
 
-def check_resume_config(checkpoint: str, config: ArchLMConfig) -> None:
+def check_resume_config(checkpoint: str, config: ArchLMConfig, ignored=()) -> None:
     """A resumed run must rebuild the checkpoint's architecture: the flags make the model, the checkpoint only
     fills its weights, so a forgotten --preset or override would otherwise train another model (silently, when
-    the shapes happen to fit: a sliding window or rope base differ)."""
+    the shapes happen to fit: a sliding window or rope base differ). `ignored`: fields the run sets itself (a
+    recipe's fitted dropout, which its checkpoints' configs record)."""
     path = os.path.join(checkpoint, "config.json")
     if not os.path.isfile(path):
         return  # a LoRA checkpoint holds the adapter only; its base comes from --model_name_or_path
     saved, built = ArchLMConfig.from_pretrained(checkpoint).to_dict(), config.to_dict()
     differ = sorted(key for key in set(saved) | set(built)
-                    if key not in RESUME_IGNORED_FIELDS and saved.get(key) != built.get(key))
+                    if key not in RESUME_IGNORED_FIELDS and key not in ignored and saved.get(key) != built.get(key))
     if differ:
         shown = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, these flags {built.get(key)!r}" for key in differ[:8])
         raise ValueError(

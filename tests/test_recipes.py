@@ -84,3 +84,26 @@ def test_a_run_with_the_recipe_records_what_it_chose_and_trains_with_the_fitted_
     saved = json.loads((output / "config.json").read_text())
     assert all(saved[field] == recipe["dropout"]["dropout"] for field in DROPOUT_FIELDS)
     assert log["config"]["hidden_size"] == 32  # the user's architecture is untouched
+
+
+def test_a_recipe_run_resumes_with_its_own_command_and_its_dropout(tmp_path):
+    """The checkpoints' configs hold the dropout the recipe fitted; the flags build the model without it (the recipe
+    sets it when training starts), so the resume check leaves those fields to the recipe."""
+    from transformers import TrainerCallback
+
+    class InterruptAtStep6(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    flags = ["--config_overrides", TINY_MODEL, "--recipe", "speedrun", "--max_steps", "40", "--save_steps", "5",
+             "--max_train_samples", "8",
+             "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(KeyboardInterrupt):
+        train(*flags, callbacks=[InterruptAtStep6()])
+    saved = json.loads((tmp_path / "run" / "checkpoint-5" / "config.json").read_text())
+    assert saved["hidden_dropout"] > 0  # what made the resume check refuse the run's own flags
+    output = train(*flags, "--resume_from_checkpoint", "latest")
+    log = read_log(output)
+    assert log["status"] == "finished" and log["summary"]["global_step"] == 40
+    assert json.loads((output / "config.json").read_text())["hidden_dropout"] == saved["hidden_dropout"]
