@@ -42,7 +42,7 @@ from .optim import muon_optimizer
 from .plots import LOSS_CURVE_NAME, plot_training_log
 from .routing import RouterBiasCallback, RouterStatsCallback  # noqa: F401 (also imported from here)
 from .throughput import ThroughputCallback, measure_peak_tflops, peak_memory_mb  # noqa: F401 (also imported from here)
-from .tokenization_archlm import train_tokenizer
+from .tokenization_archlm import IM_END_TOKEN, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -395,9 +395,22 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
     else:
         model = ArchLMForCausalLM._from_config(config, **kwargs)
     model.generation_config.bos_token_id = config.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model
+
+
+def stop_token_ids(tokenizer, config: ArchLMConfig) -> int | list[int] | None:
+    """What generation stops at: the end-of-document token and, where the tokenizer's chat template closes each turn
+    with ChatML's <|im_end|> (ArchLM's tokenizer, Qwen's), that token too, as Qwen's generation configs list it: a
+    chat fine-tune then stops at the end of its answer instead of running on to max_new_tokens."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    template = getattr(tokenizer, "chat_template", None)
+    turn_end = tokenizer.convert_tokens_to_ids(IM_END_TOKEN) if isinstance(template, str) and IM_END_TOKEN in template \
+        else None
+    if eos is None or turn_end is None or turn_end in (eos, tokenizer.unk_token_id) or turn_end >= config.vocab_size:
+        return eos
+    return [eos, turn_end]
 
 
 def apply_lora(model, model_args: ModelArguments):

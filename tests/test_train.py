@@ -141,7 +141,24 @@ def test_output_folder_is_complete(trained):
         [t for t in tokenizer["added_tokens"] if t["content"] not in tokenizer["model"]["vocab"]])
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 1, 0)
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert (generation["eos_token_id"], generation["pad_token_id"]) == (1, 0)
+    # generation stops at the end of a document and at the end of a chat turn (<|im_end|>, id 3)
+    assert (generation["eos_token_id"], generation["pad_token_id"]) == ([1, 3], 0)
+
+
+def test_generation_stops_at_the_end_of_a_chat_turn(trained):
+    """A model that answers with <|im_end|> stops there, through its saved generation config (was: generated
+    <|im_end|> until max_new_tokens; transformers serve's chat answered with finish_reason 'length')."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained[0])
+    model = AutoModelForCausalLM.from_pretrained(trained[0], trust_remote_code=True).eval()
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 1e4  # it always ends the turn
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=8)
+    assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:]) == "<|im_end|>"
 
 
 def test_training_log_holds_config_steps_metrics_and_summary(trained):
