@@ -26,8 +26,9 @@ from pathlib import Path
 
 import transformers
 
-from archlm import ArchLMForCausalLM, ArchLMForSequenceClassification, ArchLMModel
+from archlm import ArchLMConfig, ArchLMForCausalLM, ArchLMForSequenceClassification, ArchLMModel
 from archlm.check import model_folder_problem
+from archlm.modeling_archlm import check_attention_implementation
 
 ARCHLM_CLASSES = (ArchLMModel, ArchLMForCausalLM, ArchLMForSequenceClassification)
 SERVED_ARCHITECTURE = ArchLMForCausalLM.__name__
@@ -41,16 +42,29 @@ def expose_archlm_classes() -> None:
             setattr(transformers, model_class.__name__, model_class)
 
 
-def check_model_folder(model_dir: str) -> None:
-    """Refuses, naming the value, what is not a folder holding an ArchLM causal LM and its tokenizer."""
+def check_model_folder(model_dir: str, continuous_batching: bool = False) -> None:
+    """Refuses, naming the value, what is not a folder holding an ArchLM causal LM and its tokenizer, and, with
+    continuous batching, an architecture its paged cache cannot serve: the server would start, then answer every
+    request with an error."""
     problem = model_folder_problem(model_dir, f"a model transformers knows serves with `transformers serve {model_dir}`")
     if problem:
         raise SystemExit(f"archlm.serve: {problem}")
-    architecture = (json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures")
-                    or [None])[0]
+    fields = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    architecture = (fields.get("architectures") or [None])[0]
     if architecture != SERVED_ARCHITECTURE:
         raise SystemExit(f"archlm.serve: '{model_dir}/config.json' names the architecture {architecture!r}; the "
                          f"server generates text with a {SERVED_ARCHITECTURE} (save one with `save_pretrained`)")
+    if continuous_batching:
+        config = ArchLMConfig.from_pretrained(model_dir)
+        if config.kv_lora_rank:  # (transformers' own DeepseekV3ForCausalLM fails there the same way)
+            raise SystemExit(f"archlm.serve: --continuous-batching: '{model_dir}' uses multi-head latent attention "
+                             f"(kv_lora_rank={config.kv_lora_rank}), whose cache of latents the paged cache cannot "
+                             "hold; serve it without --continuous-batching.")
+        try:
+            check_attention_implementation(config, f"paged|{config._attn_implementation or 'sdpa'}")
+        except ValueError as error:
+            raise SystemExit(f"archlm.serve: --continuous-batching: {error} Serve it without "
+                             "--continuous-batching.") from None
 
 
 USAGE = "python -m archlm.serve MODEL_DIR [transformers serve flags]"
@@ -66,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         app.main(args=["serve", "--help"], prog_name="transformers")
     if not argv or argv[0].startswith("-"):  # without a folder transformers serve would load models on demand
         raise SystemExit(f"usage: {USAGE} (the folder first; --help lists the flags)")
-    check_model_folder(argv[0])
+    check_model_folder(argv[0], continuous_batching="--continuous-batching" in argv)
     expose_archlm_classes()
     app.main(args=["serve", *argv], prog_name="transformers")
 

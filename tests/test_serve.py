@@ -147,6 +147,25 @@ def test_folders_that_cannot_be_served_are_refused_naming_them(model_dir, tmp_pa
         serve.main([str(native)])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4), r"multi-head latent attention"),
+    (dict(position_embedding_type="alibi"), r"ALiBi adds a bias"),
+], ids=["latent-attention", "alibi"])
+def test_continuous_batching_is_refused_at_startup_for_what_its_paged_cache_cannot_serve(model_dir, tmp_path,
+                                                                                       overrides, message):
+    """The server would start, then fail every request (HTTP 500, then 503 once its batching worker died)."""
+    from conftest import tiny_config
+
+    from archlm import ArchLMForCausalLM
+
+    folder = tmp_path / "model"
+    ArchLMForCausalLM(tiny_config(vocab_size=512, num_attention_heads=4, **overrides)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    with pytest.raises(SystemExit, match=f"--continuous-batching: .*{message}.*without --continuous-batching"):
+        serve.main([str(folder), "--continuous-batching"])
+    serve.check_model_folder(str(folder))  # served without it
+
+
 def test_help_is_transformers_serves_own_and_the_folder_comes_first(capsys):
     with pytest.raises(SystemExit) as exit_info:
         serve.main(["--help"])
