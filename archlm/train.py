@@ -56,6 +56,7 @@ from .training import (
     base_model,
     build_config,
     build_model,
+    check_resume_adapter,
     check_resume_config,
     check_arguments,
     check_block_size,
@@ -143,6 +144,8 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
     model = build_model(model_args, config, tokenizer)
     if model_args.lora_r:
         model = apply_lora(model, model_args)
+        if checkpoint is not None:
+            check_resume_adapter(checkpoint, model)
     data = pack_datasets(raw, tokenizer, block_size, data_args)
     return Setup(checkpoint, config, tokenizer, tokenizer_source, model, raw, data, schedule or [(0, block_size)])
 

@@ -269,6 +269,32 @@ def check_resume_config(checkpoint: str, config: ArchLMConfig, ignored=()) -> No
         )
 
 
+LORA_FLAGS = {"r": "--lora_r", "lora_alpha": "--lora_alpha", "target_modules": "--lora_target_modules",
+              "target_parameters": "--lora_target_modules", "lora_dropout": "--lora_dropout"}
+
+
+def check_resume_adapter(checkpoint: str, model) -> None:
+    """A resumed LoRA run must rebuild the checkpoint's adapters (its config.json-less checkpoints hold only them):
+    other ranks or targets fail deep in loading with a tensor-size table, or load an optimizer state that belongs to
+    other tensors."""
+    path = os.path.join(checkpoint, "adapter_config.json")
+    if not os.path.isfile(path) or not hasattr(model, "peft_config"):
+        return
+    saved, built = json.loads(Path(path).read_text(encoding="utf-8")), model.peft_config["default"].to_dict()
+
+    def value(config: dict, key: str):
+        item = config.get(key)
+        return sorted(item) if isinstance(item, (list, set, tuple)) else item
+
+    differ = [key for key in LORA_FLAGS if value(saved, key) != value(built, key)]
+    if differ:
+        shown = "; ".join(f"{key} ({LORA_FLAGS[key]}): checkpoint {value(saved, key)!r}, these flags "
+                          f"{value(built, key)!r}" for key in differ)
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} holds other LoRA adapters than the flags build "
+                         f"({shown}). Resume with the original run's LoRA flags, or start a new run in another "
+                         "--output_dir.")
+
+
 def check_output_dir(output_dir: str, checkpoint: str | None, overwrite: bool) -> None:
     """A new run refuses a folder that holds a model or checkpoints, unless --overwrite_output_dir."""
     if checkpoint is not None or overwrite or not os.path.isdir(output_dir):
@@ -675,6 +701,7 @@ class TrainingLogCallback(TrainerCallback):
         self.summary = None
         self.stopped = None  # why the run stopped early, when it did
         self.next_write = 0.0  # time.perf_counter() after which a log is written again
+        self.began = False  # training began in this process (a resume that fails before it leaves the log alone)
 
     def document(self, state) -> dict:
         steps, evals = [], []
@@ -717,7 +744,14 @@ class TrainingLogCallback(TrainerCallback):
         self.write(args, state)
         self.plot(state)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began = True
+
     def stop(self, args, state, reason: str) -> None:
+        """The run stopped early: the log says why. Before training began (a checkpoint that would not load),
+        the log on disk is the previous run's, finished or not, and stays as it is."""
+        if not self.began:
+            return
         self.stopped = reason
         self.write(args, state)
         self.plot(state)

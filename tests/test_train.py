@@ -620,6 +620,28 @@ def test_a_native_transformers_folder_to_fine_tune_is_pointed_to_the_converter(t
         train("--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "out"))
 
 
+def test_a_lora_resume_with_other_adapters_is_refused_by_flag_and_leaves_the_finished_log(trained, tmp_path):
+    flags = ["--model_name_or_path", str(trained[0]), "--lora_r", "4", "--max_steps", "4", "--save_steps", "2",
+             "--output_dir", str(tmp_path / "lora")]
+    output = train(*flags)
+    finished = (output / "training_log.json").read_bytes()
+    for changed, flag in ((["--lora_r", "8"], "--lora_r"), (["--lora_target_modules", "q_proj"], "--lora_target_modules")):
+        with pytest.raises(SystemExit, match=f"holds other LoRA adapters than the flags build .*\\({flag}\\)"):
+            train(*flags, *changed, "--resume_from_checkpoint", str(output / "checkpoint-2"))
+    assert (output / "training_log.json").read_bytes() == finished
+
+
+def test_a_resume_that_fails_before_training_leaves_the_log_as_it_was(trained, tmp_path):
+    """(here: the optimizer state of AdamW does not load into Muon's; the log was overwritten with an empty one)"""
+    flags = ["--config_overrides", TINY_MODEL, "--max_steps", "4", "--save_steps", "2",
+             "--output_dir", str(tmp_path / "run")]
+    output = train(*flags)
+    finished = (output / "training_log.json").read_bytes()
+    with pytest.raises(BaseException):  # noqa: B017 (whatever the optimizer's loader raises)
+        train(*flags, "--optim", "muon", "--resume_from_checkpoint", str(output / "checkpoint-2"))
+    assert (output / "training_log.json").read_bytes() == finished
+
+
 def test_fine_tuning_refuses_to_drop_learned_routing_biases(tmp_path):
     base = train("--preset", "mixtral", "--config_overrides",
                  f"{TINY_MODEL},num_experts=4,moe_intermediate_size=16,router_bias_update_rate=0.01",
