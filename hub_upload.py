@@ -49,6 +49,7 @@ import archlm
 from archlm import ArchLMConfig
 from archlm.convert import TOKENIZER_PROBE, export_folder, native_family
 from archlm.modeling_archlm import AUTO_MAP, check_safetensors_file
+from archlm.plots import LOSS_CURVE_NAME
 from archlm.tokenization_archlm import TOKENIZER_FILES, VOCABULARY_FILES
 
 logger = logging.getLogger("hub_upload")
@@ -266,6 +267,21 @@ def _number(value) -> float | None:
     return value
 
 
+def finished_training_log(model_dir: Path) -> dict | None:
+    """The training log when it describes the run whose weights the folder holds: a log whose run did not finish
+    (a continuation interrupted before it saved its model, a crash) has steps and losses past those weights, so the
+    card reports none of them (a warning says why)."""
+    log = read_training_log(model_dir)
+    status = (log or {}).get("status", "finished")
+    if log is None or status == "finished":
+        return log
+    steps = [entry.get("step") for entry in _entries(log, "steps") if isinstance(entry.get("step"), int)]
+    logger.warning("%s says the run is %r (%s, at step %s): its figures need not be those of the weights in %s, so "
+                   "the card reports no training figures", model_dir / TRAINING_LOG, status,
+                   log.get("stopped") or "no reason recorded", max(steps, default=0), model_dir)
+    return None
+
+
 def _entries(log: dict, *keys: str) -> list[dict]:
     for key in keys:
         if isinstance(log.get(key), list):
@@ -387,7 +403,8 @@ def build_model_card(config: ArchLMConfig, repo_id: str, *, log: dict | None, fi
                  "first if you do not know its author.")
     sections = [f"# {model_name}", intro, "## Architecture", f"```text\n{config.summary()}\n```", "## Training"]
     if log is None:
-        sections.append(f"No `{TRAINING_LOG}` was found in the model folder, so no training figures are reported.")
+        sections.append(f"No training figures are reported: the model folder holds no `{TRAINING_LOG}` of a finished "
+                        "run.")
     else:
         rows = [f"| {label} | {_format(figures[key])} |" for key, label in FIGURE_LABELS.items() if key in figures]
         if data_description:
@@ -455,7 +472,9 @@ def stage(model_dir: Path, config: ArchLMConfig, args: argparse.Namespace) -> Pa
             for name in TOKENIZER_FILES:
                 if (model_dir / name).is_file():
                     _copy(model_dir / name, build)
-        figures_png = sorted(path.name for path in model_dir.glob("*.png"))
+        log = finished_training_log(model_dir)
+        figures_png = sorted(path.name for path in model_dir.glob("*.png")
+                             if log is not None or path.name != LOSS_CURVE_NAME)  # (the unfinished run's curve)
         for name in figures_png:
             _copy(model_dir / name, build)
 
@@ -464,7 +483,6 @@ def stage(model_dir: Path, config: ArchLMConfig, args: argparse.Namespace) -> Pa
             logger.warning("AutoTokenizer loads this folder as %s, which tokenizes differently from the saved "
                            "tokenizer.json; the card tells users to load PreTrainedTokenizerFast",
                            outcome["tokenizer_class"])
-        log = read_training_log(model_dir)
         if args.native:
             outcome["model_type"] = json.loads((build / "config.json").read_text(encoding="utf-8"))["model_type"]
         card = build_model_card(

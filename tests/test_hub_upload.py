@@ -257,7 +257,26 @@ def test_card_without_a_training_log_has_no_metrics(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.eval_results is None and loaded.data.metrics is None and loaded.data.datasets is None
-    assert "No `training_log.json` was found" in loaded.text
+    assert "no `training_log.json` of a finished run" in loaded.text
+
+
+def test_a_log_whose_run_did_not_finish_gives_the_card_no_figures_and_no_curve(model_dir, tmp_path):
+    """A finished run continued with a larger --max_steps and interrupted: the folder still holds the finished run's
+    weights, the log the continuation's steps (the card said "optimizer steps 50" of step-40 weights)."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    log = json.loads((folder / "training_log.json").read_text())
+    log.update(status="stopped", stopped="interrupted at step 52: KeyboardInterrupt", summary=None)
+    (folder / "training_log.json").write_text(json.dumps(log))
+    with captured_output() as output:
+        assert hub_upload.main([str(folder), "--repo-id", "someone/x", "--dry-run", "--stage-dir",
+                                str(tmp_path / "stage")]) == 0
+    assert "says the run is 'stopped' (interrupted at step 52: KeyboardInterrupt" in output.getvalue()
+    card = ModelCard.load(tmp_path / "stage" / "README.md")
+    # (the lm-evaluation-harness results stay: evaluate.py measured the folder's weights)
+    assert {result.source_name for result in card.data.eval_results} == {"lm-evaluation-harness"}
+    assert "no `training_log.json` of a finished run" in card.text
+    assert not (tmp_path / "stage" / "loss_curve.png").exists() and "loss curve" not in card.text
 
 
 def test_card_points_to_the_exact_tokenizer_when_AutoTokenizer_would_swap_it(tmp_path):
