@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
     except ValueError as error:
         raise SystemExit(f"train.py: error: {error}") from None
     try:
-        trainer.train(resume_from_checkpoint=run.checkpoint)
+        with terminated_as_an_exception():
+            trainer.train(resume_from_checkpoint=run.checkpoint)
     except NonFiniteLossError as error:
         training_log.stop(training_args, trainer.state, str(error))
         checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
@@ -339,6 +340,35 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return output_dir
+
+
+class Terminated(SystemExit):
+    """SIGTERM (a scheduler preempting the job, `kill`), raised in the main thread as Ctrl+C raises
+    KeyboardInterrupt, so that the run's log says it stopped and where; the exit status stays 128 + 15."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+@contextlib.contextmanager
+def terminated_as_an_exception():
+    """While training: SIGTERM raises Terminated instead of ending the process where it stands (the log would say
+    "running" for ever). Only the main thread can set a handler; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_without_finalizing() -> None:

@@ -746,6 +746,9 @@ class TrainingLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.began = True
+        if state.is_world_process_zero:  # a run killed while writing its log left its temporary file
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def stop(self, args, state, reason: str) -> None:
         """The run stopped early: the log says why. Before training began (a checkpoint that would not load),

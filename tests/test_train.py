@@ -245,6 +245,31 @@ train.main(sys.argv[1:], callbacks=[PauseAtStep()])
 """
 
 
+def test_sigterm_stops_the_run_with_its_log_saying_so(tmp_path):
+    """A scheduler's preemption (SIGTERM) ends the run as Ctrl+C does: the log says "stopped" and where (it said
+    "running" for ever), the exit status is 143."""
+    marker, wrapper, output = tmp_path / "paused", tmp_path / "pausing_train.py", tmp_path / "run"
+    wrapper.write_text(PAUSING_WRAPPER.format(step=3, marker=str(marker), script=str(TRAIN_SCRIPT)))
+    process = subprocess.Popen([sys.executable, str(wrapper), *TINY, *tiny("--max_steps", "8", "--output_dir", str(output))],
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached step 3"
+            time.sleep(0.1)
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, process.stdout.read()[-3000:]
+    log = read_log(output)
+    assert log["status"] == "stopped" and log["stopped"] == "interrupted at step 3: Terminated SIGTERM"
+    # (paused in on_step_end, before step 3 is logged)
+    assert [entry["step"] for entry in log["steps"]] == [1, 2] and (output / "loss_curve.png").is_file()
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(tmp_path):
     args = [*TINY, *tiny("--max_steps", "12", "--save_steps", "5", "--block_size_schedule", "16:0,32:7",
                          "--data_seed", "3")]
@@ -269,7 +294,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(t
     assert (interrupted / "checkpoint-5").is_dir() and not (interrupted / "checkpoint-10").exists()
     assert not (interrupted / "model.safetensors").exists()
 
-    # a run killed while saving leaves a newer checkpoint without trainer_state.json (written last): skipped
+    # a run killed while saving leaves a newer checkpoint without trainer_state.json (written last): skipped; one
+    # killed while writing its log, the log's temporary file: removed
+    (interrupted / ".training_log.json.12345.tmp").write_text("{")
     (interrupted / "checkpoint-10").mkdir()
     (interrupted / "checkpoint-10" / "config.json").write_text((interrupted / "checkpoint-5" / "config.json").read_text())
     # resuming with flags that build another architecture (a forgotten override) is refused, nothing trained
@@ -279,6 +306,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(t
     with Records("archlm.training") as records:
         Path(train_script.main([*args, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"]))
     assert "Skipping incomplete checkpoint(s)" in records.text and "checkpoint-10" in records.text
+    assert not list(interrupted.glob(".training_log.json.*"))
     uninterrupted = Path(train_script.main([*args, "--output_dir", str(tmp_path / "uninterrupted")]))
 
     resumed_weights, reference_weights = load_file(interrupted / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
