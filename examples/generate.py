@@ -71,10 +71,11 @@ def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
         config, "learned_position_embeddings", False)
     limit = getattr(config, "max_position_embeddings", None)
     if learned and limit is not None and prompt_tokens + max_new_tokens > limit:
+        fix = (f"use --max_new_tokens {limit - prompt_tokens} or less" if prompt_tokens < limit else
+               f"shorten the prompt to fewer than {limit} tokens")
         raise SystemExit(
             f"error: the prompt ({prompt_tokens} tokens) + --max_new_tokens {max_new_tokens} exceed the model's "
-            f"max_position_embeddings={limit} (learned positions end there); use --max_new_tokens "
-            f"{max(limit - prompt_tokens, 0)} or less."
+            f"max_position_embeddings={limit} (learned positions end there); {fix}."
         )
 
 

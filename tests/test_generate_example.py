@@ -103,3 +103,5 @@ def test_learned_positions_refuse_a_length_past_their_table_before_generating(tm
     assert result.returncode != 0 and result.stdout == ""
     assert f"use --max_new_tokens {32 - prompt_tokens} or less" in result.stderr
     assert run(tmp_path, "def add(", "--max_new_tokens", str(32 - prompt_tokens)).returncode == 0
+    result = run(tmp_path, "def add(a, b):\n    return a + b\n" * 8, "--max_new_tokens", "1")  # the prompt alone
+    assert result.returncode != 0 and "shorten the prompt to fewer than 32 tokens" in result.stderr
