@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--dtype applies to --to-gguf only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     in_dir = (args.from_transformers or args.to_native or args.to_gguf)[0]
-    if missing_local_folder(in_dir):
+    # (--from-transformers and --to-native also take a Hub id; a GGUF is written from a folder on this machine)
+    if missing_local_folder(in_dir) or (args.to_gguf and not Path(in_dir).expanduser().is_dir()):
         parser.error(f"IN_DIR {in_dir!r}: no such folder")
     try:
         if args.from_transformers:
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             export_folder(*args.to_native, overwrite=args.overwrite)
     except ValueError as error:  # a model the other side cannot express: the message lists why
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except OSError as error:  # a Hub id not found or unreachable, an unwritable OUT: the message, without a traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

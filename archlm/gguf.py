@@ -36,7 +36,8 @@ GGUF loader (`from_pretrained(..., gguf_file=...)`: equal logits at f32). That l
 few keys and assumes the rest, which a file written here cannot change: for it to read a model back as it is,
 Qwen3's head_dim must be its default 128, the expert widths Qwen2-MoE's (1408, shared 5632) and Qwen3-MoE's (768)
 defaults, StableLM's and Starcoder2's rope theta 10000 (StableLM's rotated share a quarter), GPT-2's MLP 4x wide
-with 1024 positions, and Llama's projections without biases. llama.cpp reads every one of these from the file.
+with 1024 positions, Llama's projections without biases, and Phi-3's rope over the whole head (it ignores
+`rope.dimension_count`). llama.cpp reads every one of these from the file.
 """
 
 from __future__ import annotations

@@ -580,10 +580,14 @@ def test_exported_folders_load_with_plain_auto_classes_in_a_process_without_arch
         torch.testing.assert_close(logits[real_tokens], expected[case][real_tokens], rtol=1e-4, atol=1e-5)
 
 
-def test_cli_names_a_missing_input_folder_at_once(tmp_path):
+def test_cli_names_a_missing_input_folder_at_once(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         convert_main(["--to-native", str(tmp_path / "no_such_run"), str(tmp_path / "out")])
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)  # a bare name: a GGUF is written from a local folder only (was: "holds no tokenizer")
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--to-gguf", "no_such_run", "out.gguf"])
+    assert exit_info.value.code == 2 and "IN_DIR 'no_such_run': no such folder" in capsys.readouterr().err
 
 
 def test_a_model_transformers_accepts_converts_with_out_of_vocabulary_special_ids_dropped(caplog):
