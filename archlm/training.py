@@ -203,11 +203,18 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     if resume is None or str(resume).lower() in ("false", "no", ""):
         return None
     if str(resume).lower() in ("true", "latest", "last"):
-        return latest_complete_checkpoint(training_args.output_dir, resume)
-    if not is_complete_checkpoint(resume):
+        checkpoint = latest_complete_checkpoint(training_args.output_dir, resume)
+    elif not is_complete_checkpoint(resume):
         raise ValueError(f"--resume_from_checkpoint {resume!r} is not a complete checkpoint folder (no readable "
                          "trainer_state.json: not a checkpoint, or the run was stopped while saving it).")
-    return resume
+    else:
+        checkpoint = resume
+    deepspeed_states = sorted(Path(checkpoint).glob("global_step*"))
+    if deepspeed_states and not getattr(training_args, "deepspeed", None) and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+        # the Trainer would look for optimizer.pt only, find none, and go on with fresh optimizer moments
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} was saved by DeepSpeed (its optimizer state is in "
+                         f"{deepspeed_states[0].name}/): resume it with the run's --deepspeed config.")
+    return checkpoint
 
 
 def is_complete_checkpoint(folder: str) -> bool:

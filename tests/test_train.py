@@ -969,6 +969,20 @@ main(sys.argv[1:], callbacks=[DiskFullAfter()])
 """
 
 
+def test_a_deepspeed_checkpoint_resumed_without_deepspeed_is_refused(tmp_path):
+    """Its optimizer state is in global_stepN/, where the Trainer does not look without DeepSpeed: it went on with
+    fresh AdamW moments, silently."""
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    (checkpoint / "global_step4").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    for resume in ("latest", str(checkpoint)):
+        with pytest.raises(ValueError, match=r"was saved by DeepSpeed .*global_step4/.*--deepspeed config"):
+            archlm.train.resolve_checkpoint(argparse.Namespace(resume_from_checkpoint=resume,
+                                                               output_dir=str(tmp_path / "run")))
+    assert archlm.train.resolve_checkpoint(argparse.Namespace(
+        resume_from_checkpoint="latest", output_dir=str(tmp_path / "run"), deepspeed="zero2.json")) == str(checkpoint)
+
+
 def test_a_checkpoint_save_that_fails_half_way_leaves_the_previous_one_latest_and_resumable(tmp_path):
     output, flags = tmp_path / "model", tiny("--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
     result = subprocess.run([sys.executable, "-c", FAILING_SAVE_RUN, *TINY, *flags, "--output_dir", str(output)],
