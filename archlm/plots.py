@@ -27,7 +27,7 @@ def _draw_run(axes, log: dict, label: str | None):
     steps = [entry for entry in log.get("steps") or [] if entry.get("loss") is not None]
     evals = [entry for entry in log.get("evals") or [] if entry.get("eval_loss") is not None]
     (line,) = axes.plot([entry["step"] for entry in steps], [entry["loss"] for entry in steps], label=label,
-                        linewidth=1.2)
+                        linewidth=1.2, marker="o" if len(steps) == 1 else None)  # (one point draws no line)
     if evals:
         axes.plot([entry["step"] for entry in evals], [entry["eval_loss"] for entry in evals], "o--",
                   color=line.get_color(), markersize=4, linewidth=0.8,

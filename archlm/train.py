@@ -211,7 +211,7 @@ def startup_report(run: Setup, data_args: DataArguments, run_args: RunArguments,
         ("batch", f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation "
                   f"x {args.world_size} processes = {batch_rows} blocks/step"),
         ("steps", steps),
-        ("optimizer", f"{args.optim}, learning rate {args.learning_rate:g}, "
+        ("optimizer", f"{getattr(args.optim, 'value', args.optim)}, learning rate {args.learning_rate:g}, "
                       f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule"
                       + (f", recipe {run_args.recipe}" if run_args.recipe else "")),
         ("device", f"{args.device} ({peak})"),
