@@ -473,11 +473,15 @@ def main(argv: list[str] | None = None) -> str:
             run_command(presets[0], args.output_dir / presets[0], first, args.seed, args.overwrite, train_args))
         try:
             overrides = parse_preset_overrides(args.preset_overrides, presets)
-            for preset, extra in overrides.items():  # each preset's config as its run builds it, before any run
-                build_config(dataclasses.replace(model_args, preset=preset),
-                             merged_overrides(model_args.config_overrides, extra))
         except SETUP_ERRORS as error:
             parser.error(f"--preset_overrides: {error}")
+        for preset in presets:  # each preset's config as its run builds it, before any run
+            try:
+                build_config(dataclasses.replace(model_args, preset=preset),
+                             merged_overrides(model_args.config_overrides, overrides.get(preset, {})))
+            except SETUP_ERRORS as error:
+                flags = "--config_overrides" + (" and --preset_overrides" if preset in overrides else "")
+                parser.error(f"{preset}: {flags}: {error}")
         run_args_of = {preset: with_overrides(train_args, model_args.config_overrides, overrides.get(preset, {}))
                        for preset in presets}
         steps, tokenizer = {}, None

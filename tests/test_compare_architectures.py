@@ -120,6 +120,11 @@ REFUSED_UP_FRONT = {
     "preset-overrides-that-make-a-bad-config": (["--presets", "llama,mixtral", "--preset_overrides",
                                                  "mixtral:num_experts_per_tok=9"], "`num_experts_per_tok` (9) must be at most"),
     "preset-overrides-without-presets": (["{tmp}", "--preset_overrides", "llama:num_experts=4"], "it needs --presets"),
+    # so is every preset's config with the shared overrides alone (was: found when that preset's run started)
+    "shared-overrides-misspelt-field": (["--presets", "gpt2,llama", "--", "--config_overrides", "hiden_size=64"],
+                                        "'hiden_size' is not an ArchLMConfig field"),
+    "shared-overrides-bad-for-one-preset": (["--presets", "llama,mixtral", "--", "--config_overrides",
+                                             "num_experts_per_tok=9"], "mixtral: --config_overrides: "),
     # its own overrides count in its FLOPs: 64 experts of width 4,096, top-8, cost mixtral alone its step
     "flops-with-preset-overrides-that-buy-no-step": (
         ["--presets", "llama,mixtral", "--budget_flops", "1e9", "--preset_overrides",
