@@ -585,6 +585,13 @@ class ArchLMConfig(PreTrainedConfig):
         # Keep the caller's dict intact: transformers standardises rope_parameters in place.
         if isinstance(self.rope_parameters, dict):
             self.rope_parameters = copy.deepcopy(self.rope_parameters)
+        # unknown keys are kept, as every transformers config keeps them (other tools' keys in a config.json); one
+        # that is nearly a field's name is a typo, which would otherwise build the default model without a word
+        fields = [field.name for field in dataclasses.fields(self)]
+        for key in kwargs:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close and key not in _LEGACY_KWARGS:
+                logger.warning(f"ArchLMConfig: {key!r} is not a field (kept as an attribute); did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
 
     # ----------------------------------------------------------------------------------------

@@ -362,6 +362,21 @@ def test_from_preset_overrides_are_validated():
         ArchLMConfig.from_preset("llama", num_key_value_heads=5)
 
 
+def test_a_key_that_is_nearly_a_field_is_kept_with_a_warning_naming_the_field(tmp_path, caplog):
+    """As every transformers config, the constructor keeps unknown keys (other tools write theirs into config.json);
+    a typo of a field would build the default model without a word."""
+    with caplog.at_level("WARNING"):
+        config = ArchLMConfig(hiden_size=64, tool_metadata={"from": "elsewhere"})
+    assert config.hidden_size != 64 and config.hiden_size == 64 and config.tool_metadata == {"from": "elsewhere"}
+    assert "'hiden_size' is not a field (kept as an attribute); did you mean 'hidden_size'?" in caplog.text
+    assert "tool_metadata" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ArchLMConfig.from_preset("mixtral", num_local_experts=4).save_pretrained(tmp_path)
+        ArchLMConfig.from_pretrained(tmp_path)
+    assert "is not a field" not in caplog.text
+
+
 def test_unknown_preset_is_refused_listing_the_presets():
     with pytest.raises(ValueError) as excinfo:
         ArchLMConfig.from_preset("gpt5")
