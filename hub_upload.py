@@ -360,11 +360,14 @@ def usage_snippet(repo_id: str, revision: str | None, native_class: str | None, 
 def build_model_card(config: ArchLMConfig, repo_id: str, *, log: dict | None, figures_png: list[str],
                      license_id: str, datasets: list[str], revision: str | None = None,
                      native: dict | None = None, exact_auto_tokenizer: bool = True,
-                     evaluation: dict | None = None) -> ModelCard:
+                     evaluation: dict | None = None, parameters: int | None = None) -> ModelCard:
     """The card: YAML metadata (library, task, tags, license, datasets, metrics as model-index), then the
     architecture, the training figures, and how to load it. `native`: the load check's result for a native export;
-    `evaluation`: lm-evaluation-harness results (`read_eval_results`), added to the model-index."""
+    `evaluation`: lm-evaluation-harness results (`read_eval_results`), added to the model-index; `parameters`: the
+    staged model's count (the log's counts a LoRA run's adapters, which the merged model no longer has)."""
     figures = training_figures(log)
+    if parameters is not None:
+        figures["parameters"] = parameters
     metrics = {name: figures[key] for name, key in (("loss", "eval_loss"), ("perplexity", "perplexity")) if key in figures}
     model_name = repo_id.split("/")[-1]
     data_description = (log or {}).get("data") if isinstance((log or {}).get("data"), str) else None
@@ -489,7 +492,7 @@ def stage(model_dir: Path, config: ArchLMConfig, args: argparse.Namespace) -> Pa
             config, args.repo_id, log=log, figures_png=figures_png, license_id=args.license,
             datasets=datasets_of(log, args.datasets), revision=args.revision,
             native=outcome if args.native else None, exact_auto_tokenizer=outcome["auto_tokenizer_is_exact"],
-            evaluation=evaluation,
+            evaluation=evaluation, parameters=outcome.get("parameters"),
         )
         card.save(build / "README.md")
     except BaseException:

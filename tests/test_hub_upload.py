@@ -260,6 +260,20 @@ def test_card_without_a_training_log_has_no_metrics(tmp_path):
     assert "no `training_log.json` of a finished run" in loaded.text
 
 
+def test_the_card_counts_the_staged_models_parameters_not_the_logs(model_dir, tmp_path):
+    """A LoRA run's log counts its adapters, which the merged model it saved no longer has."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    log = json.loads((folder / "training_log.json").read_text())
+    staged = log["parameters"]
+    (folder / "training_log.json").write_text(json.dumps(dict(log, parameters=staged + 3584)))  # + the adapters
+    assert hub_upload.main([str(folder), "--repo-id", "someone/x", "--dry-run", "--stage-dir",
+                            str(tmp_path / "stage")]) == 0
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert f"A {staged:,}-parameter decoder-only" in card and f"| parameters | {staged:,} |" in card
+    assert f"{staged + 3584:,}" not in card
+
+
 def test_a_log_whose_run_did_not_finish_gives_the_card_no_figures_and_no_curve(model_dir, tmp_path):
     """A finished run continued with a larger --max_steps and interrupted: the folder still holds the finished run's
     weights, the log the continuation's steps (the card said "optimizer steps 50" of step-40 weights)."""
