@@ -210,7 +210,8 @@ def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
     else:
         checkpoint = resume
     deepspeed_states = sorted(Path(checkpoint).glob("global_step*"))
-    if deepspeed_states and not getattr(training_args, "deepspeed", None) and not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
+    if deepspeed_states and not getattr(training_args, "deepspeed", None) and \
+            not os.path.isfile(os.path.join(checkpoint, "optimizer.pt")):
         # the Trainer would look for optimizer.pt only, find none, and go on with fresh optimizer moments
         raise ValueError(f"--resume_from_checkpoint {checkpoint!r} was saved by DeepSpeed (its optimizer state is in "
                          f"{deepspeed_states[0].name}/): resume it with the run's --deepspeed config.")
@@ -368,7 +369,7 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
         config = ArchLMConfig.from_dict({**loaded.to_dict(), **overrides})
         # (a sigmoid router keeps its biases, fixed, at rate 0)
         if overrides.get("router_bias_update_rate", None) == 0 and config.router_scoring == "softmax" and \
-                AutoConfig.from_pretrained(model_args.model_name_or_path).router_bias_update_rate:
+                loaded.router_bias_update_rate:
             # the model routes with its learned biases; a model without them would route (and compute) differently
             raise ValueError(f"--config_overrides router_bias_update_rate=0 would drop the routing biases "
                              f"(e_score_correction_bias) {model_args.model_name_or_path!r} learned and change its "
