@@ -245,24 +245,33 @@ train.main(sys.argv[1:], callbacks=[PauseAtStep()])
 """
 
 
-def test_sigterm_stops_the_run_with_its_log_saying_so(tmp_path):
-    """A scheduler's preemption (SIGTERM) ends the run as Ctrl+C does: the log says "stopped" and where (it said
-    "running" for ever), the exit status is 143."""
-    marker, wrapper, output = tmp_path / "paused", tmp_path / "pausing_train.py", tmp_path / "run"
-    wrapper.write_text(PAUSING_WRAPPER.format(step=3, marker=str(marker), script=str(TRAIN_SCRIPT)))
-    process = subprocess.Popen([sys.executable, str(wrapper), *TINY, *tiny("--max_steps", "8", "--output_dir", str(output))],
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def signal_a_paused_run(tmp_path, step: int, args: list[str], signum: int) -> subprocess.Popen:
+    """Runs train.py with `args` in a subprocess paused at the end of `step` (PAUSING_WRAPPER), sends it `signum`
+    there and waits for it to end; the finished process (its returncode and output) is returned."""
+    marker, wrapper = tmp_path / "paused", tmp_path / "pausing_train.py"
+    wrapper.write_text(PAUSING_WRAPPER.format(step=step, marker=str(marker), script=str(TRAIN_SCRIPT)))
+    process = subprocess.Popen([sys.executable, str(wrapper), *args], env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
             assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached step 3"
+            assert time.monotonic() < deadline, f"the run never reached step {step}"
             time.sleep(0.1)
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
+    return process
+
+
+def test_sigterm_stops_the_run_with_its_log_saying_so(tmp_path):
+    """A scheduler's preemption (SIGTERM) ends the run as Ctrl+C does: the log says "stopped" and where (it said
+    "running" for ever), the exit status is 143."""
+    output = tmp_path / "run"
+    process = signal_a_paused_run(tmp_path, 3, [*TINY, *tiny("--max_steps", "8", "--output_dir", str(output))],
+                                  signal.SIGTERM)
     assert process.returncode == 143, process.stdout.read()[-3000:]
     log = read_log(output)
     assert log["status"] == "stopped" and log["stopped"] == "interrupted at step 3: Terminated SIGTERM"
@@ -273,23 +282,8 @@ def test_sigterm_stops_the_run_with_its_log_saying_so(tmp_path):
 def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(tmp_path):
     args = [*TINY, *tiny("--max_steps", "12", "--save_steps", "5", "--block_size_schedule", "16:0,32:7",
                          "--data_seed", "3")]
-    marker = tmp_path / "paused"
-    wrapper = tmp_path / "pausing_train.py"
-    wrapper.write_text(PAUSING_WRAPPER.format(step=8, marker=str(marker), script=str(TRAIN_SCRIPT)))
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(wrapper), *args, "--output_dir", str(interrupted)],
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached step 8"
-            time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = signal_a_paused_run(tmp_path, 8, [*args, "--output_dir", str(interrupted)], signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert (interrupted / "checkpoint-5").is_dir() and not (interrupted / "checkpoint-10").exists()
     assert not (interrupted / "model.safetensors").exists()
