@@ -125,13 +125,14 @@ def _with_attn(model, implementation: str, fn: Callable):
 
 
 def _implementations(config: ArchLMConfig) -> list[str]:
-    """The attention implementations this architecture runs with (soft-capped scores: eager only on CPU)."""
-    return ["eager"] if config.attn_logit_softcapping is not None else ["eager", "sdpa"]
+    """The attention implementations this architecture runs with (soft-capped scores, attention sinks: eager only
+    on CPU)."""
+    return ["eager"] if config.attn_logit_softcapping is not None or config.attention_sinks else ["eager", "sdpa"]
 
 
 def check_eager_vs_sdpa(model, ids, mask) -> tuple[bool, str]:
     if "sdpa" not in _implementations(model.config):
-        return True, "n/a: attention soft-capping needs the scores, which sdpa does not expose"
+        return True, "n/a: attention soft-capping and sinks need the scores, which sdpa does not expose"
     position_ids = generate_position_ids(mask)
     run = lambda: model(ids, attention_mask=mask, position_ids=position_ids).logits  # noqa: E731
     eager, sdpa = _with_attn(model, "eager", run), _with_attn(model, "sdpa", run)

@@ -506,6 +506,9 @@ class ArchLMConfig(PreTrainedConfig):
     logits_scaling: float | int = 1.0  # final logits / this (Granite; Cohere's logit_scale is its inverse)
     z_loss_coef: float | int = 0.0  # output z-loss weight (PaLM): + coef x mean logsumexp(logits)^2 in training
     attn_logit_softcapping: float | int | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    # a learned logit per head in each softmax's denominator (GraniteSWA; gpt-oss's sinks): a head can attend to
+    # nothing; its output is scaled by sigmoid(logsumexp(scores) - sink). Eager attention only
+    attention_sinks: bool = False
     final_logit_softcapping: float | int | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- regularisation and init ---
     attention_dropout: float | int = _DROPOUT(default=0.0)  # dropout on attention probabilities
@@ -689,6 +692,7 @@ class ArchLMConfig(PreTrainedConfig):
             (self.sub_layernorm, "sub_layernorm", True, "False"),
             ("sliding_attention" in self.layer_types, "layer_types", self.layer_types, "full attention in every layer"),
             (self.attn_logit_softcapping is not None, "attn_logit_softcapping", self.attn_logit_softcapping, "None"),
+            (self.attention_sinks, "attention_sinks", True, "False"),
             (self.query_pre_attn_scalar is not None, "query_pre_attn_scalar", self.query_pre_attn_scalar, "None")]
         for condition, name, value, allowed in refused:
             if condition:
@@ -1038,6 +1042,7 @@ class ArchLMConfig(PreTrainedConfig):
             (0 < sliding < self.num_hidden_layers, f"SWA{self.sliding_window}x{_ratio(sliding, self.num_hidden_layers - sliding)}"),
             (no_rope > 0, f"NoPE{_ratio(no_rope, self.num_hidden_layers)}"),
             (self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None, "Softcap"),
+            (self.attention_sinks, "Sinks"),
             (self.embedding_multiplier != 1 or self.scale_embeddings_by_sqrt_hidden, "EmbScale"),
             (self.residual_multiplier != 1 or self.attention_multiplier is not None or self.logits_scaling != 1, "Mult"),
             (self.lm_head_bias, "HeadBias"),
@@ -1116,7 +1121,8 @@ class ArchLMConfig(PreTrainedConfig):
             ("rope-free layers (NoPE)", str([i for i, rope in enumerate(self.no_rope_layers or []) if not rope] or "-")),
             ("max positions", str(self.max_position_embeddings)),
             ("attention layers", f"{sliding} sliding (window {self.sliding_window}), {self.num_hidden_layers - sliding} full"),
-            ("attention scale", f"{self.attention_scaling:.6g}" + (f", softcap {self.attn_logit_softcapping}" if self.attn_logit_softcapping else "")),
+            ("attention scale", f"{self.attention_scaling:.6g}" + (f", softcap {self.attn_logit_softcapping}" if self.attn_logit_softcapping else "")
+             + (", a learned sink per head" if self.attention_sinks else "")),
             ("qk norm", f"{self.qk_norm_type or self.norm_type}, {self.qk_norm_scope}" if self.qk_norm else "False"),
             ("clip qkv", str(self.clip_qkv)),
             ("bias (qkv / out / mlp / head)", f"{self.attention_bias} / {self.attention_output_bias} / {self.mlp_bias} / {self.lm_head_bias}"),

@@ -43,6 +43,8 @@ from transformers import (
     GPTNeoXForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
+    GraniteSWAConfig,
+    GraniteSWAForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
     HyperCLOVAXConfig,
@@ -117,6 +119,19 @@ from .family_spec import (
     Transpose,
     window_of_every_layer,
 )
+
+
+def _granite_swa_rope(native: PreTrainedConfig) -> dict:
+    """GraniteSWA's rope base per layer: one base (ArchLM's rope_theta) and 0 for the layers without rope. Several
+    bases are refused, naming them: ArchLM's rope dicts go by layer type, not by layer."""
+    thetas = list(native.layer_rope_theta)
+    bases = sorted({theta for theta in thetas if theta})
+    if len(bases) != 1:
+        raise ValueError(f"Cannot convert this {native.model_type} model: `layer_rope_theta`={thetas} sets "
+                         f"{len(bases)} rope bases; ArchLM takes one base, with 0 (no rope) in any layers.")
+    no_rope = [int(bool(theta)) for theta in thetas]
+    return dict(rope_parameters={**native.rope_parameters, "rope_theta": bases[0]},
+                no_rope_layers=no_rope if 0 in no_rope else None)
 
 
 FAMILY_LIST = [
@@ -245,6 +260,24 @@ FAMILY_LIST = [
         # Granite's attention_multiplier is the whole score scale (its default 1.0 is no 1/sqrt(head_dim))
         export_fields=lambda config: dict(attention_bias=any_bias(config), attention_multiplier=config.attention_scaling,
                                           hidden_act="silu"),
+    ),
+    Family(
+        # GraniteSWA: Granite with sliding layers (3 in 4 by default), a learned sink logit per head, and a rope base
+        # per layer (0: no rope there)
+        GraniteSWAForCausalLM, GraniteSWAConfig,
+        fields=dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
+                    embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                    attention_multiplier="attention_multiplier", logits_scaling="logits_scaling"),
+        fixed=dict(attention_sinks=True),
+        allows={"attention_output_bias": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(native_layer_types(native), attention_output_bias=native.attention_bias,
+                                          **_granite_swa_rope(native)),
+        export_fields=lambda config: dict(attention_bias=any_bias(config), attention_multiplier=config.attention_scaling,
+                                          hidden_act="silu", layer_types=list(config.layer_types),
+                                          sliding_window=config.sliding_window or config.max_position_embeddings,
+                                          layer_rope_theta=[config.rope_parameters["rope_theta"] if config.layer_uses_rope(i)
+                                                            else 0 for i in range(config.num_hidden_layers)]),
     ),
     Family(
         OlmoForCausalLM, OlmoConfig,

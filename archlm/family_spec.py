@@ -170,7 +170,7 @@ NEUTRAL = {
     "qk_norm_type": None, "clip_qkv": None, "attention_bias": False, "attention_output_bias": False,
     "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
-    "attn_logit_softcapping": None, "final_logit_softcapping": None,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_sinks": False,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
     "router_bias_update_rate": 0.0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
     "topk_group": 1, "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,

@@ -282,6 +282,11 @@ def check_attention_implementation(config: ArchLMConfig, attn_implementation: st
             f"`attn_logit_softcapping`={config.attn_logit_softcapping} caps the attention scores before softmax, "
             f"which attn_implementation={attn_implementation!r} does not expose. Use 'eager' or 'flex_attention'."
         )
+    if config.attention_sinks and attn_implementation != "eager":
+        raise ValueError(
+            "`attention_sinks`=True scales each head's output by sigmoid(logsumexp(scores) - sink), which needs the "
+            f"scores that attn_implementation={attn_implementation!r} does not expose. Use 'eager'."
+        )
 
 
 def check_flex_attention_on_cpu(config: ArchLMConfig, device: torch.device) -> None:
@@ -310,9 +315,11 @@ def eager_attention_forward(
     dropout: float = 0.0,
     position_bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention. GQA without copying K/V: the query heads of a group share one K/V head.
+    """Plain softmax attention. GQA without copying K/V: the query heads of a group share one K/V head. `sinks`
+    (nh,): one more logit per head in the softmax's denominator, applied as GraniteSWA does, by scaling the output.
 
         query (B, nh, T, hd) -> (B, nkv, g, T, hd)    key/value (B, nkv, S, hd) -> (B, nkv, 1, S, hd)
     """
@@ -331,11 +338,15 @@ def eager_attention_forward(
         per_head = attention_mask.shape[1] != 1  # (B, 1 or nh, T, S) -> (B, 1 or nkv, 1 or g, T, S)
         scores = scores + attention_mask.view(attention_mask.shape[0], num_kv_heads if per_head else 1,
                                               groups if per_head else 1, query_length, key_length)
+    if sinks is not None:  # exp(s) / (sum exp + exp(sink)) = softmax x sigmoid(lse - sink), in float32
+        sink_scale = (torch.logsumexp(scores, dim=-1) - sinks.view(1, num_kv_heads, groups, 1)).float().sigmoid()
     # softmax in float32 at least; a fully masked row (all min) becomes uniform instead of NaN. Not float32 for
     # float64 scores: float64's min would round to -inf there, and a row of -inf gives NaN
     probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value.unsqueeze(2))  # (B, nkv, g, T, hd)
+    if sinks is not None:
+        output = output * sink_scale.unsqueeze(-1).to(output.dtype)
     # (B, T, nh, hd of the values: latent attention's differ from its queries')
     output = output.view(batch, num_heads, query_length, value.shape[-1]).transpose(1, 2).contiguous()
     return output, probs.view(batch, num_heads, query_length, key_length)
@@ -398,6 +409,8 @@ class ArchLMAttention(nn.Module):
             self.q_norm = make_norm(config, q_shape, config.qk_norm_type)
             self.k_norm = make_norm(config, k_shape, config.qk_norm_type)
         self.sub_layernorm = optional_norm(config, config.sub_layernorm, q_size)
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     def score_flops(self, seq_len: int) -> float:
         """FLOPs per token of QK^T and AV at context `seq_len`: 2 * nh * hd per key each. A causal query sees
@@ -453,6 +466,8 @@ class ArchLMAttention(nn.Module):
             )
         if config.attn_logit_softcapping is not None:
             kwargs["softcap"] = config.attn_logit_softcapping
+        if config.attention_sinks:
+            kwargs["sinks"] = self.sinks
         attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask,
                                            sliding_window=self.sliding_window, **kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
@@ -1101,6 +1116,8 @@ class ArchLMPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, f"{prefix}original_inv_freq"), inv_freq)
         elif isinstance(module, ArchLMSparseMoeBlock) and hasattr(module, "e_score_correction_bias"):
             init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, ArchLMAttention) and hasattr(module, "sinks"):  # (its Linears are modules of their own)
+            init.zeros_(module.sinks)
         else:
             super()._init_weights(module)
 

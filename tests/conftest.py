@@ -67,6 +67,7 @@ NEW_OPTIONS = {
     "unit-offset-rmsnorm": dict(norm_type="rmsnorm_unit_offset"),
     "noaffine-layernorm": dict(norm_type="layernorm_noaffine"),
     "unit-offset-layernorm": dict(norm_type="layernorm_unit_offset"),
+    "attention-sinks": dict(attention_sinks=True),
     "softcaps": dict(attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
     "granite-multipliers": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
                                 logits_scaling=2.0),

@@ -598,3 +598,18 @@ def test_a_model_transformers_accepts_converts_with_out_of_vocabulary_special_id
     assert "bos_token_id=50256" in caplog.text and "eos_token_id=50256" in caplog.text
     input_ids = torch.randint(0, 311, (1, 6))
     torch.testing.assert_close(converted(input_ids).logits, source(input_ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_sinks_export_to_granite_swa_and_are_refused_where_a_family_has_none():
+    from transformers import GraniteSWAForCausalLM
+
+    torch.manual_seed(0)
+    model = randomised(ArchLMForCausalLM(ArchLMConfig.from_preset(
+        "mistral", **ARCHLM_TINY, num_key_value_heads=2, sliding_window=4, attention_sinks=True))).eval()
+    native = to_transformers(model).eval()
+    assert isinstance(native, GraniteSWAForCausalLM)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM.*\n  - `attention_sinks`=True: Qwen3ForCausalLM needs False"):
+        to_transformers(ArchLMForCausalLM(ArchLMConfig.from_preset("qwen3", **ARCHLM_TINY, attention_sinks=True)))

@@ -59,6 +59,8 @@ from transformers import (
     GraniteConfig,
     GraniteForCausalLM,
     GraniteMoeConfig,
+    GraniteSWAConfig,
+    GraniteSWAForCausalLM,
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
     GraniteMoeSharedForCausalLM,
@@ -129,6 +131,12 @@ FAMILY_CASES = {
     "granite-multipliers-bias": (GraniteForCausalLM, lambda: GraniteConfig(
         **GQA, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
         attention_bias=True), ("eager", "sdpa")),
+    # the default pattern (full, then 3 sliding), a learned sink per head; NoPE in one layer
+    "granite_swa-sinks-fullthen3sliding-multipliers": (GraniteSWAForCausalLM, lambda: GraniteSWAConfig(
+        **dict(GQA, num_hidden_layers=4), sliding_window=4, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=4.0, attention_bias=True), ("eager",)),
+    "granite_swa-sinks-nopelayer": (GraniteSWAForCausalLM, lambda: GraniteSWAConfig(
+        **dict(GQA, num_hidden_layers=3), sliding_window=4, layer_rope_theta=[10000.0, 0, 10000.0]), ("eager",)),
     "olmo-noaffinenorm-clipqkv": (OlmoForCausalLM, lambda: OlmoConfig(**GQA, clip_qkv=0.5), ("eager", "sdpa")),
     "olmo2-sublayeroutputnorms-fullwidthqknorm": (Olmo2ForCausalLM, lambda: Olmo2Config(**GQA), ("eager", "sdpa")),
     "cohere-parallel-interleavedrope-perheadqknorm-logitscale": (CohereForCausalLM, lambda: CohereConfig(

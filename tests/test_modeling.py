@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from archlm import ArchLMConfig, ArchLMForCausalLM, ArchLMForSequenceClassification
+from archlm.modeling_archlm import eager_attention_forward
 
 VOCAB = TINY["vocab_size"]
 POSITIONS = {
@@ -131,9 +132,10 @@ def test_option_grid_eager_equals_sdpa_with_left_padding(overrides):
     model = build(tiny_config(**overrides)).eval()
     input_ids, attention_mask, position_ids = left_padded_batch()
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    if overrides.get("attn_logit_softcapping"):  # sdpa cannot cap the scores: refused, never silently uncapped
+    if overrides.get("attn_logit_softcapping") or overrides.get("attention_sinks"):
+        # sdpa cannot cap the scores or add a sink: refused, never silently left out
         assert model.config._attn_implementation == "eager"  # what transformers picks when sdpa is refused
-        with pytest.raises(ValueError, match="attn_logit_softcapping.*'eager' or 'flex_attention'"):
+        with pytest.raises(ValueError, match="(attn_logit_softcapping|attention_sinks).*'eager'"):
             logits_of(model, "sdpa", **inputs)
         return
     eager, sdpa = logits_of(model, "eager", **inputs), logits_of(model, "sdpa", **inputs)
@@ -619,6 +621,7 @@ def config_kwargs(draw):
         logits_scaling=pick(st.sampled_from([1.0, 4.0]), st.floats(-1.0, 5.0)),
         attn_logit_softcapping=optional_scale,
         final_logit_softcapping=optional_scale,
+        attention_sinks=draw(st.sampled_from([False, False, False, True])),
         num_experts=pick(st.sampled_from([None, None, 2, 4]), st.integers(-1, 3)),
         num_experts_per_tok=pick(st.integers(1, 2), st.integers(-1, 5)),
         moe_intermediate_size=pick(st.one_of(st.none(), st.integers(1, 24)), SIZES),
@@ -678,8 +681,8 @@ def test_any_config_is_refused_at_construction_or_trains_with_finite_loss_and_gr
         model = build(config).train()
         try:
             model.set_attn_implementation(attn_implementation)
-        except ValueError:  # refused up front: sdpa cannot cap attention scores
-            assert config.attn_logit_softcapping is not None and attn_implementation == "sdpa"
+        except ValueError:  # refused up front: sdpa cannot cap attention scores or add sinks
+            assert (config.attn_logit_softcapping is not None or config.attention_sinks) and attn_implementation == "sdpa"
             outcomes["refused"] += 1
             return
         length = min(6, config.max_position_embeddings)
@@ -920,3 +923,32 @@ def test_latent_attention_decodes_in_the_latent_space_without_expanding_the_cach
         assert step.attentions[0].shape == (2, 4, 1, 15) and torch.allclose(step.attentions[0].sum(-1), torch.ones(2, 4, 1))
     else:
         assert all(weights is None for weights in step.attentions or ())
+
+
+def test_attention_sinks_are_one_more_logit_per_head_in_the_softmax():
+    """gpt-oss's form, in float64: each head's scores get one more column, its sink, before the softmax, which is
+    dropped after it; the same as GraniteSWA's scaling of the output by sigmoid(logsumexp - sink) that ArchLM uses,
+    with GQA, a padding mask and a sliding window."""
+    torch.manual_seed(0)
+    model = build(tiny_config(attention_sinks=True, num_key_value_heads=2, sliding_window=3,
+                              layer_types=["sliding_attention", "full_attention"])).double().eval()
+    assert model.config._attn_implementation == "eager"  # chosen by itself: sdpa cannot take the sinks
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attention.sinks.copy_(torch.tensor([-1.0, 0.5, 2.0, 4.0], dtype=torch.float64))
+    batch, heads, kv_heads, length, head_dim = 2, 4, 2, 5, attention.head_dim
+    query, key, value = (torch.randn(batch, h, length, head_dim, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.float64)
+    mask[0, :, :, 0] = torch.finfo(torch.float64).min  # the first key padded out
+    output, _ = eager_attention_forward(attention, query, key, value, mask, scaling=0.3, sinks=attention.sinks)
+    expected = torch.empty(batch, length, heads, head_dim, dtype=torch.float64)
+    for h in range(heads):
+        scores = query[:, h] @ key[:, h // 2].transpose(-1, -2) * 0.3 + mask[:, 0]  # (B, T, S)
+        with_sink = torch.cat([scores, attention.sinks[h].expand(batch, length, 1)], dim=-1)
+        probs = torch.softmax(with_sink, dim=-1)[..., :-1]
+        expected[:, :, h] = probs @ value[:, h // 2]
+    torch.testing.assert_close(output, expected.detach())
+    with pytest.raises(ValueError, match=r"attention_sinks.*attn_implementation='sdpa'.*Use 'eager'"):
+        model.set_attn_implementation("sdpa")
+    with pytest.raises(VALIDATION_ERRORS, match="attention_sinks.*multi-head latent attention"):
+        tiny_config(attention_sinks=True, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
