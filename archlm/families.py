@@ -121,6 +121,11 @@ from .family_spec import (
 )
 
 
+GRANITE_FIELDS = dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
+                      embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                      attention_multiplier="attention_multiplier", logits_scaling="logits_scaling")
+
+
 def _granite_swa_rope(native: PreTrainedConfig) -> dict:
     """GraniteSWA's rope base per layer: one base (ArchLM's rope_theta) and 0 for the layers without rope. Several
     bases are refused, naming them: ArchLM's rope dicts go by layer type, not by layer."""
@@ -251,9 +256,7 @@ FAMILY_LIST = [
     ),
     Family(
         GraniteForCausalLM, GraniteConfig,
-        fields=dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
-                    embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
-                    attention_multiplier="attention_multiplier", logits_scaling="logits_scaling"),
+        fields=GRANITE_FIELDS,
         allows={"attention_output_bias": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
         import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
@@ -265,9 +268,7 @@ FAMILY_LIST = [
         # GraniteSWA: Granite with sliding layers (3 in 4 by default), a learned sink logit per head, and a rope base
         # per layer (0: no rope there)
         GraniteSWAForCausalLM, GraniteSWAConfig,
-        fields=dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
-                    embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
-                    attention_multiplier="attention_multiplier", logits_scaling="logits_scaling"),
+        fields=GRANITE_FIELDS,
         fixed=dict(attention_sinks=True),
         allows={"attention_output_bias": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
