@@ -159,9 +159,10 @@ def check_data_arguments(args: DataArguments) -> None:
         raise ValueError("Pass either --dataset_name or --train_file, not both.")
     if args.validation_file and not (args.train_file or args.dataset_name):
         raise ValueError("--validation_file needs --train_file (or --dataset_name) for the training data.")
+    formats_of = {}  # flag -> the formats of its files
     for flag, paths in (("--train_file", args.train_file), ("--validation_file", args.validation_file)):
         files = expand_data_files(paths or [], flag)
-        formats = {FILE_BUILDERS.get(file_extension(path), "?") for path in files}
+        formats = formats_of[flag] = {FILE_BUILDERS.get(file_extension(path), "?") for path in files}
         if len(formats) > 1:
             extensions = sorted({Path(path).suffix or "(none)" for path in files})
             raise ValueError(f"{flag}: all files must be of one format (plain text, json, csv or parquet), got "
@@ -176,12 +177,10 @@ def check_data_arguments(args: DataArguments) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} must be positive, got {value}.")
-    train_files = expand_data_files(args.train_file or [], "--train_file")
-    if args.text_column is not None and not args.dataset_name and all(
-            FILE_BUILDERS.get(file_extension(path)) == "text" for path in train_files):
+    if args.text_column is not None and not args.dataset_name and formats_of["--train_file"] <= {"text"}:
         # plain text has no columns: each file is a document (the default corpus too)
-        logger.warning("--text_column %r is ignored: %s", args.text_column,
-                       "plain-text files have no columns" if train_files else "the default corpus has no columns")
+        logger.warning("--text_column %r is ignored: %s", args.text_column, "plain-text files have no columns"
+                       if formats_of["--train_file"] else "the default corpus has no columns")
     if args.max_corpus_mb is not None and (args.train_file or args.dataset_name):
         # a warning, not an error: flags shared by several runs (compare_architectures) may hold it
         logger.warning("--max_corpus_mb sizes the default corpus (Python's standard library) and is ignored with "
