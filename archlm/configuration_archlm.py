@@ -252,6 +252,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         topk_group=2,
         **_DEEPSEEK_MOE,
     ),
+    # gpt-oss: every MLP 32 experts with biases and the clamped GLU (quick_gelu, limit 7), top-4 through a router
+    # with a bias; attention with biases and a learned sink per head, 128-token sliding and full layers alternating.
+    # (Its released models extend rope with YaRN to 131k positions; a model trained from this preset uses plain rope.)
+    "gpt_oss": dict(
+        _LLAMA_LIKE,
+        head_dim=64,
+        num_experts=32,
+        num_experts_per_tok=4,
+        moe_intermediate_size=384,
+        router_bias=True,
+        router_topk_softmax=True,
+        router_aux_loss_coef=0.001,
+        hidden_act="quick_gelu",
+        swiglu_limit=7.0,
+        mlp_bias=True,
+        attention_bias=True,
+        attention_sinks=True,
+        attention_sinks_in_softmax=True,
+        norm_weight_fp32=True,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
     # The seeds' hybrid: RoPE positions with GPT-style LayerNorm and GELU MLP, pre-norm.
     "hybrid": dict(
         vocab_size=32000,
@@ -405,8 +428,9 @@ INIT_SCHEMES = {
 }
 
 # Activation families for the name: every gelu approximation is "GELU", silu/swish "SiLU".
-_ACT_NAMES = {"silu": "SiLU", "swish": "SiLU", "relu": "ReLU", "leaky_relu": "LeakyReLU", "relu2": "ReLU2"}
-_GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU"}
+_ACT_NAMES = {"silu": "SiLU", "swish": "SiLU", "relu": "ReLU", "leaky_relu": "LeakyReLU", "relu2": "ReLU2",
+              "quick_gelu": "QuickGELU"}
+_GLU_NAMES = {"SiLU": "SwiGLU", "GELU": "GeGLU", "ReLU": "ReGLU", "QuickGELU": "QuickGeGLU"}
 
 
 def _ratio(part: int, whole: int) -> str:
@@ -479,6 +503,10 @@ class ArchLMConfig(PreTrainedConfig):
     no_rope_layer_interval: int | None = None  # SmolLM3: every N-th layer skips rope; None: every layer uses rope
     layer_types: list[str] | None = None  # per layer "full_attention" or "sliding_attention"; None: all sliding when sliding_window is set
     mlp_type: Literal["gated", "standard"] = "gated"  # gated: act(gate) * up (SwiGLU with silu); standard: act(up)
+    # gpt-oss's clamped GLU, in every gated MLP (experts included): the gate clamped above at this limit, up to
+    # [-limit, limit] and offset by one, i.e. act(min(gate, limit)) * (clamp(up) + 1); None: the plain product.
+    # gpt-oss: 7.0 with hidden_act="quick_gelu" (x * sigmoid(1.702 x), its swiglu_alpha)
+    swiglu_limit: float | int | None = None
     qk_norm: bool = False  # normalise q and k before rope (Qwen3, OLMo 2, Gemma 3, StableLM, Cohere)
     qk_norm_scope: Literal[tuple(QK_NORM_SCOPES)] = "head"  # see QK_NORM_SCOPES
     qk_norm_type: Literal[tuple(NORM_TYPES)] | None = None  # None: norm_type
@@ -509,6 +537,7 @@ class ArchLMConfig(PreTrainedConfig):
     # a learned logit per head in each softmax's denominator (GraniteSWA; gpt-oss's sinks): a head can attend to
     # nothing; its output is scaled by sigmoid(logsumexp(scores) - sink). Eager attention only
     attention_sinks: bool = False
+    attention_sinks_in_softmax: bool = False  # rounding only: the sink as one more column of the softmax (gpt-oss)
     final_logit_softcapping: float | int | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     # --- regularisation and init ---
     attention_dropout: float | int = _DROPOUT(default=0.0)  # dropout on attention probabilities
@@ -529,6 +558,7 @@ class ArchLMConfig(PreTrainedConfig):
     # the top-k weights as the softmax of the k largest router logits (Granite-MoE), not the softmax over every expert
     # renormalised over the k: the same weights one rounding apart (needs softmax scoring and norm_topk_prob)
     router_topk_softmax: bool = False
+    router_bias: bool = False  # a learned bias on the router's logits (gpt-oss): it moves both the choice and the weights
     decoder_sparse_step: int = 1  # every N-th layer is sparse (Qwen-MoE)
     mlp_only_layers: list[int] | None = None  # layers that stay dense
     router_aux_loss_coef: float | int = 0.01  # load-balancing loss weight (Switch, Mixtral), with output_router_logits
@@ -633,6 +663,15 @@ class ArchLMConfig(PreTrainedConfig):
                 f"norm_type='rmsnorm' norm (norm_type={self.norm_type!r}"
                 + (f", qk_norm_type={self.qk_norm_type!r}" if self.qk_norm else "") + "); drop it."
             )
+        if self.attention_sinks_in_softmax and not self.attention_sinks:
+            raise ValueError("`attention_sinks_in_softmax`=True says how the sinks round (gpt-oss's way), but this model "
+                             "has none: set attention_sinks=True too, or drop it.")
+        limit = self.swiglu_limit
+        if limit is not None and not (_positive_finite(limit) and 1e-6 <= limit <= 1e6):
+            raise ValueError(f"`swiglu_limit` must be a number in [1e-6, 1e6] (gpt-oss: 7.0), or None, got {limit!r}.")
+        if limit is not None and self.mlp_type != "gated":
+            raise ValueError(f"`swiglu_limit`={limit} clamps the gate and up projections of a gated MLP, but "
+                             "mlp_type='standard' has no gate: set mlp_type='gated', or swiglu_limit=None.")
         if self.init_scheme == "magneto" and not self.sub_layernorm:
             raise ValueError(
                 "`init_scheme`='magneto' is derived for Sub-LN, the extra norm inside each sublayer; it needs "
@@ -767,7 +806,8 @@ class ArchLMConfig(PreTrainedConfig):
         if self.num_experts is None:
             for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
                                 ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
-                                ("topk_group", 1), ("shared_expert_gated", True), ("router_topk_softmax", False)):
+                                ("topk_group", 1), ("shared_expert_gated", True), ("router_topk_softmax", False),
+                                ("router_bias", False)):
                 if getattr(self, name) != unset:
                     raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
                                      "dense (num_experts=None): set num_experts too.")
@@ -1030,12 +1070,14 @@ class ArchLMConfig(PreTrainedConfig):
                 else "+SharedUngated")
              + ("+Sigmoid" if self.router_scoring == "sigmoid" else "")
              + (f"+Group{self.n_group}top{self.topk_group}" if self.n_group > 1 else "")
-             + ("+RouterBias" if self.router_bias_update_rate else "")),
+             + ("+RouterBias" if self.router_bias_update_rate else "")
+             + ("+GateBias" if self.router_bias else "")),
             (bool(self.kv_lora_rank), f"MLA{self.kv_lora_rank}" + (f"q{self.q_lora_rank}" if self.q_lora_rank else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
             (1 < self.num_key_value_heads < self.num_attention_heads, f"GQA{self.num_key_value_heads}"),
             (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
             (self.sub_layernorm, "SubLN"),
+            (self.swiglu_limit is not None, f"ClampGLU{self.swiglu_limit:g}" if self.swiglu_limit else ""),
             (self.qk_norm, f"QKNorm{scope}"),
             (self.clip_qkv is not None, f"ClipQKV{self.clip_qkv:g}" if self.clip_qkv else ""),
             (sliding == self.num_hidden_layers, f"SWA{self.sliding_window}"),
@@ -1100,14 +1142,16 @@ class ArchLMConfig(PreTrainedConfig):
                                   f"v {self.v_head_dim}") if self.kv_lora_rank else "-"),
             ("block", ("parallel attention + MLP, " + ("one shared norm" if self.parallel_shared_norm else "a norm each"))
              if self.use_parallel_residual else "sequential (attention, then MLP)"),
-            ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"),
+            ("mlp", f"{self.mlp_type}, {self.hidden_act}, intermediate {self.intermediate_size}"
+             + (f", clamped at {self.swiglu_limit} (gpt-oss)" if self.swiglu_limit is not None else "")),
             ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
                          f" by {self.router_scoring}"
                          + (f" within {self.topk_group} of {self.n_group} groups" if self.n_group > 1 else "")
                          + f"{' renormalised' if self.norm_topk_prob else ''}"
                          + (f" x {self.routed_scaling_factor}" if self.routed_scaling_factor != 1 else "")
                          + f"{' (mixed in fp32)' if self.router_weights_fp32 else ''}"
-                         f", in {sparse} of {self.num_hidden_layers} layers"
+                         + (", router with a bias" if self.router_bias else "")
+                         + f", in {sparse} of {self.num_hidden_layers} layers"
                          + (f", shared expert {self.shared_expert_intermediate_size}"
                             + ("" if self.shared_expert_gated else " (ungated)") if self.shared_expert_intermediate_size else "")
                          + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}"

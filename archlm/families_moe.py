@@ -12,6 +12,8 @@ from transformers import (
     FlexOlmoForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     GraniteMoeConfig,
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
@@ -42,6 +44,7 @@ from .family_spec import (
     qwen_layer_fields,
     Rename,
     SplitRows,
+    TransposedInterleavedExperts,
     window_of_every_layer,
     window_of_every_native_layer,
 )
@@ -234,3 +237,40 @@ MOE_FAMILY_LIST += [
         renames=_DEEPSEEK_MOE["renames"],
     ),
 ]
+
+
+# gpt-oss's experts compute act(min(gate, limit)) * (clamp(up, -limit, limit) + 1) with act(x) = x * sigmoid(alpha x):
+# ArchLM's swiglu_limit with the activation its alpha names
+_GPT_OSS_ALPHAS = {1.702: "quick_gelu", 1.0: "silu"}
+
+
+def _gpt_oss_import(native: PreTrainedConfig) -> dict:
+    if native.swiglu_alpha not in _GPT_OSS_ALPHAS:
+        raise ValueError(f"Cannot convert this gpt_oss model: `swiglu_alpha`={native.swiglu_alpha!r} (x * sigmoid(alpha "
+                         f"x) in its experts) is an activation ArchLM has only for alpha in {sorted(_GPT_OSS_ALPHAS)} "
+                         "(quick_gelu, silu).")
+    return dict(native_layer_types(native), head_dim=native_head_dim(native), intermediate_size=native.intermediate_size,
+                hidden_act=_GPT_OSS_ALPHAS[native.swiglu_alpha], attention_output_bias=native.attention_bias,
+                output_router_logits=native.output_router_logits, router_topk_softmax=True, norm_weight_fp32=True,
+                attention_sinks_in_softmax=True)
+
+
+MOE_FAMILY_LIST.append(Family(
+    # gpt-oss: every layer a mixture whose router has a bias (top-k logits, then their softmax), experts with biases
+    # and the clamped GLU, attention with biases and a learned sink per head, sliding and full layers alternating
+    GptOssForCausalLM, GptOssConfig,
+    fields={**{key: value for key, value in LLAMA_FIELDS.items() if key not in ("intermediate_size", "hidden_act")},
+            **_EXPERT_FIELDS, "num_experts": "num_local_experts", "moe_intermediate_size": "intermediate_size",
+            "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
+            "swiglu_limit": "swiglu_limit"},
+    fixed=dict(norm_topk_prob=True, router_bias=True, mlp_bias=True, attention_sinks=True),
+    allows={"attention_output_bias": ANY, "_layer_types": ANY, "hidden_act": {"quick_gelu", "swish"}},
+    requires={"_swiglu_clamped": {True}},
+    import_fields=_gpt_oss_import,
+    export_fields=lambda config: dict(
+        swiglu_alpha=1.702 if config.hidden_act == "quick_gelu" else 1.0, attention_bias=any_bias(config),
+        # it builds a sliding mask whatever its layers are: a window no full layer reads when none slides
+        layer_types=list(config.layer_types), sliding_window=config.sliding_window or config.max_position_embeddings),
+    renames=(Rename("model.layers.{i}.mlp.router.", "model.layers.{i}.mlp.gate."),),
+    operations=(TransposedInterleavedExperts(),),
+))

@@ -127,6 +127,41 @@ class StackHeads(WeightOp):
 
 
 @dataclass(frozen=True)
+class TransposedInterleavedExperts(WeightOp):
+    """gpt-oss stores its experts (in, out), not nn.Linear's (out, in), and its gate_up_proj's gate and up columns
+    interleaved: (E, C, 2I) with gate at even columns, up at odd; its bias (E, 2I) likewise. ArchLM stacks
+    (E, 2I, C) as [gate rows | up rows] and down_proj (E, C, I)."""
+
+    prefix: str = "model.layers.{i}.mlp.experts."
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            prefix = self.prefix.format(i=i)
+            for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+                tensor = state_dict.get(prefix + name)
+                if tensor is None:
+                    continue
+                if name.endswith("_proj"):
+                    tensor = tensor.transpose(1, 2)  # (E, out, in)
+                if name.startswith("gate_up"):
+                    tensor = torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1)
+                state_dict[prefix + name] = tensor
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            prefix = self.prefix.format(i=i)
+            for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+                tensor = state_dict.get(prefix + name)
+                if tensor is None:
+                    continue
+                if name.startswith("gate_up"):  # [gate | up] rows -> gate, up, gate, up, ...
+                    tensor = torch.stack(tensor.chunk(2, dim=1), dim=2).flatten(1, 2)
+                if name.endswith("_proj"):
+                    tensor = tensor.transpose(1, 2)
+                state_dict[prefix + name] = tensor
+
+
+@dataclass(frozen=True)
 class Rename:
     """A key prefix renamed, `{i}` standing for the layer index: Rename("transformer.h.{i}.ln_1.",
     "model.layers.{i}.input_layernorm."). Written as templates rather than transformers' `WeightRenaming` regexes,
@@ -172,7 +207,7 @@ NEUTRAL = {
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
     "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_sinks": False,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
-    "router_bias_update_rate": 0.0, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
+    "router_bias_update_rate": 0.0, "router_bias": False, "swiglu_limit": None, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
     "topk_group": 1, "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
 }
 # Fields that matter only when another is on
@@ -184,6 +219,7 @@ _RELEVANT = {
     "_shared_expert": lambda config: config.num_experts,
     "_dense_layers": lambda config: config.num_experts,
     "router_bias_update_rate": lambda config: config.num_experts,
+    "router_bias": lambda config: config.num_experts,
     "router_scoring": lambda config: config.num_experts,
     "routed_scaling_factor": lambda config: config.num_experts,
     "n_group": lambda config: config.num_experts,
@@ -220,6 +256,7 @@ def _facets(config: ArchLMConfig) -> dict:
         "_shared_expert": bool(config.shared_expert_intermediate_size),
         "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
         % config.moe_intermediate_size == 0,
+        "_swiglu_clamped": config.swiglu_limit is not None,
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
         and config.head_dim == default_head_dim else "explicit",
@@ -244,6 +281,7 @@ FACET_MEANINGS = {
     "_dense_layers": (None, "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)"),
     "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
     "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
+    "_swiglu_clamped": (None, "gpt-oss's clamped GLU (swiglu_limit set)"),
     "_shared_expert_whole": (None, "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
                                    "multiple of moe_intermediate_size)"),
 }

@@ -316,10 +316,12 @@ def eager_attention_forward(
     position_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    sinks_in_softmax: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention. GQA without copying K/V: the query heads of a group share one K/V head. `sinks`
-    (nh,): one more logit per head in the softmax's denominator, applied as GraniteSWA does, by scaling the output.
+    (nh,): one more logit per head in the softmax's denominator, applied as GraniteSWA does, by scaling the output,
+    or with `sinks_in_softmax` as gpt-oss does, as one more column of the softmax (the same function, rounded apart).
 
         query (B, nh, T, hd) -> (B, nkv, g, T, hd)    key/value (B, nkv, S, hd) -> (B, nkv, 1, S, hd)
     """
@@ -338,11 +340,18 @@ def eager_attention_forward(
         per_head = attention_mask.shape[1] != 1  # (B, 1 or nh, T, S) -> (B, 1 or nkv, 1 or g, T, S)
         scores = scores + attention_mask.view(attention_mask.shape[0], num_kv_heads if per_head else 1,
                                               groups if per_head else 1, query_length, key_length)
-    if sinks is not None:  # exp(s) / (sum exp + exp(sink)) = softmax x sigmoid(lse - sink), in float32
+    if sinks is not None and sinks_in_softmax:  # gpt-oss: the column's max subtracted, the softmax in the scores' dtype
+        column = sinks.view(1, num_kv_heads, groups, 1, 1).expand(batch, -1, -1, query_length, 1).to(scores.dtype)
+        scores = torch.cat([scores, column], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = F.softmax(scores, dim=-1, dtype=scores.dtype)[..., :-1].to(query.dtype)
+        sinks = None  # (in the probabilities already)
+    elif sinks is not None:  # exp(s) / (sum exp + exp(sink)) = softmax x sigmoid(lse - sink), in float32
         sink_scale = (torch.logsumexp(scores, dim=-1) - sinks.view(1, num_kv_heads, groups, 1)).float().sigmoid()
-    # softmax in float32 at least; a fully masked row (all min) becomes uniform instead of NaN. Not float32 for
-    # float64 scores: float64's min would round to -inf there, and a row of -inf gives NaN
-    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    if not sinks_in_softmax:
+        # softmax in float32 at least; a fully masked row (all min) becomes uniform instead of NaN. Not float32 for
+        # float64 scores: float64's min would round to -inf there, and a row of -inf gives NaN
+        probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value.unsqueeze(2))  # (B, nkv, g, T, hd)
     if sinks is not None:
@@ -467,7 +476,7 @@ class ArchLMAttention(nn.Module):
         if config.attn_logit_softcapping is not None:
             kwargs["softcap"] = config.attn_logit_softcapping
         if config.attention_sinks:
-            kwargs["sinks"] = self.sinks
+            kwargs.update(sinks=self.sinks, sinks_in_softmax=config.attention_sinks_in_softmax)
         attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask,
                                            sliding_window=self.sliding_window, **kwargs)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, nh * hd)
@@ -611,6 +620,14 @@ class ArchLMLatentAttention(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # MLPs
 # ------------------------------------------------------------------------------------------------
+def gated_product(act_fn: Callable, gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """act(gate) * up, or with a limit gpt-oss's clamped form: clamping bounds the product's size (its activations
+    stay small in low precision), and the +1 lets a zero up projection pass act(gate) through."""
+    if limit is None:
+        return act_fn(gate) * up
+    return act_fn(gate.clamp(max=limit)) * (up.clamp(-limit, limit) + 1)
+
+
 class ArchLMGatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu (Shazeer 2020). Sub-LN normalises the
     product before down_proj."""
@@ -624,11 +641,11 @@ class ArchLMGatedMLP(nn.Module):
         self.down_proj.is_residual_output = True  # writes into the residual stream: `scaled` init shrinks it
         for linear in (self.gate_proj, self.up_proj, self.down_proj):
             linear.magneto_scaled = True  # `magneto` init's larger gain on the whole MLP
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn, self.limit = ACT2FN[config.hidden_act], config.swiglu_limit
         self.sub_layernorm = optional_norm(config, config.sub_layernorm, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.sub_layernorm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+        return self.down_proj(self.sub_layernorm(gated_product(self.act_fn, self.gate_proj(x), self.up_proj(x), self.limit)))
 
 
 class ArchLMStandardMLP(nn.Module):
@@ -714,7 +731,7 @@ class ArchLMExperts(nn.Module):
             up_name = "gate_up_proj" if self.gated else "up_proj"
             self.register_parameter(f"{up_name}_bias", nn.Parameter(torch.empty(experts, getattr(self, up_name).shape[1])))
             self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn, self.limit = ACT2FN[config.hidden_act], config.swiglu_limit
 
     def project(self, routed: torch.Tensor, name: str, expert_ids: torch.Tensor,
                 counts: torch.Tensor | None) -> torch.Tensor:
@@ -737,7 +754,7 @@ class ArchLMExperts(nn.Module):
         applies stack `name` to each row, with that row's expert."""
         if self.gated:
             gate, up = project(routed, "gate_up_proj").chunk(2, dim=-1)
-            routed = self.act_fn(gate) * up  # (S, I)
+            routed = gated_product(self.act_fn, gate, up, self.limit)  # (S, I)
         else:
             routed = self.act_fn(project(routed, "up_proj"))
         return project(routed, "down_proj")
@@ -752,7 +769,9 @@ class ArchLMExperts(nn.Module):
 
         def linear(inputs: torch.Tensor, name: str, expert: int) -> torch.Tensor:
             stack, bias = stacks[name]
-            return F.linear(inputs, expert_weight(stack, expert, inputs.dtype), None if bias is None else bias[expert])
+            output = F.linear(inputs, expert_weight(stack, expert, inputs.dtype))
+            # the bias added after the product, as the other paths do (F.linear's fused add rounds once, not twice)
+            return output if bias is None else output + bias[expert]
 
         routed = [self.mlp(hidden_states, partial(linear, expert=expert)) for expert in top_k_index[0].tolist()]
         return (torch.cat(routed) * top_k_weights.reshape(-1, 1)).view(1, len(routed), -1).sum(dim=1)
@@ -827,7 +846,7 @@ class ArchLMSparseMoeBlock(nn.Module):
         self.sigmoid, self.scale = config.router_scoring == "sigmoid", config.routed_scaling_factor
         self.n_group, self.topk_group = config.n_group, config.topk_group
         router = Float32Linear if self.sigmoid else nn.Linear
-        self.gate = router(config.hidden_size, config.num_experts, bias=False)
+        self.gate = router(config.hidden_size, config.num_experts, bias=config.router_bias)
         self.experts = ArchLMExperts(config)
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP_CLASSES[config.mlp_type](config, config.shared_expert_intermediate_size)

@@ -112,6 +112,11 @@ NEW_OPTIONS = {
                                                use_parallel_residual=True, parallel_residual_order="sublayers_first"),
     "rounding-cohere-rope-layernorm": dict(rope_precision="float32_rotation", rope_interleaved=True,
                                            norm_type="layernorm_nobias", layernorm_precision="float32_explicit"),
+    # gpt-oss's mixture: a biased router (softmax of the top-k logits), biased experts with the clamped GLU, its sinks
+    "experts-gpt-oss": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, router_bias=True,
+                            router_topk_softmax=True, mlp_type="gated", hidden_act="quick_gelu", swiglu_limit=0.5,
+                            mlp_bias=True, attention_sinks=True, attention_sinks_in_softmax=True),
+    "clamped-glu": dict(mlp_type="gated", swiglu_limit=0.25),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

@@ -532,12 +532,16 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(num_experts=4, sub_layernorm=True), ["sub_layernorm", "routed experts", "num_experts=4"]),
     (dict(num_experts=4, init_scheme="magneto"), ["sub_layernorm", "magneto", "routed experts"]),
     (dict(mlp_only_layers=[7]), ["mlp_only_layers", "[0, 1]", "[7]"]),  # checked on a dense model too
+    (dict(swiglu_limit=0), ["swiglu_limit", "[1e-6, 1e6]", "got 0"]),
+    (dict(swiglu_limit=float("inf")), ["swiglu_limit", "inf"]),
+    (dict(swiglu_limit=7.0, mlp_type="standard"), ["swiglu_limit", "mlp_type='standard'", "gated"]),
     # the rounding options: each on a model where it has something to round
     (dict(parallel_residual_order="sublayers_first"), ["parallel_residual_order", "use_parallel_residual=True"]),
     (dict(use_parallel_residual=True, parallel_residual_order="attention_first"), ["parallel_residual_order"]),
     (dict(norm_weight_fp32=True, norm_type="layernorm"), ["norm_weight_fp32", "norm_type='layernorm'"]),
     (dict(norm_weight_fp32=True, norm_type="layernorm", qk_norm=True, qk_norm_type="rmsnorm_unit_offset"),
      ["norm_weight_fp32", "qk_norm_type='rmsnorm_unit_offset'"]),
+    (dict(attention_sinks_in_softmax=True), ["attention_sinks_in_softmax", "attention_sinks=True"]),
     (dict(rope_precision="float32", position_embedding_type="alibi"), ["rope_precision", "'float32'", "alibi"]),
     (dict(rope_precision="float64"), ["rope_precision", "float64"]),
     (dict(layernorm_precision="float32"), ["layernorm_precision", "'float32'", "no LayerNorm", "norm_type='rmsnorm'"]),

@@ -56,6 +56,8 @@ from transformers import (
     GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     GraniteMoeConfig,
@@ -275,6 +277,18 @@ MOE_CASES = {
         **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
         n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
         attention_bias=True, use_qk_norm=True), ("eager", "sdpa")),
+    # gpt-oss: a biased router, biased experts with the clamped GLU (at 0.5, so that it clamps at this size: every
+    # layer has clamped gates and ups), sinks, biased attention, sliding and full layers alternating, YaRN; then
+    # swiglu_alpha 1 (silu), full attention only, no attention bias, tied embeddings
+    "gpt_oss-routerbias-clampedglu-sinks-alternating4-yarn": (GptOssForCausalLM, lambda: GptOssConfig(
+        **dict(GQA, num_hidden_layers=4), head_dim=16, num_local_experts=4, swiglu_limit=0.5, sliding_window=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16},
+        **EXPERTS), ("eager",)),
+    "gpt_oss-silu-fullonly-nobias-tied-top3": (GptOssForCausalLM, lambda: GptOssConfig(
+        **dict(GQA, tie_word_embeddings=True), num_local_experts=5, swiglu_alpha=1.0, swiglu_limit=1.0,
+        sliding_window=8, layer_types=["full_attention"] * 2, attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **dict(EXPERTS, num_experts_per_tok=3)), ("eager",)),
     "glm4_moe-unnormalised-fullrotary-noqknorm": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=2), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2,
         num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False, partial_rotary_factor=1.0),
@@ -348,7 +362,7 @@ PRESET_FAMILIES = {
     "pythia": "GPTNeoXForCausalLM", "phi2": "PhiForCausalLM", "gptj": "GPTJForCausalLM", "cohere": "CohereForCausalLM",
     "stablelm": "StableLmForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "granite": "GraniteForCausalLM",
     "smollm3": "SmolLM3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-    "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+    "dots1": "Dots1ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
 }
 
 
@@ -373,7 +387,7 @@ def test_every_preset_but_the_hybrid_is_a_family():
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_mixture_of_experts_generates_the_same_greedy_tokens(case):
-    reference = build(case, "sdpa")
+    reference = build(case, MOE_CASES[case][2][-1])
     ours = from_transformers(reference)
     inputs = batch(left_padding=True)
     prompt = {key: inputs[key] for key in ("input_ids", "attention_mask")}
@@ -408,7 +422,10 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
 # The families whose bf16 rounding ArchLM does not follow, with the largest logit difference allowed:
 # - GPT-J (eager only) computes its attention scores in float32; ArchLM's attention functions take them in the
 #   activations' dtype (0.016 at this size)
-BF16_ROUNDS_APART = {"gptj-parallel-interleavedrope-rotarydim8-headbias": 2 ** -5}
+# - gpt-oss with swiglu_alpha 1 computes x * sigmoid(x) in two roundings, ArchLM's silu (torch's) in one (0.02 here;
+#   its released swiglu_alpha 1.702 is quick_gelu's very formula, and bit-identical)
+BF16_ROUNDS_APART = {"gptj-parallel-interleavedrope-rotarydim8-headbias": 2 ** -5,
+                     "gpt_oss-silu-fullonly-nobias-tied-top3": 2 ** -5}
 # every family, the five original ones (test_convert.CASES) too, each with sdpa where its class has it
 BF16_CASES = {**{case: partial(build_reference, case) for case in CASES},
               **{case: partial(build, case, implementations[-1]) for case, (_, _, implementations) in FAMILY_CASES.items()}}
@@ -422,7 +439,8 @@ def test_families_are_bit_identical_in_bfloat16(case):
     (rope_precision); OLMo 2 applies RMSNorm's weight before rounding (norm_weight_fp32); NeoX, GPT-J and Phi add
     the two sublayers of a parallel block before the residual, StableLM and Cohere after it
     (parallel_residual_order); Granite-MoE's top-k weights are the softmax of the k largest logits, not the
-    renormalised top-k of the softmax (router_topk_softmax). The import keeps each family's choice, so logits and
+    renormalised top-k of the softmax (router_topk_softmax); gpt-oss puts its sinks in the softmax where GraniteSWA
+    scales the output (attention_sinks_in_softmax). The import keeps each family's choice, so logits and
     greedy tokens are identical, the one-token decoding path included (BF16_ROUNDS_APART: within a bound, for the
     reasons given there)."""
     reference = BF16_CASES[case]().to(torch.bfloat16).eval()

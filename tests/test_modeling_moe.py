@@ -40,6 +40,8 @@ def reference_moe(block, hidden_states):
                 if hasattr(experts, "gate_up_proj_bias"):
                     projected = projected + experts.gate_up_proj_bias[expert]
                 gate, up = projected.chunk(2)
+                if experts.limit is not None:  # gpt-oss: the gate clamped above, up both ways and offset by one
+                    gate, up = torch.clamp(gate, max=experts.limit), torch.clamp(up, -experts.limit, experts.limit) + 1
                 inner = experts.act_fn(gate) * up
             else:
                 inner = experts.up_proj[expert] @ token
@@ -58,6 +60,12 @@ def reference_moe(block, hidden_states):
     return torch.stack(outputs).view(hidden_states.shape)
 
 
+# gpt-oss's mixture: a router with a bias, biased experts whose GLU clamps (at 0.3: most gates and ups of these
+# weights reach it). (Its router_topk_softmax rounds the weights apart from the reference's float32 softmax.)
+GPT_OSS_MIXTURE = dict(num_experts=4, num_experts_per_tok=2, router_bias=True, mlp_bias=True, hidden_act="quick_gelu",
+                       swiglu_limit=0.3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-grouped-mm", "fp64-per-expert"])
 @pytest.mark.parametrize("overrides", [
     dict(num_experts=4, num_experts_per_tok=2),
@@ -68,8 +76,9 @@ def reference_moe(block, hidden_states):
     dict(num_experts=8, num_experts_per_tok=3, router_scoring="sigmoid", n_group=4, topk_group=2,
          routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False),
     dict(num_experts=5, num_experts_per_tok=3, router_topk_softmax=True),
+    GPT_OSS_MIXTURE,
 ], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias",
-        "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits"])
+        "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits", "gpt-oss-biased-router-clamped-glu"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -94,8 +103,10 @@ def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
                                        dict(num_experts=4, num_experts_per_tok=2, mlp_type="standard", mlp_bias=True),
                                        dict(num_experts=8, num_experts_per_tok=2, router_scoring="sigmoid", n_group=2,
                                             topk_group=1, routed_scaling_factor=2.0, norm_topk_prob=False,
-                                            shared_expert_intermediate_size=8, shared_expert_gated=False)],
-                         ids=["gated-top3", "standard-bias-top2", "sigmoid-groups-scaled-ungatedshared"])
+                                            shared_expert_intermediate_size=8, shared_expert_gated=False),
+                                       GPT_OSS_MIXTURE],
+                         ids=["gated-top3", "standard-bias-top2", "sigmoid-groups-scaled-ungatedshared",
+                              "gpt-oss-biased-router-clamped-glu"])
 def test_sparse_block_gradients_equal_routing_token_by_token(overrides):
     """The backward of the grouped path (gather, grouped matmuls, the permutation back, the sum over k): gradients of
     the input, the router and every expert tensor equal the token-by-token reference's, in float64."""
@@ -114,8 +125,8 @@ def test_sparse_block_gradients_equal_routing_token_by_token(overrides):
 @pytest.mark.parametrize("implementation", ["grouped", "gathered", "gathered_compiled"])
 @pytest.mark.parametrize("overrides", [dict(num_experts=6, num_experts_per_tok=3),
                                        dict(num_experts=4, num_experts_per_tok=1, mlp_type="standard", mlp_bias=True),
-                                       dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True)],
-                         ids=["gated-top3", "standard-bias-top1", "gated-bias-top2"])
+                                       dict(num_experts=3, num_experts_per_tok=2, mlp_bias=True), GPT_OSS_MIXTURE],
+                         ids=["gated-top3", "standard-bias-top1", "gated-bias-top2", "gpt-oss-biased-router-clamped-glu"])
 def test_each_experts_implementation_computes_the_reference_and_its_gradients(overrides, implementation):
     """forward picks the implementation by device and size (a CPU runs `grouped` and `one_token`, an accelerator
     decodes with `gathered`, and so does a compiled decoding step on a CPU), so each is checked here on its own, at
@@ -250,6 +261,7 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(num_experts=4, router_topk_softmax=True, norm_topk_prob=False), ["router_topk_softmax", "norm_topk_prob=False"]),
     (dict(num_experts=4, router_topk_softmax=True, router_scoring="sigmoid"), ["router_topk_softmax", "'sigmoid'"]),
     (dict(router_topk_softmax=True), ["router_topk_softmax", "dense", "num_experts"]),
+    (dict(router_bias=True), ["router_bias", "dense", "num_experts"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:
