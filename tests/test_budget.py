@@ -13,7 +13,7 @@ from conftest import TINY_MODEL
 
 from archlm.budget import PROVISIONAL_STEPS, TimeBudget, plan_steps, planned_schedule
 from archlm.training import ArchLMTrainingArguments
-from test_train import TINY, read_log, train, train_script
+from train_helpers import TINY, read_log, train, train_script
 
 
 def test_plan_fits_steps_evaluations_and_the_final_save_in_the_budget():

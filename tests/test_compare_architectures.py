@@ -25,7 +25,7 @@ from archlm.training import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARE_SCRIPT = REPO / "examples" / "compare_architectures.py"
-# Flags for train.py after `--`: a tiny model on a slice of the standard library (as tests/test_train.py's TINY,
+# Flags for train.py after `--`: a tiny model on a slice of the standard library (as tests/train_helpers.py's TINY,
 # without --seed, which the comparison sets for every run itself).
 TINY_TRAIN_FLAGS = [
     "--max_corpus_mb", "0.15", "--tokenizer_vocab_size", "300", "--block_size", "32",

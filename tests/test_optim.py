@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from archlm import ArchLMConfig, ArchLMForCausalLM
 from archlm.optim import MuonWithAdamW, StackedMuon, is_hidden_matrix, orthogonalize
 from archlm.training import ArchLMTrainingArguments
-from test_train import TINY, read_log, train, train_script
+from train_helpers import TINY, read_log, train, train_script
 
 
 def run_steps(optimizer, params, grads):

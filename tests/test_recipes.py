@@ -11,7 +11,7 @@ from conftest import TINY_MODEL
 import archlm.train
 from archlm import ArchLMConfig, ArchLMForCausalLM
 from archlm.recipes import DROPOUT_FIELDS, RECIPES, RepeatDropout, apply_recipe, flag_value
-from test_train import read_log, train
+from train_helpers import read_log, train
 
 SPEEDRUN = RECIPES["speedrun"]
 
