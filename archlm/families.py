@@ -37,6 +37,8 @@ from transformers import (
     GlmForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
     GPTNeoXConfig,
@@ -114,6 +116,7 @@ from .family_spec import (
     Rename,
     rope_per_layer_type,
     SplitHeadInterleaved,
+    SplitQKVByHeads,
     SplitRows,
     StackHeads,
     Transpose,
@@ -693,6 +696,37 @@ FAMILY_LIST += [
         requires={"hidden_act": LLAMA_ACTIVATIONS},
         import_fields=lambda native: dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
+    ),
+]
+
+FAMILY_LIST += [
+    Family(
+        # GPT-BigCode (StarCoder, SantaCoder): GPT-2's block in nn.Linear (not Conv1D), with one key/value head
+        # (multi_query) or one per head
+        GPTBigCodeForCausalLM, GPTBigCodeConfig,
+        fields=dict(intermediate_size="n_inner", hidden_act="activation_function", norm_eps="layer_norm_epsilon",
+                    attention_dropout="attn_pdrop", hidden_dropout="resid_pdrop", embedding_dropout="embd_pdrop"),
+        fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard", attention_bias=True,
+                   attention_output_bias=True, mlp_bias=True),
+        # the biases the ArchLM model lacks are exported as zeros
+        allows={"norm_type": {"layernorm_nobias"}, "attention_bias": {False}, "attention_output_bias": {False},
+                "mlp_bias": {False}},
+        requires={"_num_key_value_heads": {"mha", "mqa"}, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(intermediate_size=native.n_inner or 4 * native.hidden_size,
+                                          num_key_value_heads=native.num_key_value_heads),
+        export_fields=lambda config: dict(multi_query=config.num_key_value_heads == 1 < config.num_attention_heads),
+        refuse=(("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
+                ("add_cross_attention", False, "adds cross-attention to an encoder")),
+        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
+                 Rename("transformer.ln_f.", "model.norm."),
+                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
+                 Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
+                 Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        operations=(SplitQKVByHeads("model.layers.{i}.self_attn.qkv",
+                                    tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
     ),
 ]
 

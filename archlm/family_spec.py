@@ -106,6 +106,27 @@ class SplitHeadInterleaved(WeightOp):
 
 
 @dataclass(frozen=True)
+class SplitQKVByHeads(WeightOp):
+    """GPT-BigCode's c_attn: with one key/value head (multi_query) [q | k | v], each k and v one head wide; with one
+    per head, NeoX's per-head (nh, 3, hd) layout."""
+
+    fused: str
+    parts: tuple[str, str, str]
+
+    def _operation(self, config: ArchLMConfig) -> WeightOp:
+        if config.num_key_value_heads == config.num_attention_heads:
+            return SplitHeadInterleaved(self.fused, self.parts)
+        return SplitRows(self.fused, self.parts, lambda config: [config.num_attention_heads * config.head_dim]
+                         + [config.num_key_value_heads * config.head_dim] * 2)
+
+    def to_archlm(self, state_dict, config):
+        self._operation(config).to_archlm(state_dict, config)
+
+    def to_native(self, state_dict, config):
+        self._operation(config).to_native(state_dict, config)
+
+
+@dataclass(frozen=True)
 class StackHeads(WeightOp):
     """StableLM keeps one LayerNorm per head (`q_layernorm.norms.{h}.weight`); ArchLM one (heads, hd) weight."""
 
@@ -257,7 +278,8 @@ def _facets(config: ArchLMConfig) -> dict:
         "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
         % config.moe_intermediate_size == 0,
         "_swiglu_clamped": config.swiglu_limit is not None,
-        "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads else "gqa",
+        "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads
+        else "mqa" if config.num_key_value_heads == 1 else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
         and config.head_dim == default_head_dim else "explicit",
         # Cohere 2 and EXAONE 4 rotate q and k in their sliding layers only (EXAONE 4 without a window: in all)
@@ -273,7 +295,7 @@ FACET_MEANINGS = {
     "_rope_type": ("rope_type", "in rope_parameters"),
     "_no_rope_layers": ("no_rope_layers", "how many layers have no rope"),
     "_layer_types": ("layer_types", "which layers slide: 'full' none, 'sliding' all, or 'mixed'"),
-    "_num_key_value_heads": ("num_key_value_heads", "'mha': one per head, or 'gqa'"),
+    "_num_key_value_heads": ("num_key_value_heads", "'mha': one per head, 'mqa': one for all, or 'gqa'"),
     "_head_dim": ("head_dim", "'default': hidden_size // num_attention_heads, or 'explicit'"),
     "_rope_layers": (None, "the layers with rope (no_rope_layers) against layer_types ('sliding': the sliding ones "
                            "only; 'all': every layer, none sliding)"),

@@ -52,6 +52,8 @@ from transformers import (
     Glm4MoeForCausalLM,
     GlmConfig,
     GlmForCausalLM,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
     GPTNeoXConfig,
@@ -220,6 +222,14 @@ FAMILY_CASES = {
     "youtu-mla-qprojected-halvesrope-bias": (YoutuForCausalLM, lambda: YoutuConfig(
         **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=16, rope_interleave=False, attention_bias=True, tie_word_embeddings=False), ("eager", "sdpa")),
+    # GPT-2's block with one key/value head for all (multi_query), then per-head fused qkv with gelu, untied
+    "gpt_bigcode-multiquery-learnedpos-bias-tied": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96, multi_query=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2), ("eager", "sdpa")),
+    "gpt_bigcode-mha-interleavedqkv-gelu-untied": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=False,
+        activation_function="gelu", tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        ("eager", "sdpa")),
 }
 # mixtures of experts: the same parity, the auxiliary load-balancing loss included
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=True)
