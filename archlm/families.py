@@ -41,6 +41,8 @@ from transformers import (
     GPTBigCodeForCausalLM,
     GPTJConfig,
     GPTJForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GraniteConfig,
@@ -727,6 +729,36 @@ FAMILY_LIST += [
                  Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
         operations=(SplitQKVByHeads("model.layers.{i}.self_attn.qkv",
                                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
+    ),
+    Family(
+        # GPT-Neo: GPT-2's block with unscaled attention scores (computed in float32), q/k/v without biases, global
+        # and local (sliding window_size) layers
+        GPTNeoForCausalLM, GPTNeoConfig,
+        fields=dict(intermediate_size="intermediate_size", hidden_act="activation_function",
+                    norm_eps="layer_norm_epsilon", sliding_window="window_size", attention_dropout="attention_dropout",
+                    hidden_dropout="resid_dropout", embedding_dropout="embed_dropout"),
+        fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard",
+                   attention_bias=False, attention_output_bias=True, mlp_bias=True, attention_multiplier=1.0),
+        # the biases the ArchLM model lacks are exported as zeros
+        allows={"norm_type": {"layernorm_nobias"}, "attention_output_bias": {False}, "mlp_bias": {False},
+                "_layer_types": ANY},
+        requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
+        import_fields=lambda native: dict(
+            intermediate_size=native.intermediate_size or 4 * native.hidden_size,
+            layer_types=["sliding_attention" if kind == "local" else "full_attention" for kind in native.attention_layers]),
+        # a window no layer reads when none slides
+        export_fields=lambda config: dict(
+            window_size=config.sliding_window or config.max_position_embeddings,
+            attention_types=[[["local" if kind == "sliding_attention" else "global"], 1] for kind in config.layer_types]),
+        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
+                 Rename("transformer.ln_f.", "model.norm."),
+                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
+                 Rename("transformer.h.{i}.attn.attention.out_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.attn.attention.", "model.layers.{i}.self_attn."),
+                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        ignore=(r"\.attn\.attention\.(masked_)?bias$",),
     ),
 ]
 
