@@ -111,6 +111,7 @@ from .family_spec import (
     any_bias,
     Family,
     gemma_scale,
+    granite_swa_rope,
     native_head_dim,
     native_layer_types,
     phi3_original_length,
@@ -129,19 +130,6 @@ from .family_spec import (
 GRANITE_FIELDS = dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="attention_bias", mlp_bias="mlp_bias",
                       embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
                       attention_multiplier="attention_multiplier", logits_scaling="logits_scaling")
-
-
-def _granite_swa_rope(native: PreTrainedConfig) -> dict:
-    """GraniteSWA's rope base per layer: one base (ArchLM's rope_theta) and 0 for the layers without rope. Several
-    bases are refused, naming them: ArchLM's rope dicts go by layer type, not by layer."""
-    thetas = list(native.layer_rope_theta)
-    bases = sorted({theta for theta in thetas if theta})
-    if len(bases) != 1:
-        raise ValueError(f"Cannot convert this {native.model_type} model: `layer_rope_theta`={thetas} sets "
-                         f"{len(bases)} rope bases; ArchLM takes one base, with 0 (no rope) in any layers.")
-    no_rope = [int(bool(theta)) for theta in thetas]
-    return dict(rope_parameters={**native.rope_parameters, "rope_theta": bases[0]},
-                no_rope_layers=no_rope if 0 in no_rope else None)
 
 
 FAMILY_LIST = [
@@ -278,7 +266,7 @@ FAMILY_LIST = [
         allows={"attention_output_bias": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}},
         import_fields=lambda native: dict(native_layer_types(native), attention_output_bias=native.attention_bias,
-                                          **_granite_swa_rope(native)),
+                                          **granite_swa_rope(native)),
         export_fields=lambda config: dict(attention_bias=any_bias(config), attention_multiplier=config.attention_scaling,
                                           hidden_act="silu", layer_types=list(config.layer_types),
                                           sliding_window=config.sliding_window or config.max_position_embeddings,

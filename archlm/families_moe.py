@@ -18,6 +18,8 @@ from transformers import (
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
     GraniteMoeSharedForCausalLM,
+    GraniteMoeSWAConfig,
+    GraniteMoeSWAForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -39,6 +41,7 @@ from .family_spec import (
     SANDWICH_NORMS,
     any_bias,
     Family,
+    granite_swa_rope,
     native_head_dim,
     native_layer_types,
     qwen_layer_fields,
@@ -170,6 +173,28 @@ MOE_FAMILY_LIST += [
                               lambda config: [config.shared_expert_intermediate_size] * 2),),
     ),
 ]
+
+
+MOE_FAMILY_LIST.append(Family(
+    # Granite-MoE-SWA: Granite-MoE-Shared's mixture with GraniteSWA's attention (sliding and full layers, a learned
+    # sink per head, a rope base per layer: 0 for no rope)
+    GraniteMoeSWAForCausalLM, GraniteMoeSWAConfig, fields=_GRANITE_MOE_FIELDS,
+    fixed=dict(_GRANITE_MOE["fixed"], shared_expert_gated=False, attention_sinks=True),
+    allows={"attention_output_bias": ANY, "_shared_expert": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
+    requires=_GRANITE_MOE["requires"],
+    import_fields=lambda native: dict(_GRANITE_MOE["import_fields"](native), **native_layer_types(native),
+                                      shared_expert_intermediate_size=native.shared_intermediate_size or None,
+                                      **granite_swa_rope(native)),
+    export_fields=lambda config: dict(
+        _granite_moe_export(config), shared_intermediate_size=config.shared_expert_intermediate_size or 0,
+        layer_types=list(config.layer_types), sliding_window=config.sliding_window or config.max_position_embeddings,
+        layer_rope_theta=[config.rope_parameters["rope_theta"] if config.layer_uses_rope(i) else 0
+                          for i in range(config.num_hidden_layers)]),
+    renames=_GRANITE_MOE["renames"],
+    operations=(SplitRows("model.layers.{i}.mlp.shared_expert.input_linear",
+                          ("model.layers.{i}.mlp.shared_expert.gate_proj", "model.layers.{i}.mlp.shared_expert.up_proj"),
+                          lambda config: [config.shared_expert_intermediate_size] * 2),),
+))
 
 
 # DeepSeek-V3's mixture: a sigmoid router with its bias, group-limited top-k, scaled weights, an ungated shared expert

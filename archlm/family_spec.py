@@ -502,6 +502,19 @@ def window_of_every_layer(config: ArchLMConfig) -> dict:
     return dict(sliding_window=config.sliding_window if "sliding_attention" in config.layer_types else None)
 
 
+def granite_swa_rope(native: PreTrainedConfig) -> dict:
+    """GraniteSWA's rope base per layer: one base (ArchLM's rope_theta) and 0 for the layers without rope. Several
+    bases are refused, naming them: ArchLM's rope dicts go by layer type, not by layer."""
+    thetas = list(native.layer_rope_theta)
+    bases = sorted({theta for theta in thetas if theta})
+    if len(bases) != 1:
+        raise ValueError(f"Cannot convert this {native.model_type} model: `layer_rope_theta`={thetas} sets "
+                         f"{len(bases)} rope bases; ArchLM takes one base, with 0 (no rope) in any layers.")
+    no_rope = [int(bool(theta)) for theta in thetas]
+    return dict(rope_parameters={**native.rope_parameters, "rope_theta": bases[0]},
+                no_rope_layers=no_rope if 0 in no_rope else None)
+
+
 def phi3_original_length(config: ArchLMConfig) -> dict:
     """Phi-3's top-level original_max_position_embeddings overrides the one in rope_parameters: keep them equal."""
     original = (config.rope_parameters or {}).get("original_max_position_embeddings")

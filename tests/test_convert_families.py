@@ -70,6 +70,8 @@ from transformers import (
     GraniteMoeForCausalLM,
     GraniteMoeSharedConfig,
     GraniteMoeSharedForCausalLM,
+    GraniteMoeSWAConfig,
+    GraniteMoeSWAForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
     HyperCLOVAXConfig,
@@ -272,6 +274,15 @@ MOE_CASES = {
         **dict(EXPERTS, num_experts_per_tok=3)), ("eager", "sdpa")),
     "granitemoeshared-default-noshared": (GraniteMoeSharedForCausalLM, lambda: GraniteMoeSharedConfig(
         **GQA, num_local_experts=4, **EXPERTS), ("sdpa",)),  # shared_intermediate_size=0: no shared MLP
+    # Granite-MoE-SWA: the default pattern (full, then 3 sliding) with sinks, a shared MLP and the multipliers; then
+    # no shared MLP, a NoPE layer between sliding ones
+    "granitemoe_swa-sinks-fullthen3sliding-sharedmlp-multipliers-top3": (GraniteMoeSWAForCausalLM, lambda: GraniteMoeSWAConfig(
+        **dict(GQA, num_hidden_layers=4), num_local_experts=5, shared_intermediate_size=40, sliding_window=4,
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
+        attention_bias=True, **dict(EXPERTS, num_experts_per_tok=3)), ("eager",)),
+    "granitemoe_swa-noshared-nopelayer-allsliding": (GraniteMoeSWAForCausalLM, lambda: GraniteMoeSWAConfig(
+        **dict(GQA, num_hidden_layers=3), num_local_experts=4, sliding_window=5, layer_types=["sliding_attention"] * 3,
+        layer_rope_theta=[10000.0, 0, 10000.0], **EXPERTS), ("eager",)),
     # DeepSeek-V3's mixture: sigmoid router + bias, top-3 within 2 of 4 groups, weights x 2.5, an ungated shared
     # expert of 2 x the experts' width, the first layer dense, the last one sliding (it has no load-balancing loss)
     "dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding": (Dots1ForCausalLM, lambda: Dots1Config(
