@@ -12,6 +12,8 @@ from transformers import (
     FlexOlmoForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     GraniteMoeConfig,
@@ -29,6 +31,8 @@ from transformers import (
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    SolarOpenConfig,
+    SolarOpenForCausalLM,
 )
 
 from .configuration_archlm import ArchLMConfig
@@ -212,7 +216,7 @@ _DEEPSEEK_MOE = dict(
 
 
 def _deepseek_moe_import(native: PreTrainedConfig) -> dict:
-    return dict(head_dim=native_head_dim(native), mlp_only_layers=list(range(native.first_k_dense_replace or 0)) or None,
+    return dict(head_dim=native_head_dim(native), mlp_only_layers=list(range(getattr(native, "first_k_dense_replace", 0) or 0)) or None,
                 shared_expert_intermediate_size=(native.n_shared_experts or 0) * native.moe_intermediate_size or None,
                 router_weights_fp32=True, router_aux_loss_coef=0.0, output_router_logits=False)
 
@@ -259,6 +263,48 @@ MOE_FAMILY_LIST += [
         # its config's partial_rotary_factor argument (default 0.5) would override the rope dict's
         export_fields=lambda config: dict(_deepseek_moe_export(config),
                                           partial_rotary_factor=config.rotary_dim() / config.head_dim),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+]
+
+
+def _mlp_layer_types_import(native: PreTrainedConfig) -> dict:
+    """GLM-4.7-Flash and EXAONE MoE name each layer's MLP "dense" or "sparse" (any layers dense)."""
+    return dict(mlp_only_layers=[i for i, kind in enumerate(native.mlp_layer_types) if kind == "dense"] or None)
+
+
+def _mlp_layer_types_export(config: ArchLMConfig) -> dict:
+    return dict(mlp_layer_types=["sparse" if config.layer_is_sparse(i) else "dense"
+                                 for i in range(config.num_hidden_layers)])
+
+
+MOE_FAMILY_LIST += [
+    Family(  # GLM-4.7-Flash: DeepSeek-V3's latent attention and mixture, its dense layers anywhere (mlp_layer_types)
+        Glm4MoeLiteForCausalLM, Glm4MoeLiteConfig,
+        fields={**LLAMA_FIELDS, **_DEEPSEEK_MOE["fields"], "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias",
+                "head_dim": "qk_rope_head_dim", "rope_interleaved": "rope_interleave",
+                **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
+        fixed=_DEEPSEEK_MOE["fixed"],
+        allows={**_DEEPSEEK_MOE["allows"], "attention_output_bias": ANY},
+        requires={key: value for key, value in _DEEPSEEK_MOE["requires"].items() if key != "_dense_layers_first"},
+        import_fields=lambda native: dict(_deepseek_moe_import(native), **_mlp_layer_types_import(native),
+                                          attention_output_bias=native.attention_bias),
+        export_fields=lambda config: dict(
+            {key: value for key, value in _deepseek_moe_export(config).items() if key != "first_k_dense_replace"},
+            **_mlp_layer_types_export(config), attention_bias=any_bias(config)),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+    Family(  # Solar Open: GLM-4.5's mixture (DeepSeek-V3's) in every layer, on Llama's attention with q/k/v biases
+        SolarOpenForCausalLM, SolarOpenConfig,
+        fields={**{key: value for key, value in LLAMA_FIELDS.items() if key != "intermediate_size"},
+                **_DEEPSEEK_MOE["fields"], "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+                "attention_bias": "attention_bias"},
+        fixed=dict(_DEEPSEEK_MOE["fixed"], attention_output_bias=False),
+        allows={**_DEEPSEEK_MOE["allows"], "_dense_layers": {0}},
+        requires=_DEEPSEEK_MOE["requires"],
+        import_fields=lambda native: dict(_deepseek_moe_import(native), mlp_only_layers=None),
+        export_fields=lambda config: {key: value for key, value in _deepseek_moe_export(config).items()
+                                      if key != "first_k_dense_replace"},
         renames=_DEEPSEEK_MOE["renames"],
     ),
 ]

@@ -72,6 +72,8 @@ from transformers import (
     GraniteMoeSharedForCausalLM,
     GraniteMoeSWAConfig,
     GraniteMoeSWAForCausalLM,
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
     HyperCLOVAXConfig,
@@ -106,6 +108,8 @@ from transformers import (
     SeedOssForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
+    SolarOpenConfig,
+    SolarOpenForCausalLM,
     StableLmConfig,
     StableLmForCausalLM,
     Starcoder2Config,
@@ -321,6 +325,24 @@ MOE_CASES = {
         **dict(GQA, tie_word_embeddings=True), num_local_experts=5, swiglu_alpha=1.0, swiglu_limit=1.0,
         sliding_window=8, layer_types=["full_attention"] * 2, attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         **dict(EXPERTS, num_experts_per_tok=3)), ("eager",)),
+    # GLM-4.7-Flash: latent attention (a query latent, interleaved rope, YaRN), a dense layer between sparse ones
+    "glm4_moe_lite-mla-denseinmiddle-sigmoid-groups-scaled-interleavedrope": (Glm4MoeLiteForCausalLM, lambda: Glm4MoeLiteConfig(
+        **dict(TINY, num_hidden_layers=3, num_key_value_heads=4), n_routed_experts=8, moe_intermediate_size=16,
+        n_shared_experts=2, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5,
+        mlp_layer_types=["sparse", "dense", "sparse"], kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                         "beta_slow": 1}), ("eager", "sdpa")),
+    "glm4_moe_lite-qprojected-halvesrope-bias-unnormalised": (Glm4MoeLiteForCausalLM, lambda: Glm4MoeLiteConfig(
+        **dict(TINY, num_key_value_heads=4), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1,
+        num_experts_per_tok=2, norm_topk_prob=False, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, rope_interleave=False, attention_bias=True), ("eager", "sdpa")),
+    # Solar Open: every layer sparse, q/k/v biases, GQA, an explicit head_dim
+    "solar_open-allsparse-sigmoid-groups-qkvbias-headdim32": (SolarOpenForCausalLM, lambda: SolarOpenConfig(
+        **{key: value for key, value in GQA.items() if key != "intermediate_size"}, head_dim=32, n_routed_experts=8,
+        moe_intermediate_size=16, n_shared_experts=2, n_group=2, topk_group=1, num_experts_per_tok=2,
+        routed_scaling_factor=1.5, attention_bias=True), ("eager", "sdpa")),
     "glm4_moe-unnormalised-fullrotary-noqknorm": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=2), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2,
         num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False, partial_rotary_factor=1.0),
@@ -491,7 +513,7 @@ def test_families_are_bit_identical_in_bfloat16(case):
     reference = BF16_CASES[case]().to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
     if case in MOE_CASES:
-        assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3"))
+        assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open"))
     inputs = batch(left_padding=False)
     with torch.no_grad():
         actual, expected = converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits
