@@ -69,6 +69,8 @@ from transformers import (
     Olmo3ForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PersimmonConfig,
     PersimmonForCausalLM,
     Phi3Config,
@@ -105,6 +107,7 @@ from .family_spec import (
     LLAMA_FIELDS,
     OLMO2_ROUNDING,
     OLMO_ROUNDING,
+    OffsetRows,
     PARTIAL_ROPE,
     SANDWICH_NORMS,
     SUBLAYERS_FIRST,
@@ -748,7 +751,50 @@ FAMILY_LIST += [
                  Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
         ignore=(r"\.attn\.attention\.(masked_)?bias$",),
     ),
+    Family(
+        # OPT: learned positions (a table offset by 2), LayerNorm before each sublayer or, without
+        # do_layer_norm_before (OPT-350m), after each add with no final norm; an ungated ReLU MLP, `enable_bias` on
+        # every Linear; q scaled before its product with k (the same scale in bf16 when head_dim is a power of 4)
+        OPTForCausalLM, OPTConfig,
+        fields=dict(intermediate_size="ffn_dim", hidden_act="activation_function", attention_dropout="attention_dropout",
+                    hidden_dropout="dropout", initializer_range="init_std"),
+        fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard", norm_eps=1e-5,
+                   attention_bias=True, attention_output_bias=True, mlp_bias=True),
+        # the biases the ArchLM model lacks are exported as zeros; its norm has a weight and a bias or neither
+        allows={"norm_type": {"layernorm_noaffine"}, "norm_position": {"post"}, "attention_bias": ANY,
+                "attention_output_bias": ANY, "mlp_bias": ANY},
+        requires={"_num_key_value_heads": {"mha"}, "_head_dim": {"default"}, "norm_eps": {1e-5}},
+        refuse=(("layerdrop", 0.0, "skips whole layers at random in training"),
+                ("_remove_final_layer_norm", False, "drops the final norm of a pre-norm model")),
+        import_fields=lambda native: _opt_import(native),
+        export_fields=lambda config: dict(
+            do_layer_norm_before=config.norm_position == "pre", word_embed_proj_dim=config.hidden_size,
+            layer_norm_elementwise_affine=config.norm_type == "layernorm",
+            enable_bias=any_bias(config) or config.mlp_bias),
+        renames=(Rename("model.decoder.embed_tokens.", "model.embed_tokens."),
+                 Rename("model.decoder.embed_positions.", "model.embed_positions."),
+                 Rename("model.decoder.final_layer_norm.", "model.norm."),
+                 Rename("model.decoder.layers.{i}.self_attn.out_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("model.decoder.layers.{i}.self_attn_layer_norm.", "model.layers.{i}.input_layernorm."),
+                 Rename("model.decoder.layers.{i}.final_layer_norm.", "model.layers.{i}.post_attention_layernorm."),
+                 Rename("model.decoder.layers.{i}.fc1.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("model.decoder.layers.{i}.fc2.", "model.layers.{i}.mlp.down_proj."),
+                 Rename("model.decoder.layers.", "model.layers.")),
+        operations=(OffsetRows("model.embed_positions.weight", 2),),
+    ),
 ]
+
+
+def _opt_import(native: PreTrainedConfig) -> dict:
+    """OPT-350m projects 512-wide embeddings to its 1024-wide layers and back (project_in / project_out)."""
+    if native.word_embed_proj_dim != native.hidden_size:
+        raise ValueError(f"Cannot convert this opt model: `word_embed_proj_dim`={native.word_embed_proj_dim} projects "
+                         f"its embeddings to and from hidden_size={native.hidden_size} (project_in / project_out); "
+                         "ArchLM has no equivalent.")
+    return dict(norm_type="layernorm" if native.layer_norm_elementwise_affine else "layernorm_noaffine",
+                norm_position="pre" if native.do_layer_norm_before else "post",
+                attention_bias=native.enable_bias, attention_output_bias=native.enable_bias,
+                mlp_bias=native.enable_bias)
 
 # the more specific families first: `archlm.convert.native_family` picks the first that expresses a config
 FAMILY_LIST += MOE_FAMILY_LIST

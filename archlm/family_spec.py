@@ -106,6 +106,24 @@ class SplitHeadInterleaved(WeightOp):
 
 
 @dataclass(frozen=True)
+class OffsetRows(WeightOp):
+    """OPT's learned positions are looked up at position + 2: its table has two leading rows no real token reads
+    (left padding's pads read the second), dropped on import and written as zeros on export."""
+
+    key: str  # "model.embed_positions.weight"
+    offset: int
+
+    def to_archlm(self, state_dict, config):
+        if self.key in state_dict:
+            state_dict[self.key] = state_dict[self.key][self.offset:]
+
+    def to_native(self, state_dict, config):
+        if self.key in state_dict:
+            table = state_dict[self.key]
+            state_dict[self.key] = torch.cat([table.new_zeros(self.offset, table.shape[1]), table])
+
+
+@dataclass(frozen=True)
 class SplitQKVByHeads(WeightOp):
     """GPT-BigCode's c_attn: with one key/value head (multi_query) [q | k | v], each k and v one head wide; with one
     per head, NeoX's per-head (nh, 3, hd) layout."""
@@ -432,7 +450,8 @@ def _shared_fields(config: PreTrainedConfig) -> dict:
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
+        # OPT names it init_std (its field map reads that)
+        **({"initializer_range": config.initializer_range} if hasattr(config, "initializer_range") else {}),
         tie_word_embeddings=config.tie_word_embeddings,
         use_cache=config.use_cache,
         **_special_token_ids(config),

@@ -94,6 +94,8 @@ from transformers import (
     OlmoeConfig,
     OlmoeForCausalLM,
     OlmoForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     PersimmonConfig,
     PersimmonForCausalLM,
     Phi3Config,
@@ -247,6 +249,16 @@ FAMILY_CASES = {
         vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=64, window_size=5,
         attention_types=[[["local"], 2]], activation_function="gelu", tie_word_embeddings=False, pad_token_id=0,
         bos_token_id=1, eos_token_id=2), ("eager",)),
+    # OPT: positions offset by 2, pre-norm with biases, head_dim 16 (q scaled by 1/4 before q k^T: exact in bf16);
+    # then OPT-350m's post-norm without a final norm, no biases, no affine norms, untied
+    "opt-offsetpositions-prenorm-relu-bias-tied": (OPTForCausalLM, lambda: OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2), ("eager", "sdpa")),
+    "opt-postnorm-nobias-noaffine-gelu-untied": (OPTForCausalLM, lambda: OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+        max_position_embeddings=64, do_layer_norm_before=False, enable_bias=False, layer_norm_elementwise_affine=False,
+        activation_function="gelu", tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        ("eager", "sdpa")),
 }
 # mixtures of experts: the same parity, the auxiliary load-balancing loss included
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=True)
