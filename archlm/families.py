@@ -25,6 +25,8 @@ from transformers import (
     Ernie4_5ForCausalLM,
     Exaone4Config,
     Exaone4ForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -109,6 +111,7 @@ from .family_spec import (
     OLMO_ROUNDING,
     OffsetRows,
     PARTIAL_ROPE,
+    ParallelNorms,
     SANDWICH_NORMS,
     SUBLAYERS_FIRST,
     any_bias,
@@ -121,6 +124,7 @@ from .family_spec import (
     qwen_layer_fields,
     Rename,
     rope_per_layer_type,
+    SplitGroupedQKV,
     SplitHeadInterleaved,
     SplitQKVByHeads,
     SplitRows,
@@ -782,7 +786,53 @@ FAMILY_LIST += [
                  Rename("model.decoder.layers.", "model.layers.")),
         operations=(OffsetRows("model.embed_positions.weight", 2),),
     ),
+    Family(
+        # Falcon: LayerNorm, an ungated MLP (GELU), one key/value head or num_kv_heads groups in one fused
+        # query_key_value; a parallel block with one norm (7B) or one per sublayer (40B, 180B), or a sequential one
+        FalconForCausalLM, FalconConfig,
+        fields=dict(intermediate_size="ffn_hidden_size", hidden_act="activation", norm_eps="layer_norm_epsilon",
+                    rope_parameters="rope_parameters", attention_dropout="attention_dropout",
+                    hidden_dropout="hidden_dropout"),
+        fixed=dict(norm_type="layernorm", mlp_type="standard"),
+        # `bias` covers q/k/v/o and the MLP: the biases the ArchLM model lacks are exported as zeros
+        allows={"use_parallel_residual": {True}, "parallel_shared_norm": {False}, "attention_bias": ANY,
+                "attention_output_bias": ANY, "mlp_bias": ANY, "norm_type": {"layernorm_nobias"}},
+        requires={"_head_dim": {"default"}},
+        refuse=(("alibi", False, "biases its attention scores with ALiBi (Bloom's, on unscaled scores)"),),
+        import_fields=lambda native: _falcon_import(native),
+        export_fields=lambda config: _falcon_export(config),
+        renames=(Rename("transformer.word_embeddings.", "model.embed_tokens."), Rename("transformer.ln_f.", "model.norm."),
+                 Rename("transformer.h.{i}.self_attention.dense.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.self_attention.", "model.layers.{i}.self_attn."),
+                 Rename("transformer.h.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
+                 Rename("transformer.h.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj."),
+                 Rename("transformer.h.", "model.layers.")),
+        operations=(ParallelNorms(), SplitGroupedQKV("model.layers.{i}.self_attn.query_key_value",
+                                                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"))),
+    ),
 ]
+
+
+def _falcon_import(native: PreTrainedConfig) -> dict:
+    """Falcon's block: sequential, or parallel with one norm or (new_decoder_architecture) one per sublayer; one
+    key/value head (multi_query), one per head, or num_kv_heads (new_decoder_architecture)."""
+    parallel, new = native.parallel_attn, native.new_decoder_architecture
+    kv_heads = native.num_kv_heads if new else 1 if native.multi_query else native.num_attention_heads
+    two_norms = new and parallel and (native.num_ln_in_parallel_attn or 2) == 2
+    if new and not parallel:
+        raise ValueError("Cannot convert this falcon model: `new_decoder_architecture`=True with `parallel_attn`=False "
+                         "runs its MLP on the attention's norm; ArchLM has no equivalent.")
+    return dict(num_key_value_heads=kv_heads, use_parallel_residual=parallel,
+                attention_bias=native.bias, attention_output_bias=native.bias, mlp_bias=native.bias,
+                **(dict(parallel_shared_norm=not two_norms, **SUBLAYERS_FIRST) if parallel else {}))
+
+
+def _falcon_export(config: ArchLMConfig) -> dict:
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    new = config.use_parallel_residual and (not config.parallel_shared_norm or kv_heads not in (1, heads))
+    return dict(parallel_attn=config.use_parallel_residual, new_decoder_architecture=new, num_kv_heads=kv_heads,
+                multi_query=kv_heads == 1, num_ln_in_parallel_attn=(1 if config.parallel_shared_norm else 2) if new else None,
+                bias=any_bias(config) or config.mlp_bias, alibi=False)
 
 
 def _opt_import(native: PreTrainedConfig) -> dict:

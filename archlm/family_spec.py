@@ -124,6 +124,65 @@ class OffsetRows(WeightOp):
 
 
 @dataclass(frozen=True)
+class SplitGroupedQKV(WeightOp):
+    """Falcon's query_key_value: per key/value head, its group's query heads, then its key and its value:
+    (kv, heads / kv + 2, hd, C). One key/value head is [q | k | v]; one per head, NeoX's per-head layout."""
+
+    fused: str
+    parts: tuple[str, str, str]
+
+    def to_archlm(self, state_dict, config):
+        kv, head_dim = config.num_key_value_heads, config.head_dim
+        group = config.num_attention_heads // kv
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                fused = self.fused.format(i=i) + suffix
+                if fused in state_dict:
+                    grouped = state_dict.pop(fused).reshape(kv, group + 2, head_dim, -1)
+                    for part, tensor in zip(self.parts, (grouped[:, :group], grouped[:, group], grouped[:, group + 1])):
+                        tensor = tensor.reshape(-1, tensor.shape[-1])
+                        state_dict[part.format(i=i) + suffix] = tensor.squeeze(-1) if suffix == ".bias" else tensor
+
+    def to_native(self, state_dict, config):
+        kv, head_dim = config.num_key_value_heads, config.head_dim
+        group = config.num_attention_heads // kv
+        for i in range(config.num_hidden_layers):
+            for suffix in (".weight", ".bias"):
+                parts = [part.format(i=i) + suffix for part in self.parts]
+                if all(part in state_dict for part in parts):
+                    q, k, v = (state_dict.pop(part) for part in parts)
+                    width = q.shape[-1] if q.dim() == 2 else 1
+                    grouped = torch.cat([q.reshape(kv, group, head_dim, width), k.reshape(kv, 1, head_dim, width),
+                                         v.reshape(kv, 1, head_dim, width)], dim=1)
+                    fused = grouped.reshape(-1, width)
+                    state_dict[self.fused.format(i=i) + suffix] = fused.squeeze(-1) if suffix == ".bias" else fused
+
+
+@dataclass(frozen=True)
+class ParallelNorms(WeightOp):
+    """Falcon names a parallel block's two norms ln_attn and ln_mlp, and a block with one or two norms otherwise
+    input_layernorm (and post_attention_layernorm): renamed only where the block has two parallel norms."""
+
+    prefix: str = "model.layers.{i}."
+    names: tuple[tuple[str, str], ...] = (("ln_attn.", "input_layernorm."), ("ln_mlp.", "post_attention_layernorm."))
+
+    def _rename(self, state_dict, config, to_archlm: bool):
+        for i in range(config.num_hidden_layers):
+            for native, ours in self.names:
+                source, target = (native, ours) if to_archlm else (ours, native)
+                for key in [key for key in state_dict if key.startswith(self.prefix.format(i=i) + source)]:
+                    state_dict[self.prefix.format(i=i) + target + key[len(self.prefix.format(i=i) + source):]] = \
+                        state_dict.pop(key)
+
+    def to_archlm(self, state_dict, config):
+        self._rename(state_dict, config, to_archlm=True)
+
+    def to_native(self, state_dict, config):
+        if config.use_parallel_residual and not config.parallel_shared_norm:
+            self._rename(state_dict, config, to_archlm=False)
+
+
+@dataclass(frozen=True)
 class SplitQKVByHeads(WeightOp):
     """GPT-BigCode's c_attn: with one key/value head (multi_query) [q | k | v], each k and v one head wide; with one
     per head, NeoX's per-head (nh, 3, hd) layout."""

@@ -38,6 +38,8 @@ from transformers import (
     Ernie4_5ForCausalLM,
     Exaone4Config,
     Exaone4ForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
     Gemma2Config,
@@ -259,6 +261,17 @@ FAMILY_CASES = {
         max_position_embeddings=64, do_layer_norm_before=False, enable_bias=False, layer_norm_elementwise_affine=False,
         activation_function="gelu", tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         ("eager", "sdpa")),
+    # Falcon 40B/180B's block (2 key/value groups, a norm per sublayer), then 7B's (one key/value head, one norm),
+    # then a sequential block with one key/value head per head
+    "falcon-newarch-kvgroups2-parallel-twonorms-tied": (FalconForCausalLM, lambda: FalconConfig(
+        **{key: value for key, value in TINY.items() if key != "intermediate_size"}, ffn_hidden_size=96,
+        new_decoder_architecture=True, num_kv_heads=2), ("eager", "sdpa")),
+    "falcon-multiquery-parallel-onenorm-untied": (FalconForCausalLM, lambda: FalconConfig(
+        **{key: value for key, value in TINY.items() if key != "intermediate_size"}, multi_query=True,
+        parallel_attn=True, tie_word_embeddings=False), ("eager", "sdpa")),
+    "falcon-sequential-mha-relu": (FalconForCausalLM, lambda: FalconConfig(
+        **{key: value for key, value in TINY.items() if key != "intermediate_size"}, multi_query=False,
+        parallel_attn=False, activation="relu"), ("eager", "sdpa")),
 }
 # mixtures of experts: the same parity, the auxiliary load-balancing loss included
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02, output_router_logits=True)
@@ -501,10 +514,14 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
 #   activations' dtype (0.016 at this size)
 # - gpt-oss with swiglu_alpha 1 computes x * sigmoid(x) in two roundings, ArchLM's silu (torch's) in one (0.02 here;
 #   its released swiglu_alpha 1.702 is quick_gelu's very formula, and bit-identical)
+# - Falcon with one key/value head in its original block (7B) hands sdpa keys of one head for every query head, where
+#   ArchLM repeats them: torch's kernel rounds the two calls apart (0.016 here; not pinned down further). Its
+#   grouped-query block (40B, 180B) is bit-identical
 # - GPT-Neo casts q and k to float32 for its (unscaled) scores and softmax, as GPT-J does (0.04 at this size)
 BF16_ROUNDS_APART = {"gptj-parallel-interleavedrope-rotarydim8-headbias": 2 ** -5,
                      "gpt_oss-silu-fullonly-nobias-tied-top3": 2 ** -5,
-                     "gpt_neo-unscaledscores-globalthenlocal4-outbias": 2 ** -4, "gpt_neo-alllocal5-gelu-untied": 2 ** -4}
+                     "gpt_neo-unscaledscores-globalthenlocal4-outbias": 2 ** -4, "gpt_neo-alllocal5-gelu-untied": 2 ** -4,
+                     "falcon-multiquery-parallel-onenorm-untied": 2 ** -5}
 # every family, the five original ones (test_convert.CASES) too, each with sdpa where its class has it
 BF16_CASES = {**{case: partial(build_reference, case) for case in CASES},
               **{case: partial(build, case, implementations[-1]) for case, (_, _, implementations) in FAMILY_CASES.items()}}
