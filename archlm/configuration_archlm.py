@@ -639,6 +639,11 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"`hidden_act`={self.hidden_act!r} is not a known activation; allowed: {sorted(ACT2FN)}."
             )
+        if self.learned_position_embeddings and self.position_embedding_type == "learned":
+            raise ValueError(
+                "`learned_position_embeddings=True` adds learned absolute positions on top of 'rope' or 'alibi'; "
+                "`position_embedding_type`='learned' has them already: drop learned_position_embeddings."
+            )
         if self.learned_position_embeddings and self.position_embedding_type not in ("rope", "alibi"):
             raise ValueError(
                 "`learned_position_embeddings=True` adds learned absolute positions on top of 'rope' or 'alibi'; "
@@ -907,13 +912,13 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`rope_parameters` nested by layer type must hold a dict for each layer type in `layer_types` "
                 f"({sorted(set(self.layer_types))}) and nothing else, got keys {sorted(params)}."
             )
+        if self.position_embedding_type == "rope" and self.head_dim % 2:  # (before the dicts: not their fault)
+            raise ValueError(f"rope rotates pairs of channels, so `head_dim` must be even, got {self.head_dim}.")
         for layer_type in sorted(nested) or [None]:  # every nested dict: the rotary module builds a table for each
             self._check_rope_dict(params[layer_type] if layer_type else params,
                                   f"rope_parameters['{layer_type}']" if layer_type else "rope_parameters")
         if self.position_embedding_type != "rope":
             return  # the dict is kept but unused: transformers' even-head_dim check does not apply
-        if self.head_dim % 2:
-            raise ValueError(f"rope rotates pairs of channels, so `head_dim` must be even, got {self.head_dim}.")
         super().validate_rope()
 
     def _check_rope_dict(self, params, name: str):

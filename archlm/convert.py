@@ -91,8 +91,13 @@ def _load_like(target: PreTrainedModel, source: PreTrainedModel, state_dict: Sta
         else:
             module._buffers[attribute] = rope_tables.get(name, tensor).to(device=parameter.device, dtype=wanted)
     target.load_state_dict(state_dict, strict=True)  # raises on any missing or unexpected key
-    if source.config._attn_implementation is not None:
-        target.set_attn_implementation(source.config._attn_implementation)
+    implementation = source.config._attn_implementation
+    if implementation is not None and implementation != target.config._attn_implementation:
+        try:
+            target.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as error:  # e.g. Gemma 2 and VaultGemma run no sdpa; sinks need eager
+            logger.warning("%s does not run attn_implementation=%r (%s): converted with %r.", type(target).__name__,
+                           implementation, str(error).split(". ")[0], target.config._attn_implementation)
     target.generation_config = copy.deepcopy(source.generation_config)
     target.train(source.training)
     return target

@@ -124,6 +124,7 @@ from .family_spec import (
     qwen_layer_fields,
     Rename,
     rope_per_layer_type,
+    window_for_the_mask,
     SplitGroupedQKV,
     SplitHeadInterleaved,
     SplitQKVByHeads,
@@ -138,6 +139,19 @@ GRANITE_FIELDS = dict(LLAMA_FIELDS, norm_eps="rms_norm_eps", attention_bias="att
                       embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
                       attention_multiplier="attention_multiplier", logits_scaling="logits_scaling")
 
+
+# GPT-2's names, which GPT-BigCode and GPT-Neo keep: embeddings, norms and MLP; then GPT-2's attention (GPT-Neo's
+# differs)
+GPT2_RENAMES = (
+    Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
+    Rename("transformer.ln_f.", "model.norm."),
+    Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+    Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
+    Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
+    Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj."),
+)
+GPT2_ATTENTION_RENAMES = (Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
+                          Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."))
 
 FAMILY_LIST = [
     Family(
@@ -154,14 +168,7 @@ FAMILY_LIST = [
                 ("scale_attn_by_inverse_layer_idx", False, "scales attention scores by 1/(layer_idx + 1) per layer"),
                 ("reorder_and_upcast_attn", False, "computes attention with a reordered, upcast kernel"),
                 ("add_cross_attention", False, "adds cross-attention to an encoder")),
-        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
-                 Rename("transformer.ln_f.", "model.norm."),
-                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
-                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
-                 Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
-                 Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."),
-                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
-                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        renames=(*GPT2_RENAMES, *GPT2_ATTENTION_RENAMES),
         operations=(Transpose(r"(self_attn\.(qkv|o_proj)|mlp\.(up|down)_proj)\.weight$"),
                     SplitRows("model.layers.{i}.self_attn.qkv", tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"),
                               lambda config: [config.hidden_size] * 3)),
@@ -225,7 +232,8 @@ FAMILY_LIST = [
         allows={"attention_output_bias": ANY, "_layer_types": ANY},
         requires={"hidden_act": GEMMA_ACTIVATIONS},
         import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
-        export_fields=lambda config: dict(attention_bias=any_bias(config), **gemma_scale(config)),
+        export_fields=lambda config: dict(attention_bias=any_bias(config), **gemma_scale(config),
+                                          **window_for_the_mask(config)),
         renames=SANDWICH_NORMS,
     ),
     Family(
@@ -240,7 +248,7 @@ FAMILY_LIST = [
         # Gemma 3 keeps attn_logit_softcapping in its config but never passes it to attention: ArchLM leaves it off
         import_fields=lambda native: dict(attention_output_bias=native.attention_bias, attn_logit_softcapping=None),
         export_fields=lambda config: dict(attention_bias=any_bias(config), rope_parameters=rope_per_layer_type(config),
-                                          **gemma_scale(config)),
+                                          **gemma_scale(config), **window_for_the_mask(config)),
         renames=SANDWICH_NORMS,
     ),
     Family(
@@ -276,7 +284,7 @@ FAMILY_LIST = [
                                           **granite_swa_rope(native)),
         export_fields=lambda config: dict(attention_bias=any_bias(config), attention_multiplier=config.attention_scaling,
                                           hidden_act="silu", layer_types=list(config.layer_types),
-                                          sliding_window=config.sliding_window or config.max_position_embeddings,
+                                          **window_for_the_mask(config),
                                           layer_rope_theta=[config.rope_parameters["rope_theta"] if config.layer_uses_rope(i)
                                                             else 0 for i in range(config.num_hidden_layers)]),
     ),
@@ -466,7 +474,8 @@ FAMILY_LIST += [
         import_fields=lambda native: dict(native_layer_types(native), attention_output_bias=native.attention_bias,
                                           **OLMO2_ROUNDING),
         export_fields=lambda config: dict(attention_bias=any_bias(config), rope_parameters=rope_per_layer_type(config),
-                                          layer_types=list(config.layer_types), hidden_act="silu"),
+                                          layer_types=list(config.layer_types), hidden_act="silu",
+                                          **window_for_the_mask(config)),
         renames=SANDWICH_NORMS,
     ),
     Family(
@@ -615,7 +624,8 @@ FAMILY_LIST += [
         allows={"attention_output_bias": ANY, "_layer_types": ANY},
         requires={"hidden_act": GEMMA_ACTIVATIONS},
         import_fields=lambda native: dict(attention_output_bias=native.attention_bias),
-        export_fields=lambda config: dict(attention_bias=any_bias(config), **gemma_scale(config)),
+        export_fields=lambda config: dict(attention_bias=any_bias(config), **gemma_scale(config),
+                                          **window_for_the_mask(config)),
         # its norm before the MLP keeps Gemma 2's name
         renames=(Rename("model.layers.{i}.pre_feedforward_layernorm.", "model.layers.{i}.post_attention_layernorm."),),
     ),
@@ -690,7 +700,7 @@ FAMILY_LIST += [
                 "head_dim": "qk_rope_head_dim", "rope_interleaved": "rope_interleave",
                 **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
         allows={"attention_output_bias": ANY},
-        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_latent_attention": {True}},
         import_fields=lambda native: dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
     ),
@@ -714,14 +724,7 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(multi_query=config.num_key_value_heads == 1 < config.num_attention_heads),
         refuse=(("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
                 ("add_cross_attention", False, "adds cross-attention to an encoder")),
-        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
-                 Rename("transformer.ln_f.", "model.norm."),
-                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
-                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
-                 Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
-                 Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."),
-                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
-                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        renames=(*GPT2_RENAMES, *GPT2_ATTENTION_RENAMES),
         operations=(SplitQKVByHeads("model.layers.{i}.self_attn.qkv",
                                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
     ),
@@ -745,14 +748,8 @@ FAMILY_LIST += [
         export_fields=lambda config: dict(
             window_size=config.sliding_window or config.max_position_embeddings,
             attention_types=[[["local" if kind == "sliding_attention" else "global"], 1] for kind in config.layer_types]),
-        renames=(Rename("transformer.wte.", "model.embed_tokens."), Rename("transformer.wpe.", "model.embed_positions."),
-                 Rename("transformer.ln_f.", "model.norm."),
-                 Rename("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
-                 Rename("transformer.h.{i}.ln_2.", "model.layers.{i}.post_attention_layernorm."),
-                 Rename("transformer.h.{i}.attn.attention.out_proj.", "model.layers.{i}.self_attn.o_proj."),
-                 Rename("transformer.h.{i}.attn.attention.", "model.layers.{i}.self_attn."),
-                 Rename("transformer.h.{i}.mlp.c_fc.", "model.layers.{i}.mlp.up_proj."),
-                 Rename("transformer.h.{i}.mlp.c_proj.", "model.layers.{i}.mlp.down_proj.")),
+        renames=(Rename("transformer.h.{i}.attn.attention.out_proj.", "model.layers.{i}.self_attn.o_proj."),
+                 Rename("transformer.h.{i}.attn.attention.", "model.layers.{i}.self_attn."), *GPT2_RENAMES),
         ignore=(r"\.attn\.attention\.(masked_)?bias$",),
     ),
     Family(

@@ -52,6 +52,7 @@ from .family_spec import (
     Rename,
     SplitRows,
     TransposedInterleavedExperts,
+    window_for_the_mask,
     window_of_every_layer,
     window_of_every_native_layer,
 )
@@ -191,7 +192,7 @@ MOE_FAMILY_LIST.append(Family(
                                       **granite_swa_rope(native)),
     export_fields=lambda config: dict(
         _granite_moe_export(config), shared_intermediate_size=config.shared_expert_intermediate_size or 0,
-        layer_types=list(config.layer_types), sliding_window=config.sliding_window or config.max_position_embeddings,
+        layer_types=list(config.layer_types), **window_for_the_mask(config),
         layer_rope_theta=[config.rope_parameters["rope_theta"] if config.layer_uses_rope(i) else 0
                           for i in range(config.num_hidden_layers)]),
     renames=_GRANITE_MOE["renames"],
@@ -247,7 +248,7 @@ MOE_FAMILY_LIST += [
                 **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
         fixed=_DEEPSEEK_MOE["fixed"],
         allows={**_DEEPSEEK_MOE["allows"], "attention_output_bias": ANY},
-        requires=_DEEPSEEK_MOE["requires"],
+        requires={**_DEEPSEEK_MOE["requires"], "_latent_attention": {True}},
         import_fields=lambda native: dict(_deepseek_moe_import(native), attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(_deepseek_moe_export(config), attention_bias=any_bias(config)),
         renames=_DEEPSEEK_MOE["renames"],
@@ -286,7 +287,8 @@ MOE_FAMILY_LIST += [
                 **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
         fixed=_DEEPSEEK_MOE["fixed"],
         allows={**_DEEPSEEK_MOE["allows"], "attention_output_bias": ANY},
-        requires={key: value for key, value in _DEEPSEEK_MOE["requires"].items() if key != "_dense_layers_first"},
+        requires={**{key: value for key, value in _DEEPSEEK_MOE["requires"].items() if key != "_dense_layers_first"},
+                  "_latent_attention": {True}},
         import_fields=lambda native: dict(_deepseek_moe_import(native), **_mlp_layer_types_import(native),
                                           attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(
@@ -340,8 +342,7 @@ MOE_FAMILY_LIST.append(Family(
     import_fields=_gpt_oss_import,
     export_fields=lambda config: dict(
         swiglu_alpha=1.702 if config.hidden_act == "quick_gelu" else 1.0, attention_bias=any_bias(config),
-        # it builds a sliding mask whatever its layers are: a window no full layer reads when none slides
-        layer_types=list(config.layer_types), sliding_window=config.sliding_window or config.max_position_embeddings),
+        layer_types=list(config.layer_types), **window_for_the_mask(config)),
     renames=(Rename("model.layers.{i}.mlp.router.", "model.layers.{i}.mlp.gate."),),
     operations=(TransposedInterleavedExperts(),),
 ))

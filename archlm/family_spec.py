@@ -232,31 +232,27 @@ class TransposedInterleavedExperts(WeightOp):
 
     prefix: str = "model.layers.{i}.mlp.experts."
 
-    def to_archlm(self, state_dict, config):
+    def _each(self, state_dict, config, convert: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
         for i in range(config.num_hidden_layers):
-            prefix = self.prefix.format(i=i)
             for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-                tensor = state_dict.get(prefix + name)
-                if tensor is None:
-                    continue
-                if name.endswith("_proj"):
-                    tensor = tensor.transpose(1, 2)  # (E, out, in)
-                if name.startswith("gate_up"):
-                    tensor = torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1)
-                state_dict[prefix + name] = tensor
+                key = self.prefix.format(i=i) + name
+                if key in state_dict:
+                    state_dict[key] = convert(name, state_dict[key])
+
+    def to_archlm(self, state_dict, config):
+        def convert(name, tensor):
+            tensor = tensor.transpose(1, 2) if name.endswith("_proj") else tensor  # (E, out, in)
+            return torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1) if name.startswith("gate_up") else tensor
+
+        self._each(state_dict, config, convert)
 
     def to_native(self, state_dict, config):
-        for i in range(config.num_hidden_layers):
-            prefix = self.prefix.format(i=i)
-            for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-                tensor = state_dict.get(prefix + name)
-                if tensor is None:
-                    continue
-                if name.startswith("gate_up"):  # [gate | up] rows -> gate, up, gate, up, ...
-                    tensor = torch.stack(tensor.chunk(2, dim=1), dim=2).flatten(1, 2)
-                if name.endswith("_proj"):
-                    tensor = tensor.transpose(1, 2)
-                state_dict[prefix + name] = tensor
+        def convert(name, tensor):
+            if name.startswith("gate_up"):  # [gate | up] rows -> gate, up, gate, up, ...
+                tensor = torch.stack(tensor.chunk(2, dim=1), dim=2).flatten(1, 2)
+            return tensor.transpose(1, 2) if name.endswith("_proj") else tensor
+
+        self._each(state_dict, config, convert)
 
 
 @dataclass(frozen=True)
@@ -339,8 +335,11 @@ def _facets(config: ArchLMConfig) -> dict:
     first_rope = next(iter(config.rope_parameters_by_layer_type().values()), None)
     rotates = [bool(rope) for rope in config.no_rope_layers or [1] * layers]
     slides = [layer_type == "sliding_attention" for layer_type in config.layer_types]
+    # the rotated share of each head, in every layer type's rope dict: one share, or "per layer type" when they differ
+    shares = {config.rotary_dim(layer_type) / config.head_dim for layer_type in config.rope_parameters_by_layer_type()}
     return {
-        "_partial_rotary_factor": config.rotary_dim() / config.head_dim if config.position_embedding_type == "rope" else 1.0,
+        "_partial_rotary_factor": (1.0 if config.position_embedding_type != "rope" else shares.pop() if len(shares) == 1
+                                   else "per layer type"),
         "_rope_per_layer_type": bool(set(config.rope_parameters or {}) & {"full_attention", "sliding_attention"}),
         "_no_rope_layers": layers - sum(config.no_rope_layers) if config.no_rope_layers else 0,
         "_layer_types": "full" if sliding == 0 else "sliding" if sliding == layers else "mixed",
@@ -355,6 +354,7 @@ def _facets(config: ArchLMConfig) -> dict:
         "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
         % config.moe_intermediate_size == 0,
         "_swiglu_clamped": config.swiglu_limit is not None,
+        "_latent_attention": bool(config.kv_lora_rank),
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads
         else "mqa" if config.num_key_value_heads == 1 else "gqa",
         "_head_dim": "default" if config.head_dim * config.num_attention_heads == config.hidden_size
@@ -381,6 +381,7 @@ FACET_MEANINGS = {
     "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
     "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
     "_swiglu_clamped": (None, "gpt-oss's clamped GLU (swiglu_limit set)"),
+    "_latent_attention": (None, "multi-head latent attention (kv_lora_rank set)"),
     "_shared_expert_whole": (None, "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
                                    "multiple of moe_intermediate_size)"),
 }
@@ -477,7 +478,16 @@ class Family:
                     self.name, name, name, getattr(config, name),
                 )
         fields = {**_shared_fields(config), **{theirs: copy.deepcopy(getattr(config, ours)) for ours, theirs in self.fields.items()}}
-        return self.config_class(**{**fields, **self.export_fields(config)})
+        rope = fields.get(self.fields.get("rope_parameters"))
+        if "_partial_rotary_factor" in self.allows and isinstance(rope, dict) and "rope_type" in rope:
+            # written out: without it the native config takes its class's default share (NeoX and StableLM 0.25,
+            # Phi 0.5), not the whole head
+            rope.setdefault("partial_rotary_factor", config.rotary_dim() / config.head_dim)
+        try:
+            return self.config_class(**{**fields, **self.export_fields(config)})
+        except StrictDataclassError as error:  # huggingface_hub's validation errors are not ValueErrors
+            raise ValueError(f"Cannot export this ArchLM model to {self.name}: its config class refuses the values "
+                             f"this model maps to: {error}") from error
 
     def state_dict_to_archlm(self, model: PreTrainedModel, config: ArchLMConfig) -> StateDict:
         state_dict = {key: value for key, value in model.state_dict().items()
@@ -573,6 +583,12 @@ def rope_per_layer_type(config: ArchLMConfig) -> dict:
     by_type = config.rope_parameters_by_layer_type()
     shared = next(iter(by_type.values()))
     return {layer_type: copy.deepcopy(by_type.get(layer_type, shared)) for layer_type in ("full_attention", "sliding_attention")}
+
+
+def window_for_the_mask(config: ArchLMConfig) -> dict:
+    """Families that build a sliding mask whatever their layers are (Gemma 2/3, OLMo 3, gpt-oss, ...), and fail
+    without a window: a window no full layer reads when none slides."""
+    return dict(sliding_window=config.sliding_window or config.max_position_embeddings)
 
 
 def window_of_every_layer(config: ArchLMConfig) -> dict:

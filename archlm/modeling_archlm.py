@@ -1326,7 +1326,9 @@ class ArchLMModel(ArchLMPreTrainedModel):
                 table_type = layer_type if self.rotary_emb.layer_types != [None] else None
                 rope_tables[layer_type] = self.rotary_emb(hidden_states, position_ids, layer_type=table_type)
         if config.position_embedding_type == "alibi":
-            kwargs.update(alibi_slopes=alibi_slopes(config.num_attention_heads, hidden_states.device), query_start=past_seen)
+            # a static cache counts in a tensor that its first layer's update moves on in place: read before that
+            query_start = past_seen.clone() if torch.is_tensor(past_seen) else past_seen
+            kwargs.update(alibi_slopes=alibi_slopes(config.num_attention_heads, hidden_states.device), query_start=query_start)
 
         all_hidden_states, all_attentions, all_router_logits = [], [], []
         for layer in self.layers:

@@ -117,6 +117,9 @@ NEW_OPTIONS = {
                             router_topk_softmax=True, mlp_type="gated", hidden_act="quick_gelu", swiglu_limit=0.5,
                             mlp_bias=True, attention_sinks=True, attention_sinks_in_softmax=True),
     "clamped-glu": dict(mlp_type="gated", swiglu_limit=0.25),
+    # a sink's logit does not shift with the query's position as ALiBi's scores do (a static cache's misplaced
+    # queries showed)
+    "alibi-sinks": dict(position_embedding_type="alibi", attention_sinks=True),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

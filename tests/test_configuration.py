@@ -66,7 +66,8 @@ def test_heads_not_multiple_of_kv_heads_is_refused(heads, kv_heads):
 
 @pytest.mark.parametrize("head_dim", [7, 5, 3])
 def test_odd_head_dim_is_refused_with_rope(head_dim):
-    assert_refused({"head_dim": head_dim}, "head_dim", str(head_dim), "even")
+    # (not blamed on the default partial_rotary_factor of 1.0, as it once was)
+    assert_refused({"head_dim": head_dim}, f"`head_dim` must be even, got {head_dim}")
 
 
 @pytest.mark.parametrize("head_dim", [7, 5, 3])
@@ -532,6 +533,8 @@ def test_special_ids_given_with_a_preset_are_still_validated():
     (dict(num_experts=4, sub_layernorm=True), ["sub_layernorm", "routed experts", "num_experts=4"]),
     (dict(num_experts=4, init_scheme="magneto"), ["sub_layernorm", "magneto", "routed experts"]),
     (dict(mlp_only_layers=[7]), ["mlp_only_layers", "[0, 1]", "[7]"]),  # checked on a dense model too
+    (dict(position_embedding_type="learned", learned_position_embeddings=True),
+     ["learned_position_embeddings", "'learned' has them already"]),
     (dict(swiglu_limit=0), ["swiglu_limit", "[1e-6, 1e6]", "got 0"]),
     (dict(swiglu_limit=float("inf")), ["swiglu_limit", "inf"]),
     (dict(swiglu_limit=7.0, mlp_type="standard"), ["swiglu_limit", "mlp_type='standard'", "gated"]),

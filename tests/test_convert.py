@@ -613,3 +613,77 @@ def test_attention_sinks_export_to_granite_swa_and_are_refused_where_a_family_ha
         torch.testing.assert_close(native(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"Qwen3ForCausalLM.*\n  - `attention_sinks`=True: Qwen3ForCausalLM needs False"):
         to_transformers(ArchLMForCausalLM(ArchLMConfig.from_preset("qwen3", **ARCHLM_TINY, attention_sinks=True)))
+
+
+def export_matches(config: ArchLMConfig, family: str, attn_implementation: str | None = None) -> None:
+    """A random model of `config` exports to `family` with its logits (left padding included)."""
+    torch.manual_seed(0)
+    model = randomised(ArchLMForCausalLM(config)).eval()
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    native = to_transformers(model).eval()
+    assert type(native).__name__ == family
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        expected, exported = model(ids, attention_mask=mask).logits, native(ids, attention_mask=mask).logits
+    torch.testing.assert_close(exported[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, family", [("pythia", "GPTNeoXForCausalLM"), ("stablelm", "StableLmForCausalLM"),
+                                            ("phi2", "PhiForCausalLM")])
+def test_a_whole_head_rotated_exports_to_a_family_whose_config_defaults_to_partial_rotary(preset, family):
+    """Their config classes default to rotating part of each head (NeoX and StableLM 0.25, Phi 0.5): a rope dict
+    without partial_rotary_factor (the whole head) exported as that default, 5e-3 apart, silently."""
+    config = ArchLMConfig.from_preset(preset, **ARCHLM_TINY, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    assert config.rotary_dim() == config.head_dim
+    export_matches(config, family)
+
+
+@pytest.mark.parametrize("preset, family", [("gemma2", "Gemma2ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"),
+                                            ("olmo3", "Olmo3ForCausalLM")])
+def test_a_model_without_a_window_exports_to_a_family_that_always_builds_a_sliding_mask(preset, family):
+    """Gemma 2/3 and OLMo 3 build a sliding mask whatever their layers are, and fail without a window."""
+    if preset not in ArchLMConfig.presets():  # (OLMo 3 has no preset: OLMo 2's block with its rope dict)
+        config = ArchLMConfig.from_preset("olmo2", **ARCHLM_TINY)
+    else:
+        config = ArchLMConfig.from_preset(preset, **ARCHLM_TINY, sliding_window=None, layer_types=None)
+    assert config.sliding_window is None and "sliding_attention" not in config.layer_types
+    if preset == "olmo3":
+        config = ArchLMConfig(**{**config.to_diff_dict(), "converted_from": "Olmo3ForCausalLM"})
+    export_matches(config, family)
+
+
+def test_a_family_without_sdpa_exports_with_eager_from_a_model_running_sdpa(caplog):
+    """Gemma 2 runs no sdpa: the export falls back to its eager attention, saying so, instead of failing."""
+    config = ArchLMConfig.from_preset("gemma", **ARCHLM_TINY, norm_position="sandwich", sliding_window=4)
+    with caplog.at_level("WARNING", logger="archlm.convert"):
+        export_matches(config, "Gemma2ForCausalLM", attn_implementation="sdpa")
+    assert "Gemma2ForCausalLM does not run attn_implementation='sdpa'" in caplog.text
+
+
+def test_deepseek_v3s_mixture_without_latent_attention_exports_to_glm45_not_deepseek_v3():
+    """DeepSeek-V3's class needs latent attention: the dots1 mixture without qk norm is GLM-4.5's (it failed in
+    DeepseekV3Config's validation, a traceback)."""
+    config = ArchLMConfig.from_preset("dots1", **ARCHLM_TINY, head_dim=16, qk_norm=False, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    export_matches(config, "Glm4MoeForCausalLM")
+
+
+def test_a_rotated_share_set_for_one_layer_type_only_is_refused_both_ways():
+    """Gemma 3 and OLMo 3 rotate every channel of every layer; a share in the sliding layers' rope dict only was
+    read past (rotary_dim looked at the full layers'), and the logits were 0.1-0.4 apart both ways."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0, "partial_rotary_factor": 0.5}}
+    config = ArchLMConfig.from_preset("gemma3", **ARCHLM_TINY, rope_parameters=rope, sliding_window=4,
+                                      layer_types=["sliding_attention", "full_attention"])
+    refusal = r"`partial_rotary_factor`='per layer type' \(the rotated share of each head, in rope_parameters\)"
+    with pytest.raises(ValueError, match=refusal):
+        to_transformers(ArchLMForCausalLM(config))
+    native = Gemma3ForCausalLM(Gemma3TextConfig(**TINY, rope_parameters=rope, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention"]))
+    with pytest.raises(ValueError, match=refusal):
+        from_transformers(native)
