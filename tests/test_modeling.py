@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from archlm import ArchLMConfig, ArchLMForCausalLM, ArchLMForSequenceClassification
-from archlm.modeling_archlm import eager_attention_forward
+from archlm.modeling_archlm import attend, check_attention_implementation
 
 VOCAB = TINY["vocab_size"]
 POSITIONS = {
@@ -132,10 +132,10 @@ def test_option_grid_eager_equals_sdpa_with_left_padding(overrides):
     model = build(tiny_config(**overrides)).eval()
     input_ids, attention_mask, position_ids = left_padded_batch()
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    if overrides.get("attn_logit_softcapping") or overrides.get("attention_sinks"):
-        # sdpa cannot cap the scores or add a sink: refused, never silently left out
+    if overrides.get("attn_logit_softcapping"):
+        # sdpa cannot cap the scores: refused, never silently left out
         assert model.config._attn_implementation == "eager"  # what transformers picks when sdpa is refused
-        with pytest.raises(ValueError, match="(attn_logit_softcapping|attention_sinks).*'eager'"):
+        with pytest.raises(ValueError, match="attn_logit_softcapping.*'eager'"):
             logits_of(model, "sdpa", **inputs)
         return
     eager, sdpa = logits_of(model, "eager", **inputs), logits_of(model, "sdpa", **inputs)
@@ -684,8 +684,8 @@ def test_any_config_is_refused_at_construction_or_trains_with_finite_loss_and_gr
         model = build(config).train()
         try:
             model.set_attn_implementation(attn_implementation)
-        except ValueError:  # refused up front: sdpa cannot cap attention scores or add sinks
-            assert (config.attn_logit_softcapping is not None or config.attention_sinks) and attn_implementation == "sdpa"
+        except ValueError:  # refused up front: sdpa cannot cap attention scores
+            assert config.attn_logit_softcapping is not None and attn_implementation == "sdpa"
             outcomes["refused"] += 1
             return
         length = min(6, config.max_position_embeddings)
@@ -928,14 +928,15 @@ def test_latent_attention_decodes_in_the_latent_space_without_expanding_the_cach
         assert all(weights is None for weights in step.attentions or ())
 
 
-def test_attention_sinks_are_one_more_logit_per_head_in_the_softmax():
+@pytest.mark.parametrize("form", ["eager-output-scaled", "eager-in-softmax", "sdpa-sink-key"])
+def test_attention_sinks_are_one_more_logit_per_head_in_the_softmax(form):
     """gpt-oss's form, in float64: each head's scores get one more column, its sink, before the softmax, which is
-    dropped after it; the same as GraniteSWA's scaling of the output by sigmoid(logsumexp - sink) that ArchLM uses,
-    with GQA, a padding mask and a sliding window."""
+    dropped after it. Eager computes it as GraniteSWA does (the output scaled by sigmoid(logsumexp - sink)) or as
+    gpt-oss does (attention_sinks_in_softmax); sdpa with the sink as one more key (zero value, its score the sink
+    through an extra channel). With GQA and a padding mask."""
     torch.manual_seed(0)
-    model = build(tiny_config(attention_sinks=True, num_key_value_heads=2, sliding_window=3,
-                              layer_types=["sliding_attention", "full_attention"])).double().eval()
-    assert model.config._attn_implementation == "eager"  # chosen by itself: sdpa cannot take the sinks
+    model = build(tiny_config(attention_sinks=True, num_key_value_heads=2)).double().eval()
+    assert model.config._attn_implementation == "sdpa"  # by default, as without sinks
     attention = model.model.layers[0].self_attn
     with torch.no_grad():
         attention.sinks.copy_(torch.tensor([-1.0, 0.5, 2.0, 4.0], dtype=torch.float64))
@@ -943,15 +944,18 @@ def test_attention_sinks_are_one_more_logit_per_head_in_the_softmax():
     query, key, value = (torch.randn(batch, h, length, head_dim, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
     mask = torch.zeros(batch, 1, length, length, dtype=torch.float64)
     mask[0, :, :, 0] = torch.finfo(torch.float64).min  # the first key padded out
-    output, _ = eager_attention_forward(attention, query, key, value, mask, scaling=0.3, sinks=attention.sinks)
+    implementation, _, rounding = form.partition("-")
+    model.set_attn_implementation(implementation)
+    output, _ = attend(attention, query, key, value, mask, sinks=attention.sinks,
+                       sinks_in_softmax=rounding == "in-softmax")
     expected = torch.empty(batch, length, heads, head_dim, dtype=torch.float64)
     for h in range(heads):
-        scores = query[:, h] @ key[:, h // 2].transpose(-1, -2) * 0.3 + mask[:, 0]  # (B, T, S)
+        scores = query[:, h] @ key[:, h // 2].transpose(-1, -2) * attention.scaling + mask[:, 0]  # (B, T, S)
         with_sink = torch.cat([scores, attention.sinks[h].expand(batch, length, 1)], dim=-1)
         probs = torch.softmax(with_sink, dim=-1)[..., :-1]
         expected[:, :, h] = probs @ value[:, h // 2]
     torch.testing.assert_close(output, expected.detach())
-    with pytest.raises(ValueError, match=r"attention_sinks.*attn_implementation='sdpa'.*Use 'eager'"):
-        model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"attention_sinks.*attn_implementation='flash_attention_2'.*'eager' or 'sdpa'"):
+        check_attention_implementation(model.config, "flash_attention_2")
     with pytest.raises(VALIDATION_ERRORS, match="attention_sinks.*multi-head latent attention"):
         tiny_config(attention_sinks=True, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
