@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, Value
 
 from .tokenization_archlm import safe_cut_between
@@ -50,6 +52,8 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 )
 RECORD_FEATURES = Features({"text": Value("string"), "document_end": Value("bool")})
 TEXT_CHUNK_CHARS = 1 << 20  # a text file is handed to the tokenizer in pieces of about this many characters
+TOKENIZE_BATCH_CHARS = 1 << 23  # about this many characters of records per tokenizing map batch
+BLOCK_FEATURES = Features({name: datasets.List(Value("int64")) for name in ("input_ids", "attention_mask", "labels")})
 DEFAULT_STREAMING_EVAL_BLOCKS = 32
 
 
@@ -275,7 +279,8 @@ def _text_file_records(files: list[tuple[str, int, int]]) -> Iterator[dict]:
     """Each file as written (newline="" keeps \\r\\n), in pieces of about TEXT_CHUNK_CHARS cut where tokenizing the
     pieces gives the tokens of the whole (tokenization_archlm.safe_cut_between: before a line that starts with a
     non-space character, after a line break the pre-tokenizer splits off either way; where none comes, at any line
-    start past 16 pieces' length); `document_end` marks a file's last piece."""
+    start past 16 pieces' length; inside a line longer than that, before a space that follows a non-space, where
+    the pre-tokenizer splits too); `document_end` marks a file's last piece."""
     for path, _, _ in files:
         pieces, size = [], 0
         with open(path, encoding="utf-8", newline="") as file:
@@ -285,9 +290,26 @@ def _text_file_records(files: list[tuple[str, int, int]]) -> Iterator[dict]:
                 if cut:
                     yield {"text": "".join(pieces), "document_end": False}
                     pieces, size = [], 0
+                # a file of one long line would be one record, tokenized in one call (~0.4 KB a token)
+                while len(line) > TEXT_CHUNK_CHARS and size + len(line) >= 2 * TEXT_CHUNK_CHARS and (
+                        split := _long_line_cut(line, size)):
+                    pieces.append(line[:split])
+                    yield {"text": "".join(pieces), "document_end": False}
+                    pieces, size, line = [], 0, line[split:]
                 pieces.append(line)
                 size += len(line)
-        yield {"text": "".join(pieces), "document_end": True}
+        yield {"text": "".join(pieces), "document_end": True}  # (an empty file's: no tokens, no EOS either)
+
+
+def _long_line_cut(line: str, size: int) -> int:
+    """Where to cut `line` (0: nowhere) for a piece of about TEXT_CHUNK_CHARS: the first space past that which
+    follows a non-space character."""
+    start = max(1, TEXT_CHUNK_CHARS - size)
+    while (at := line.find(" ", start)) > 0:
+        if not line[at - 1].isspace():
+            return at
+        start = at + 1
+    return 0
 
 
 def _check_utf8(path: str, flag: str, whole_file: bool) -> None:
@@ -316,7 +338,9 @@ def _text_files_dataset(paths: list[str] | list[Path], streaming: bool) -> Datas
     gen_kwargs = {"files": _file_signatures(paths)}
     if streaming:
         return IterableDataset.from_generator(_text_file_records, features=RECORD_FEATURES, gen_kwargs=gen_kwargs)
-    return Dataset.from_generator(_text_file_records, features=RECORD_FEATURES, gen_kwargs=gen_kwargs)
+    # records of up to ~1 MiB: the writer's default buffer of 1000 records would hold the whole corpus in memory
+    return Dataset.from_generator(_text_file_records, features=RECORD_FEATURES, gen_kwargs=gen_kwargs,
+                                  writer_batch_size=8)
 
 
 def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
@@ -447,37 +471,89 @@ def iter_texts(dataset: Dataset | IterableDataset, max_chars: float = math.inf) 
 # Tokenization and packing
 # ------------------------------------------------------------------------------------------------
 def _tokenize_function(tokenizer, eos_token_id: int):
+    def ids_of(texts: list[str]) -> list[np.ndarray]:
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
+        return [np.asarray(row, dtype=np.int32) for row in ids]
+
     def tokenize(batch: dict) -> dict:
-        ids = tokenizer([text or "" for text in batch["text"]], add_special_tokens=False)["input_ids"]
-        ends = batch.get("document_end") or [True] * len(ids)
-        return {"input_ids": [row + [eos_token_id] if end else row for row, end in zip(ids, ends)]}
+        """int32 ids, EOS after each document; the tokenizer sees about TEXT_CHUNK_CHARS at a time: its Python
+        lists of ids (~0.4 KB a token) live only that long."""
+        texts = [text or "" for text in batch["text"]]
+        rows, pending, size = [], [], 0
+        for text in texts:
+            pending.append(text)
+            size += len(text)
+            if size >= TEXT_CHUNK_CHARS:
+                rows += ids_of(pending)
+                pending, size = [], 0
+        rows += ids_of(pending) if pending else []
+        ends = batch.get("document_end") or [True] * len(rows)
+        eos = np.array([eos_token_id], dtype=np.int32)
+        # (an empty document, e.g. an empty text file, gets no end-of-document token: it would train on a bare one)
+        return {"input_ids": [np.concatenate([row, eos]) if end and len(text) else row
+                              for row, end, text in zip(rows, ends, texts)]}
 
     return tokenize
 
 
-def _group_function(block_size: int):
-    def group(batch: dict) -> dict:
-        """Concatenates a batch of tokenized records and cuts it into blocks; the remainder is dropped."""
-        concatenated = [token for row in batch["input_ids"] for token in row]
-        total = len(concatenated) // block_size * block_size
-        blocks = [concatenated[i : i + block_size] for i in range(0, total, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
+def _blocks(token_runs: Iterable[np.ndarray], block_size: int) -> Iterator[dict]:
+    """The runs of token ids concatenated, in order, and cut into blocks of `block_size`, one at a time; only the
+    last partial block is dropped."""
+    carry = np.zeros(0, dtype=np.int64)
+    for run in token_runs:
+        carry = np.concatenate([carry, run.astype(np.int64)])
+        whole = len(carry) // block_size * block_size
+        for start in range(0, whole, block_size):
+            block = carry[start:start + block_size].tolist()
+            yield {"input_ids": block, "attention_mask": [1] * block_size, "labels": block}
+        carry = carry[whole:]
 
-    return group
+
+def _token_runs(tokens: Dataset | IterableDataset, rows: int) -> Iterator[np.ndarray]:
+    """The tokenized records' ids, `rows` records at a time (a Dataset's straight from its Arrow table)."""
+    if isinstance(tokens, IterableDataset):
+        for batch in tokens.iter(batch_size=rows):
+            yield np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"]] or [np.zeros(0)])
+        return
+    table = tokens.with_format("arrow")
+    for first in range(0, tokens.num_rows, rows):
+        yield pc.list_flatten(table[first:first + rows]["input_ids"]).to_numpy(zero_copy_only=False)
+
+
+def _packed_blocks(tokens: Dataset | IterableDataset, block_size: int, rows: int) -> Iterator[dict]:
+    yield from _blocks(_token_runs(tokens, rows), block_size)
 
 
 def pack(records: Dataset | IterableDataset, tokenizer, block_size: int, args: DataArguments, what: str):
-    """Tokenized, EOS after each document, concatenated and cut into `block_size` blocks."""
+    """Tokenized, EOS after each document, concatenated and cut into `block_size` blocks: one stream over the whole
+    data (datasets.map's batches would each drop their remainder: 15% of the tokens of short records in blocks of
+    1024, all of them in blocks of 8192), in memory that does not grow with the data (int32 ids, a few MB of text
+    tokenized at a time, blocks written one at a time)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token: packing needs one to mark where documents end.")
-    tokenize, group = _tokenize_function(tokenizer, tokenizer.eos_token_id), _group_function(block_size)
+    tokenize = _tokenize_function(tokenizer, tokenizer.eos_token_id)
     columns = list(records.column_names or ["text"])
     if isinstance(records, IterableDataset):
-        token_ids = records.map(tokenize, batched=True, remove_columns=columns)
-        return token_ids.map(group, batched=True, remove_columns=["input_ids"])
-    options = dict(batched=True, num_proc=args.preprocessing_num_workers, load_from_cache_file=not args.overwrite_cache)
-    token_ids = records.map(tokenize, remove_columns=columns, desc=f"Tokenizing {what}", **options)
-    return token_ids.map(group, desc=f"Packing {what} into blocks of {block_size}", **options)
+        # (records of unknown size, up to ~1 MiB of a text file each: 64 at a time, not map's default 1000)
+        token_ids = records.map(tokenize, batched=True, batch_size=64, remove_columns=columns)
+        return IterableDataset.from_generator(_packed_blocks, features=BLOCK_FEATURES,
+                                              gen_kwargs={"tokens": token_ids, "block_size": block_size, "rows": 64})
+    characters = max(1, records.data.nbytes // max(1, records.num_rows))  # about, per record
+    rows = max(1, min(1000, TOKENIZE_BATCH_CHARS // characters))
+    token_ids = records.map(
+        tokenize, batched=True, batch_size=rows, writer_batch_size=rows, remove_columns=columns,
+        features=Features({"input_ids": datasets.List(Value("int32"))}), num_proc=args.preprocessing_num_workers,
+        load_from_cache_file=not args.overwrite_cache, desc=f"Tokenizing {what}")
+    tokens = pc.sum(pc.list_value_length(token_ids.data.column("input_ids"))).as_py() or 0
+    if tokens < block_size:  # (datasets cannot build a dataset from a generator that yields nothing)
+        return Dataset.from_dict({name: [] for name in BLOCK_FEATURES}, features=BLOCK_FEATURES)
+    # the blocks are cached as the map is: by the tokenized data's fingerprint (and the block size)
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [token_ids._fingerprint, block_size, os.urandom(8) if args.overwrite_cache else None])
+    return Dataset.from_generator(_packed_blocks, features=BLOCK_FEATURES, fingerprint=fingerprint,
+                                  writer_batch_size=100,
+                                  gen_kwargs={"tokens": token_ids, "block_size": block_size, "rows": rows})
 
 
 @dataclass

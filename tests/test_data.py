@@ -104,6 +104,43 @@ def test_large_text_file_is_read_in_pieces_that_tokenize_as_the_whole_file(tmp_p
     assert [row[0] for row in packed.train["input_ids"]] == tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]
 
 
+def test_a_long_line_is_cut_before_a_space_into_pieces_that_tokenize_as_the_whole_file(tmp_path, monkeypatch, tokenizer):
+    """A file of one line (no line break to cut at) was one record, tokenized in one call: ~0.4 KB a token, 14 GB
+    for 100 MB of text. It is cut where a space follows a non-space, where the pre-tokenizer splits anyway."""
+    monkeypatch.setattr(data_module, "TEXT_CHUNK_CHARS", 40)
+    text = " ".join(f"word{i}  x" if i % 3 else f"w{i}" for i in range(200))  # (double spaces: not cut inside them)
+    path = write(tmp_path / "one_line.txt", text)
+    args = DataArguments(train_file=[path], validation_split_percentage=0)
+    raw = load_raw_data(args)
+    records = raw.train.to_list()
+    assert "".join(record["text"] for record in records) == text and len(records) > 10
+    assert all(after["text"][:1] == " " and not before["text"][-1].isspace() for before, after in zip(records, records[1:]))
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    assert [row[0] for row in packed.train["input_ids"]] == tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]
+
+
+def test_an_empty_text_file_adds_no_end_of_document_token(tmp_path, tokenizer):
+    files = [write(tmp_path / "a.txt", SAMPLE_TEXTS[0]), write(tmp_path / "b.txt", ""),
+             write(tmp_path / "c.txt", SAMPLE_TEXTS[1])]
+    args = DataArguments(train_file=files, validation_split_percentage=0)
+    packed = pack_datasets(load_raw_data(args), tokenizer, block_size=1, args=args)
+    assert decode_stream(packed.train, tokenizer) == SAMPLE_TEXTS[0] + EOS_TOKEN + SAMPLE_TEXTS[1] + EOS_TOKEN
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "streaming"])
+def test_packing_keeps_every_token_but_the_last_partial_block(tokenizer, streaming):
+    """One stream over all records: datasets.map's batches of 1000 records each dropped their own remainder (15%
+    of short records' tokens in blocks of 1024, all of them in blocks of 8192)."""
+    texts = [f"x = {i}\n" * (1 + i % 5) for i in range(2500)]
+    expected = [token for text in texts for token in tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]]
+    records = Dataset.from_dict({"text": texts})
+    block_size = len(expected) // 3 + 1  # > 1000 records' tokens: each map batch dropped all of its own
+    packed = data_module.pack(records.to_iterable_dataset() if streaming else records, tokenizer, block_size,
+                              DataArguments(), "records")
+    ids = [token for row in packed for token in row["input_ids"]]
+    assert len(ids) == 2 * block_size and ids == expected[:2 * block_size]
+
+
 def test_records_without_text_are_left_out_with_a_warning(tmp_path, tokenizer, caplog):
     """A null or empty text field (a csv's empty cell, a jsonl null) is no document: it would train on a bare
     end-of-document token."""
