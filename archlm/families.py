@@ -123,6 +123,8 @@ from .family_spec import (
     phi3_original_length,
     qwen_layer_fields,
     Rename,
+    rope_in_sliding_layers,
+    rope_in_sliding_layers_export,
     rope_per_layer_type,
     window_for_the_mask,
     SplitGroupedQKV,
@@ -430,25 +432,6 @@ FAMILY_LIST = [
 ]
 
 
-def _rope_in_sliding_layers(native: PreTrainedConfig, rope_without_window: bool) -> dict:
-    """Cohere 2 and EXAONE 4 rotate q and k in their sliding layers only, the full ones going without rope. Without
-    a window every layer attends fully: EXAONE 4's all with rope, Cohere 2's all without (though its model cannot
-    run without one: it always builds the sliding mask)."""
-    fields = native_layer_types(native)
-    if not native.sliding_window and rope_without_window:
-        return fields
-    rotates = [int(layer_type == "sliding_attention") for layer_type in fields["layer_types"]]
-    return dict(fields, no_rope_layers=rotates if 0 in rotates else None)
-
-
-def _rope_in_sliding_layers_export(config: ArchLMConfig, rope_without_window: bool) -> dict:
-    """A window wherever a full layer goes without rope (any will do when none slides), and always for Cohere 2."""
-    rope_everywhere = not config.no_rope_layers or all(config.no_rope_layers)
-    windowless = rope_without_window and rope_everywhere and "sliding_attention" not in config.layer_types
-    return dict(sliding_window=None if windowless else config.sliding_window or config.max_position_embeddings,
-                layer_types=list(config.layer_types))
-
-
 # Glm and Glm4: partial rotary on interleaved pairs, q/k/v biases, Phi-3's fused gate_up MLP
 _GLM = dict(
     fields=dict(LLAMA_FIELDS, head_dim="head_dim", norm_eps="rms_norm_eps", attention_bias="attention_bias"),
@@ -556,9 +539,9 @@ FAMILY_LIST += [
         fixed=dict(norm_position="sublayer_output", qk_norm=True),
         allows={"_layer_types": ANY, "_no_rope_layers": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_rope_layers": {"sliding", "all"}},
-        import_fields=lambda native: dict(_rope_in_sliding_layers(native, rope_without_window=True),
+        import_fields=lambda native: dict(rope_in_sliding_layers(native, rope_without_window=True),
                                           head_dim=native_head_dim(native)),
-        export_fields=lambda config: dict(_rope_in_sliding_layers_export(config, rope_without_window=True),
+        export_fields=lambda config: dict(rope_in_sliding_layers_export(config, rope_without_window=True),
                                           head_dim=config.head_dim, hidden_act="silu"),
         renames=SANDWICH_NORMS,
     ),
@@ -577,11 +560,11 @@ FAMILY_LIST += [
         fixed=dict(norm_type="layernorm_nobias", use_parallel_residual=True, rope_interleaved=True),
         allows={"attention_output_bias": ANY, "logits_scaling": ANY, "_layer_types": ANY, "_no_rope_layers": ANY},
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_head_dim": {"default"}, "_rope_layers": {"sliding"}},
-        import_fields=lambda native: dict(_rope_in_sliding_layers(native, rope_without_window=False),
+        import_fields=lambda native: dict(rope_in_sliding_layers(native, rope_without_window=False),
                                           attention_output_bias=native.attention_bias,
                                           logits_scaling=1 / native.logit_scale, rope_precision="float32_rotation",
                                           layernorm_precision="float32_explicit"),
-        export_fields=lambda config: dict(_rope_in_sliding_layers_export(config, rope_without_window=False),
+        export_fields=lambda config: dict(rope_in_sliding_layers_export(config, rope_without_window=False),
                                           attention_bias=any_bias(config), logit_scale=1 / config.logits_scaling,
                                           hidden_act="silu"),
     ),

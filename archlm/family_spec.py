@@ -560,6 +560,25 @@ def native_layer_types(native: PreTrainedConfig) -> dict:
     return dict(layer_types=layer_types, sliding_window=native.sliding_window)
 
 
+def rope_in_sliding_layers(native: PreTrainedConfig, rope_without_window: bool) -> dict:
+    """Cohere 2, EXAONE 4 and EXAONE MoE rotate q and k in their sliding layers only, the full ones going without
+    rope. Without a window every layer attends fully: EXAONE 4's all with rope, Cohere 2's all without (though its
+    model cannot run without one: it always builds the sliding mask; EXAONE MoE's config always has one)."""
+    fields = native_layer_types(native)
+    if not native.sliding_window and rope_without_window:
+        return fields
+    rotates = [int(layer_type == "sliding_attention") for layer_type in fields["layer_types"]]
+    return dict(fields, no_rope_layers=rotates if 0 in rotates else None)
+
+
+def rope_in_sliding_layers_export(config: ArchLMConfig, rope_without_window: bool) -> dict:
+    """A window wherever a full layer goes without rope (any will do when none slides), and always for Cohere 2."""
+    rope_everywhere = not config.no_rope_layers or all(config.no_rope_layers)
+    windowless = rope_without_window and rope_everywhere and "sliding_attention" not in config.layer_types
+    return dict(sliding_window=None if windowless else config.sliding_window or config.max_position_embeddings,
+                layer_types=list(config.layer_types))
+
+
 def window_of_every_native_layer(native: PreTrainedConfig) -> dict:
     """Families whose one `sliding_window` (None: off) applies to every layer, with no layer_types."""
     window = native.sliding_window or None
@@ -579,10 +598,12 @@ def gemma_scale(config: ArchLMConfig) -> dict:
 
 
 def rope_per_layer_type(config: ArchLMConfig) -> dict:
-    """Gemma 3 reads one rope dict per layer type, for both types."""
-    by_type = config.rope_parameters_by_layer_type()
+    """Gemma 3, OLMo 3 and Mellum read one rope dict per layer type, for both types: a nested dict's own (that of a
+    type no layer has too, so that it round-trips), else the shared one."""
+    nested, by_type = config.rope_parameters or {}, config.rope_parameters_by_layer_type()
     shared = next(iter(by_type.values()))
-    return {layer_type: copy.deepcopy(by_type.get(layer_type, shared)) for layer_type in ("full_attention", "sliding_attention")}
+    return {layer_type: copy.deepcopy(nested.get(layer_type) or by_type.get(layer_type, shared))
+            for layer_type in ("full_attention", "sliding_attention")}
 
 
 def window_for_the_mask(config: ArchLMConfig) -> dict:
