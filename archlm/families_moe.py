@@ -1,6 +1,6 @@
 """The mixture-of-experts families `archlm.convert` converts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo,
-Granite-MoE, DeepSeek-V3, ...), as `Family` records (archlm/family_spec.py); `archlm.families` lists them after the
-dense ones.
+Granite-MoE, DeepSeek-V3, EXAONE MoE, Mellum, ...), as `Family` records (archlm/family_spec.py); `archlm.families`
+lists them after the dense ones.
 """
 
 from transformers import (
@@ -8,6 +8,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    ExaoneMoeConfig,
+    ExaoneMoeForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
     Glm4MoeConfig,
@@ -22,6 +24,8 @@ from transformers import (
     GraniteMoeSharedForCausalLM,
     GraniteMoeSWAConfig,
     GraniteMoeSWAForCausalLM,
+    MellumConfig,
+    MellumForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -46,10 +50,14 @@ from .family_spec import (
     any_bias,
     Family,
     granite_swa_rope,
+    logger,
     native_head_dim,
     native_layer_types,
     qwen_layer_fields,
     Rename,
+    rope_in_sliding_layers,
+    rope_in_sliding_layers_export,
+    rope_per_layer_type,
     SplitRows,
     TransposedInterleavedExperts,
     window_for_the_mask,
@@ -216,15 +224,16 @@ _DEEPSEEK_MOE = dict(
 )
 
 
-def _deepseek_moe_import(native: PreTrainedConfig) -> dict:
+def _deepseek_moe_import(native: PreTrainedConfig, shared: str = "n_shared_experts") -> dict:
+    """`shared`: the native field counting the shared expert's width in experts (EXAONE MoE: num_shared_experts)."""
     return dict(head_dim=native_head_dim(native), mlp_only_layers=list(range(getattr(native, "first_k_dense_replace", 0) or 0)) or None,
-                shared_expert_intermediate_size=(native.n_shared_experts or 0) * native.moe_intermediate_size or None,
+                shared_expert_intermediate_size=(getattr(native, shared) or 0) * native.moe_intermediate_size or None,
                 router_weights_fp32=True, router_aux_loss_coef=0.0, output_router_logits=False)
 
 
-def _deepseek_moe_export(config: ArchLMConfig) -> dict:
+def _deepseek_moe_export(config: ArchLMConfig, shared: str = "n_shared_experts") -> dict:
     return dict(head_dim=config.head_dim, hidden_act="silu",
-                n_shared_experts=config.shared_expert_intermediate_size // config.moe_intermediate_size,
+                **{shared: config.shared_expert_intermediate_size // config.moe_intermediate_size},
                 first_k_dense_replace=sum(not config.layer_is_sparse(i) for i in range(config.num_hidden_layers)))
 
 
@@ -308,6 +317,71 @@ MOE_FAMILY_LIST += [
         export_fields=lambda config: {key: value for key, value in _deepseek_moe_export(config).items()
                                       if key != "first_k_dense_replace"},
         renames=_DEEPSEEK_MOE["renames"],
+    ),
+]
+
+
+def _multi_token_prediction_ignored(native: PreTrainedConfig, field: str) -> dict:
+    """EXAONE MoE's and Mellum's multi-token-prediction layers (`mtp.*` weights) are not part of their causal LM:
+    transformers drops them on load, so the logits do not depend on them. Not converted, with a warning; an export
+    has none."""
+    if getattr(native, field, None):
+        logger.warning("%s sets %s=%r: its multi-token-prediction layers are not converted (transformers' causal LM "
+                       "drops their mtp.* weights on load: its logits do not use them), and an export has none.",
+                       native.model_type, field, getattr(native, field))
+    return {}
+
+
+def _exaone_moe_import(native: PreTrainedConfig) -> dict:
+    if not native.sliding_window or native.sliding_window < 1:  # its config takes no None
+        raise ValueError(f"Cannot convert this exaone_moe model: `sliding_window`={native.sliding_window!r} gives its "
+                         "sliding layers an empty window; ArchLM has no equivalent.")
+    return dict(_deepseek_moe_import(native, shared="num_shared_experts"), **_mlp_layer_types_import(native),
+                **rope_in_sliding_layers(native, rope_without_window=False),
+                **_multi_token_prediction_ignored(native, "num_nextn_predict_layers"))
+
+
+def _mellum_import(native: PreTrainedConfig) -> dict:
+    return dict(native_layer_types(native), **_mlp_layer_types_import(native),
+                attention_output_bias=native.attention_bias, output_router_logits=native.output_router_logits,
+                **_multi_token_prediction_ignored(native, "num_mtp_layers"))
+
+
+MOE_FAMILY_LIST += [
+    Family(
+        # EXAONE MoE (K-EXAONE): EXAONE 4's attention (per-head q/k norms, rope in the sliding layers only) in Llama's
+        # pre-norm block, with DeepSeek-V3's mixture, its dense layers anywhere (mlp_layer_types). Its config always
+        # has a window, so its full layers always go without rope
+        ExaoneMoeForCausalLM, ExaoneMoeConfig,
+        fields={**LLAMA_FIELDS, **_DEEPSEEK_MOE["fields"], "num_experts": "num_experts", "norm_eps": "rms_norm_eps",
+                "layer_types": "layer_types", "sliding_window": "sliding_window"},
+        fixed=dict(_DEEPSEEK_MOE["fixed"], qk_norm=True),
+        allows={**_DEEPSEEK_MOE["allows"], "_layer_types": ANY, "_no_rope_layers": ANY},
+        requires={**{key: value for key, value in _DEEPSEEK_MOE["requires"].items() if key != "_dense_layers_first"},
+                  "_rope_layers": {"sliding"}},
+        import_fields=_exaone_moe_import,
+        # no head_dim field in its config (the model reads it with a hidden / heads fallback): written on export
+        export_fields=lambda config: dict(
+            {key: value for key, value in _deepseek_moe_export(config, shared="num_shared_experts").items()
+             if key != "first_k_dense_replace"},
+            **_mlp_layer_types_export(config), **rope_in_sliding_layers_export(config, rope_without_window=False)),
+        renames=_DEEPSEEK_MOE["renames"],
+    ),
+    Family(
+        # Mellum: Qwen3-MoE's attention (per-head q/k norms, `attention_bias` on q/k/v/o) and mixture (softmax
+        # router), a rope dict per layer type (full and sliding layers), dense layers anywhere (mlp_layer_types).
+        # Its attention rotates the whole head: a rope dict's partial_rotary_factor cannot run
+        MellumForCausalLM, MellumConfig,
+        fields={**LLAMA_FIELDS, **_EXPERT_FIELDS, "moe_intermediate_size": "moe_intermediate_size",
+                "norm_topk_prob": "norm_topk_prob", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+                "attention_bias": "attention_bias", "layer_types": "layer_types", "sliding_window": "sliding_window"},
+        fixed=dict(qk_norm=True),
+        allows={"attention_output_bias": ANY, "_dense_layers": ANY, "_layer_types": ANY, "_rope_per_layer_type": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=_mellum_import,
+        export_fields=lambda config: dict(
+            _mlp_layer_types_export(config), attention_bias=any_bias(config), rope_parameters=rope_per_layer_type(config),
+            layer_types=list(config.layer_types), sliding_window=config.sliding_window, hidden_act="silu"),
     ),
 ]
 

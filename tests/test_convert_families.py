@@ -38,6 +38,8 @@ from transformers import (
     Ernie4_5ForCausalLM,
     Exaone4Config,
     Exaone4ForCausalLM,
+    ExaoneMoeConfig,
+    ExaoneMoeForCausalLM,
     FalconConfig,
     FalconForCausalLM,
     FlexOlmoConfig,
@@ -82,6 +84,8 @@ from transformers import (
     HyperCLOVAXForCausalLM,
     Jais2Config,
     Jais2ForCausalLM,
+    MellumConfig,
+    MellumForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MixtralConfig,
@@ -372,6 +376,34 @@ MOE_CASES = {
         **dict(GQA, num_hidden_layers=2), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2,
         num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False, partial_rotary_factor=1.0),
         ("eager", "sdpa")),
+    # EXAONE MoE: rope in the sliding layers only (full, sliding, full: the full ones without rope), a dense layer
+    # between sparse ones, DeepSeek-V3's router with groups, a shared expert 2 experts wide, YaRN; then every layer
+    # sliding (rope everywhere), every layer sparse, unnormalised top-k
+    "exaone_moe-ropeinslidingonly-denseinmiddle-sigmoid-groups-sharedx2-yarn": (ExaoneMoeForCausalLM, lambda: ExaoneMoeConfig(
+        **dict(GQA, num_hidden_layers=3), num_experts=8, moe_intermediate_size=16, num_shared_experts=2, n_group=4,
+        topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5, mlp_layer_types=["sparse", "dense", "sparse"],
+        sliding_window=4, layer_types=["full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16}), ("eager", "sdpa")),
+    "exaone_moe-allsliding5-allsparse-unnormalised-mha": (ExaoneMoeForCausalLM, lambda: ExaoneMoeConfig(
+        **TINY, num_key_value_heads=4, num_experts=4, moe_intermediate_size=16, num_shared_experts=1,
+        num_experts_per_tok=2, norm_topk_prob=False, mlp_layer_types=["sparse"] * 2, sliding_window=5,
+        layer_types=["sliding_attention"] * 2), ("eager", "sdpa")),
+    # Mellum: sliding and full layers with a rope dict each (YaRN on the full one), a dense layer first, q/k/v/o
+    # biases, head_dim 32, top-3 of 5; then full layers only with the default dicts, every layer sparse, a linear
+    # rope on the sliding type no layer has
+    "mellum-slidingthenfull-ropepertype-yarnfull-densefirst-bias-headdim32-top3": (MellumForCausalLM, lambda: MellumConfig(
+        **GQA, head_dim=32, num_experts=5, moe_intermediate_size=32, mlp_layer_types=["dense", "sparse"],
+        sliding_window=4, layer_types=SLIDING_THEN_FULL, attention_bias=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 16}},
+        **dict(EXPERTS, num_experts_per_tok=3)), ("eager", "sdpa")),
+    "mellum-fullonly-allsparse-unnormalised-headdim16": (MellumForCausalLM, lambda: MellumConfig(
+        **GQA, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=False,
+        rope_parameters={"sliding_attention": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}, **EXPERTS),
+        ("eager", "sdpa")),
 }
 FAMILY_CASES.update(MOE_CASES)
 PARAMETERS = [(case, implementation) for case, (_, _, implementations) in FAMILY_CASES.items()
@@ -542,7 +574,8 @@ def test_families_are_bit_identical_in_bfloat16(case):
     reference = BF16_CASES[case]().to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
     if case in MOE_CASES:
-        assert converted.config.router_weights_fp32 == case.startswith(("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open"))
+        weights_fp32 = ("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open", "exaone_moe")
+        assert converted.config.router_weights_fp32 == case.startswith(weights_fp32)
     inputs = batch(left_padding=False)
     with torch.no_grad():
         actual, expected = converted(input_ids=inputs["input_ids"]).logits, reference(input_ids=inputs["input_ids"]).logits
