@@ -12,6 +12,7 @@ This module holds the dense families' records and the whole list; `archlm/famili
 
 import math
 
+import torch
 from transformers import (
     ArceeConfig,
     ArceeForCausalLM,
@@ -59,6 +60,8 @@ from transformers import (
     Jais2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MiniCPM3Config,
+    MiniCPM3ForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MistralConfig,
@@ -686,6 +689,70 @@ FAMILY_LIST += [
         requires={"hidden_act": LLAMA_ACTIVATIONS, "_latent_attention": {True}},
         import_fields=lambda native: dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias),
         export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
+    ),
+]
+
+class _ExactInBfloat16:
+    """A `requires` set: the multipliers bf16 holds exactly (fp16 too), by which x * s rounds alike whether s is
+    rounded to the activations' dtype first (MiniCPM3's scale_emb, a buffer cast to the weights' dtype) or not
+    (ArchLM's embedding_multiplier, a Python float)."""
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, (int, float)) and float(torch.tensor(float(value), dtype=torch.bfloat16)) == value
+
+    def __iter__(self):
+        yield self
+
+    def __repr__(self) -> str:
+        return "a value bf16 holds exactly"
+
+
+def _minicpm3_import(native: PreTrainedConfig) -> dict:
+    """MiniCPM3 divides its hidden states by hidden_size / dim_model_base before the LM head, ArchLM its logits by
+    logits_scaling; it multiplies its embeddings by scale_emb in the weights' dtype, ArchLM by the float: refused
+    (naming the native values) where the two would round apart."""
+    if native.logits_scaling not in _PowerOfTwo():
+        raise ValueError(f"Cannot convert this {native.model_type} model: hidden_size / `dim_model_base` = "
+                         f"{native.hidden_size} / {native.dim_model_base} divides its hidden states before the LM head, "
+                         "and ArchLM divides the logits after it, which rounds differently in bf16 unless the divisor "
+                         "is a power of two.")
+    if native.scale_emb not in _ExactInBfloat16():
+        raise ValueError(f"Cannot convert this {native.model_type} model: `scale_emb`={native.scale_emb!r} multiplies "
+                         "its embeddings rounded to the weights' dtype, and ArchLM by the exact value, which rounds "
+                         "differently in bf16 unless bf16 holds the scale exactly.")
+    return dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias,
+                embedding_multiplier=float(native.scale_emb), logits_scaling=native.logits_scaling,
+                residual_multiplier=native.scale_depth / math.sqrt(native.num_hidden_layers))
+
+
+def _minicpm3_export(config: ArchLMConfig) -> dict:
+    dim_model_base = config.hidden_size / config.logits_scaling
+    if dim_model_base != int(dim_model_base):
+        raise ValueError(f"Cannot export this ArchLM model to MiniCPM3ForCausalLM: `logits_scaling`="
+                         f"{config.logits_scaling!r} is hidden_size / dim_model_base for no whole dim_model_base "
+                         f"(hidden_size={config.hidden_size}).")
+    return dict(attention_bias=any_bias(config), scale_emb=config.embedding_multiplier, dim_model_base=int(dim_model_base),
+                scale_depth=config.residual_multiplier * math.sqrt(config.num_hidden_layers), hidden_act="silu")
+
+
+FAMILY_LIST += [
+    Family(
+        # MiniCPM3: DeepSeek-V2's multi-head latent attention (rope on halves) on a dense Llama decoder, with
+        # Granite-like multipliers: scale_emb on the embeddings, scale_depth / sqrt(layers) on each sublayer's
+        # output, and its hidden states divided by hidden_size / dim_model_base before the LM head
+        MiniCPM3ForCausalLM, MiniCPM3Config,
+        fields={**LLAMA_FIELDS, "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias", "mlp_bias": "mlp_bias",
+                "head_dim": "qk_rope_head_dim",
+                **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
+        allows={"attention_output_bias": ANY, "embedding_multiplier": ANY, "residual_multiplier": ANY,
+                "logits_scaling": ANY},
+        # ArchLM divides the logits by the divisor (the same as dividing the hidden states in bf16 only for a power
+        # of two) and multiplies the embeddings by the float (the same as by MiniCPM3's rounded scale only for a
+        # value bf16 holds)
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_latent_attention": {True}, "logits_scaling": _PowerOfTwo(),
+                  "embedding_multiplier": _ExactInBfloat16()},
+        import_fields=_minicpm3_import,
+        export_fields=_minicpm3_export,
     ),
 ]
 

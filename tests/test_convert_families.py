@@ -86,6 +86,8 @@ from transformers import (
     Jais2ForCausalLM,
     MellumConfig,
     MellumForCausalLM,
+    MiniCPM3Config,
+    MiniCPM3ForCausalLM,
     MinistralConfig,
     MinistralForCausalLM,
     MixtralConfig,
@@ -238,6 +240,22 @@ FAMILY_CASES = {
     "youtu-mla-qprojected-halvesrope-bias": (YoutuForCausalLM, lambda: YoutuConfig(
         **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=16, rope_interleave=False, attention_bias=True, tie_word_embeddings=False), ("eager", "sdpa")),
+    # MiniCPM3: latent attention with a query latent, rope on halves (LongRoPE), scale_emb on the embeddings,
+    # scale_depth / sqrt(layers) on each sublayer's output, the hidden states divided by 4 before the tied LM head;
+    # then a projected query with YaRN (mscale_all_dim scales the scores), biases, a divisor of 1/2, untied
+    "minicpm3-mla-qlatent-longrope-multipliers-divisor4-tied": (MiniCPM3ForCausalLM, lambda: MiniCPM3Config(
+        **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=12, scale_emb=12, scale_depth=1.4, dim_model_base=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 2.5],
+                         "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 16}),
+        ("eager", "sdpa")),
+    "minicpm3-qprojected-yarnmscale-bias-divisorhalf-untied": (MiniCPM3ForCausalLM, lambda: MiniCPM3Config(
+        **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, scale_emb=2.5, scale_depth=0.7, dim_model_base=128, attention_bias=True,
+        mlp_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                         "beta_slow": 1}), ("eager", "sdpa")),
     # GPT-2's block with one key/value head for all (multi_query), then per-head fused qkv with gelu, untied
     "gpt_bigcode-multiquery-learnedpos-bias-tied": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96, multi_query=True,
