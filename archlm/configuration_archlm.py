@@ -532,6 +532,9 @@ class ArchLMConfig(PreTrainedConfig):
     attention_multiplier: float | int | None = None  # attention score scale; None: 1/sqrt(head_dim) (Granite)
     query_pre_attn_scalar: float | int | None = None  # attention score scale is 1/sqrt(this) (Gemma 2/3)
     logits_scaling: float | int = 1.0  # final logits / this (Granite; Cohere's logit_scale is its inverse)
+    # rounding only: the final hidden states divided by logits_scaling before the LM head (MiniCPM3), not the logits
+    # after it; the same function, rounded apart in bf16 unless the divisor is a power of two
+    logits_scaling_on_hidden: bool = False
     z_loss_coef: float | int = 0.0  # output z-loss weight (PaLM): + coef x mean logsumexp(logits)^2 in training
     attn_logit_softcapping: float | int | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
     # a learned logit per head in each softmax's denominator (GraniteSWA; gpt-oss's sinks): a head can attend to
@@ -668,6 +671,9 @@ class ArchLMConfig(PreTrainedConfig):
                 f"norm_type='rmsnorm' norm (norm_type={self.norm_type!r}"
                 + (f", qk_norm_type={self.qk_norm_type!r}" if self.qk_norm else "") + "); drop it."
             )
+        if self.logits_scaling_on_hidden and self.logits_scaling == 1:
+            raise ValueError("`logits_scaling_on_hidden`=True says where logits_scaling divides (MiniCPM3's way), but "
+                             "logits_scaling=1: set logits_scaling too, or drop it.")
         if self.attention_sinks_in_softmax and not self.attention_sinks:
             raise ValueError("`attention_sinks_in_softmax`=True says how the sinks round (gpt-oss's way), but this model "
                              "has none: set attention_sinks=True too, or drop it.")

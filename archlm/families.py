@@ -158,6 +158,11 @@ GPT2_RENAMES = (
 GPT2_ATTENTION_RENAMES = (Rename("transformer.h.{i}.attn.c_attn.", "model.layers.{i}.self_attn.qkv."),
                           Rename("transformer.h.{i}.attn.c_proj.", "model.layers.{i}.self_attn.o_proj."))
 
+def unscaled_scores(native: PreTrainedConfig) -> dict:
+    """GPT-2's and GPT-BigCode's scale_attn_weights=False: scores not divided by sqrt(head_dim)."""
+    return {} if native.scale_attn_weights else dict(attention_multiplier=1.0)
+
+
 FAMILY_LIST = [
     Family(
         GPT2LMHeadModel, GPT2Config,
@@ -166,11 +171,12 @@ FAMILY_LIST = [
         fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard", attention_bias=True,
                    attention_output_bias=True, mlp_bias=True, init_scheme="scaled"),
         allows={"norm_type": {"layernorm_nobias"}, "attention_bias": {False}, "attention_output_bias": {False},
-                "mlp_bias": {False}},
+                "mlp_bias": {False}, "attention_multiplier": {1.0}},
         requires={"hidden_act": GPT2_ACTIVATIONS, "_num_key_value_heads": {"mha"}, "_head_dim": {"default"}},
-        import_fields=lambda native: dict(intermediate_size=native.n_inner or 4 * native.hidden_size),
-        refuse=(("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
-                ("scale_attn_by_inverse_layer_idx", False, "scales attention scores by 1/(layer_idx + 1) per layer"),
+        import_fields=lambda native: dict(intermediate_size=native.n_inner or 4 * native.hidden_size,
+                                          **unscaled_scores(native)),
+        export_fields=lambda config: dict(scale_attn_weights=config.attention_multiplier != 1.0),
+        refuse=(("scale_attn_by_inverse_layer_idx", False, "scales attention scores by 1/(layer_idx + 1) per layer"),
                 ("reorder_and_upcast_attn", False, "computes attention with a reordered, upcast kernel"),
                 ("add_cross_attention", False, "adds cross-attention to an encoder")),
         renames=(*GPT2_RENAMES, *GPT2_ATTENTION_RENAMES),
@@ -708,20 +714,16 @@ class _ExactInBfloat16:
 
 
 def _minicpm3_import(native: PreTrainedConfig) -> dict:
-    """MiniCPM3 divides its hidden states by hidden_size / dim_model_base before the LM head, ArchLM its logits by
-    logits_scaling; it multiplies its embeddings by scale_emb in the weights' dtype, ArchLM by the float: refused
-    (naming the native values) where the two would round apart."""
-    if native.logits_scaling not in _PowerOfTwo():
-        raise ValueError(f"Cannot convert this {native.model_type} model: hidden_size / `dim_model_base` = "
-                         f"{native.hidden_size} / {native.dim_model_base} divides its hidden states before the LM head, "
-                         "and ArchLM divides the logits after it, which rounds differently in bf16 unless the divisor "
-                         "is a power of two.")
+    """MiniCPM3 divides its hidden states by hidden_size / dim_model_base before the LM head (ArchLM's
+    logits_scaling with logits_scaling_on_hidden); it multiplies its embeddings by scale_emb in the weights' dtype,
+    ArchLM by the float: refused (naming the value) where the two would round apart."""
     if native.scale_emb not in _ExactInBfloat16():
         raise ValueError(f"Cannot convert this {native.model_type} model: `scale_emb`={native.scale_emb!r} multiplies "
                          "its embeddings rounded to the weights' dtype, and ArchLM by the exact value, which rounds "
                          "differently in bf16 unless bf16 holds the scale exactly.")
     return dict(head_dim=native.qk_rope_head_dim, attention_output_bias=native.attention_bias,
                 embedding_multiplier=float(native.scale_emb), logits_scaling=native.logits_scaling,
+                logits_scaling_on_hidden=native.logits_scaling != 1,
                 residual_multiplier=native.scale_depth / math.sqrt(native.num_hidden_layers))
 
 
@@ -746,11 +748,9 @@ FAMILY_LIST += [
                 **{name: name for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")}},
         allows={"attention_output_bias": ANY, "embedding_multiplier": ANY, "residual_multiplier": ANY,
                 "logits_scaling": ANY},
-        # ArchLM divides the logits by the divisor (the same as dividing the hidden states in bf16 only for a power
-        # of two) and multiplies the embeddings by the float (the same as by MiniCPM3's rounded scale only for a
-        # value bf16 holds)
-        requires={"hidden_act": LLAMA_ACTIVATIONS, "_latent_attention": {True}, "logits_scaling": _PowerOfTwo(),
-                  "embedding_multiplier": _ExactInBfloat16()},
+        # ArchLM multiplies the embeddings by the float (the same as by MiniCPM3's rounded scale only for a value
+        # bf16 holds)
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_latent_attention": {True}, "embedding_multiplier": _ExactInBfloat16()},
         import_fields=_minicpm3_import,
         export_fields=_minicpm3_export,
     ),
@@ -767,13 +767,13 @@ FAMILY_LIST += [
                    attention_output_bias=True, mlp_bias=True),
         # the biases the ArchLM model lacks are exported as zeros
         allows={"norm_type": {"layernorm_nobias"}, "attention_bias": {False}, "attention_output_bias": {False},
-                "mlp_bias": {False}},
+                "mlp_bias": {False}, "attention_multiplier": {1.0}},
         requires={"_num_key_value_heads": {"mha", "mqa"}, "_head_dim": {"default"}},
         import_fields=lambda native: dict(intermediate_size=native.n_inner or 4 * native.hidden_size,
-                                          num_key_value_heads=native.num_key_value_heads),
-        export_fields=lambda config: dict(multi_query=config.num_key_value_heads == 1 < config.num_attention_heads),
-        refuse=(("scale_attn_weights", True, "leaves attention scores unscaled by 1/sqrt(head_dim)"),
-                ("add_cross_attention", False, "adds cross-attention to an encoder")),
+                                          num_key_value_heads=native.num_key_value_heads, **unscaled_scores(native)),
+        export_fields=lambda config: dict(multi_query=config.num_key_value_heads == 1 < config.num_attention_heads,
+                                          scale_attn_weights=config.attention_multiplier != 1.0),
+        refuse=(("add_cross_attention", False, "adds cross-attention to an encoder"),),
         renames=(*GPT2_RENAMES, *GPT2_ATTENTION_RENAMES),
         operations=(SplitQKVByHeads("model.layers.{i}.self_attn.qkv",
                                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),

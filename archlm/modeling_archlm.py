@@ -1573,6 +1573,8 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         # generate() asks only for the last position: skip the vocab projection of the prompt
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         hidden_states = hidden_states[:, keep, :]
+        if self.config.logits_scaling_on_hidden:  # MiniCPM3's rounding (logits / scaling otherwise: self.logits)
+            hidden_states = hidden_states / self.config.logits_scaling
         if skip_logits is None:  # Liger-Kernel's convention: a training forward with labels needs only the loss
             skip_logits = self.training and labels is not None
         if skip_logits and labels is None:
@@ -1621,7 +1623,7 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The LM head with Granite's logits scaling and Gemma 2's final soft cap, in the model's dtype."""
         logits = self.lm_head(hidden_states)
-        if self.config.logits_scaling != 1:
+        if self.config.logits_scaling != 1 and not self.config.logits_scaling_on_hidden:
             logits = logits / self.config.logits_scaling
         if self.config.final_logit_softcapping is not None:
             cap = self.config.final_logit_softcapping
@@ -1658,6 +1660,7 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         head = getattr(self.lm_head, "_orig_mod", self.lm_head)
         scaling, softcap = self.config.logits_scaling, self.config.final_logit_softcapping
+        scaling = 1.0 if self.config.logits_scaling_on_hidden else scaling  # (the hidden states are divided already)
         z_loss_coef = self.config.z_loss_coef if self.training else 0.0  # a training loss: evaluation reports the CE
         if hidden.is_cuda and is_liger_kernel_available():
             total = liger_linear_cross_entropy(hidden, head.weight, head.bias, targets, scaling, softcap, ignore_index,

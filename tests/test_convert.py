@@ -216,7 +216,6 @@ def test_unsupported_model_class_lists_the_supported_ones():
 UNSUPPORTED = {
     "gpt2-scale_attn_by_inverse_layer_idx": (GPT2LMHeadModel, GPT2Config, dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt2-reorder_and_upcast_attn": (GPT2LMHeadModel, GPT2Config, dict(reorder_and_upcast_attn=True)),
-    "gpt2-scale_attn_weights": (GPT2LMHeadModel, GPT2Config, dict(scale_attn_weights=False)),
     "llama-partial_rotary_factor": (LlamaForCausalLM, LlamaConfig, dict(
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
 }
@@ -687,3 +686,19 @@ def test_a_rotated_share_set_for_one_layer_type_only_is_refused_both_ways():
                                                 layer_types=["sliding_attention", "full_attention"]))
     with pytest.raises(ValueError, match=refusal):
         from_transformers(native)
+
+
+def test_gpt2_with_unscaled_scores_converts_both_ways():
+    """scale_attn_weights=False (scores not divided by sqrt(head_dim)) is ArchLM's attention_multiplier=1.0; it was
+    refused as having no equivalent."""
+    torch.manual_seed(0)
+    native = randomised(GPT2LMHeadModel(GPT2Config(**TINY, n_embd=64, n_layer=2, n_head=4, scale_attn_weights=False)))
+    ours = from_transformers(native)
+    assert ours.config.attention_multiplier == 1.0
+    back = to_transformers(ours)
+    assert back.config.scale_attn_weights is False
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        expected = native(ids).logits
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, expected, rtol=1e-4, atol=1e-5)

@@ -241,11 +241,12 @@ FAMILY_CASES = {
         **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=16, rope_interleave=False, attention_bias=True, tie_word_embeddings=False), ("eager", "sdpa")),
     # MiniCPM3: latent attention with a query latent, rope on halves (LongRoPE), scale_emb on the embeddings,
-    # scale_depth / sqrt(layers) on each sublayer's output, the hidden states divided by 4 before the tied LM head;
+    # scale_depth / sqrt(layers) on each sublayer's output, the hidden states divided by 8/3 before the tied LM head
+    # (not a power of two: logits_scaling_on_hidden keeps its rounding);
     # then a projected query with YaRN (mscale_all_dim scales the scores), biases, a divisor of 1/2, untied
-    "minicpm3-mla-qlatent-longrope-multipliers-divisor4-tied": (MiniCPM3ForCausalLM, lambda: MiniCPM3Config(
+    "minicpm3-mla-qlatent-longrope-multipliers-divisor8thirds-tied": (MiniCPM3ForCausalLM, lambda: MiniCPM3Config(
         **dict(TINY, num_key_value_heads=4), kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=12, scale_emb=12, scale_depth=1.4, dim_model_base=16,
+        v_head_dim=12, scale_emb=12, scale_depth=1.4, dim_model_base=24,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 2.5],
                          "long_factor": [3.0, 4.0, 5.0, 6.0], "original_max_position_embeddings": 16}),
         ("eager", "sdpa")),
@@ -260,8 +261,8 @@ FAMILY_CASES = {
     "gpt_bigcode-multiquery-learnedpos-bias-tied": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=96, multi_query=True,
         pad_token_id=0, bos_token_id=1, eos_token_id=2), ("eager", "sdpa")),
-    "gpt_bigcode-mha-interleavedqkv-gelu-untied": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=False,
+    "gpt_bigcode-mha-interleavedqkv-gelu-untied-unscaled": (GPTBigCodeForCausalLM, lambda: GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, multi_query=False, scale_attn_weights=False,
         activation_function="gelu", tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         ("eager", "sdpa")),
     # GPT-Neo: unscaled scores, a local (sliding 4) layer after a global one, then every layer local, tied
