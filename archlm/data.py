@@ -497,6 +497,31 @@ def _tokenize_function(tokenizer, eos_token_id: int):
     return tokenize
 
 
+# the cuts _text_file_records makes (after a line break, before an unindented line; before a space that follows a
+# non-space) as (before, after) pairs: a tokenizer that splits there as in the joined text may tokenize the pieces
+CUT_PROBES = (("x = 1\n", "def f():\n"), ("return x\n\n", "class A:\n"), ("said", " that"), ("2.5", " more"))
+
+
+def tokenizes_pieces_as_whole(tokenizer) -> bool:
+    """Whether text cut where _text_file_records cuts tokenizes as the whole: ArchLM's byte-level BPE does; one that
+    prepends to each call (Llama 2's and Mistral's "▁") would add a token at every cut."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return all(ids(before) + ids(after) == ids(before + after) for before, after in CUT_PROBES)
+
+
+def _whole_files(records: Iterable[dict]) -> Iterator[dict]:
+    """The pieces of each text file joined again (for a tokenizer that tokenizes pieces apart): exact tokens, for
+    the memory of tokenizing each file in one call."""
+    pieces = []
+    for record in records:
+        pieces.append(record["text"] or "")
+        if record["document_end"]:
+            yield {"text": "".join(pieces), "document_end": True}
+            pieces = []
+
+
 def _blocks(token_runs: Iterable[np.ndarray], block_size: int) -> Iterator[dict]:
     """The runs of token ids concatenated, in order, and cut into blocks of `block_size`, one at a time; only the
     last partial block is dropped."""
@@ -534,6 +559,13 @@ def pack(records: Dataset | IterableDataset, tokenizer, block_size: int, args: D
         raise ValueError("The tokenizer has no eos_token: packing needs one to mark where documents end.")
     tokenize = _tokenize_function(tokenizer, tokenizer.eos_token_id)
     columns = list(records.column_names or ["text"])
+    if "document_end" in columns and not tokenizes_pieces_as_whole(tokenizer):
+        logger.warning("The tokenizer tokenizes the start of a text apart from the same text inside a longer one (it "
+                       "prepends a marker, as Llama 2's does): text files are tokenized whole, each in one call (~0.4 "
+                       "KB of memory a token), not in pieces of 1 MiB.")
+        joined = dict(features=RECORD_FEATURES, gen_kwargs={"records": records})
+        records = (IterableDataset.from_generator(_whole_files, **joined) if isinstance(records, IterableDataset)
+                   else Dataset.from_generator(_whole_files, writer_batch_size=8, **joined))
     if isinstance(records, IterableDataset):
         # (records of unknown size, up to ~1 MiB of a text file each: 64 at a time, not map's default 1000)
         token_ids = records.map(tokenize, batched=True, batch_size=64, remove_columns=columns)

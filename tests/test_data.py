@@ -119,6 +119,28 @@ def test_a_long_line_is_cut_before_a_space_into_pieces_that_tokenize_as_the_whol
     assert [row[0] for row in packed.train["input_ids"]] == tokenizer(text)["input_ids"] + [EOS_TOKEN_ID]
 
 
+def test_a_tokenizer_that_prepends_to_each_call_gets_text_files_whole(tmp_path, monkeypatch, tokenizer, caplog):
+    """Llama 2's and Mistral's tokenizers prepend "▁" to each call: a file tokenized in pieces got one more token at
+    every cut. Such a tokenizer gets each file whole (ArchLM's own tokenizes the pieces as the whole)."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{char: i + 2 for i, char in enumerate("▁abcdefghijklmnopqrstuvwxyz\n.")}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    prepending = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    assert data_module.tokenizes_pieces_as_whole(tokenizer) and not data_module.tokenizes_pieces_as_whole(prepending)
+    monkeypatch.setattr(data_module, "TEXT_CHUNK_CHARS", 40)
+    text = "".join(f"line {'abc'[i % 3]} of the file.\n" for i in range(60))
+    args = DataArguments(train_file=[write(tmp_path / "a.txt", text)], validation_split_percentage=0)
+    raw = load_raw_data(args)
+    assert raw.train.num_rows > 10  # in pieces
+    with caplog.at_level("WARNING", logger="archlm.data"):
+        packed = pack_datasets(raw, prepending, block_size=1, args=args)
+    assert "text files are tokenized whole" in caplog.text
+    assert [row[0] for row in packed.train["input_ids"]] == prepending(text)["input_ids"] + [1]
+
+
 def test_an_empty_text_file_adds_no_end_of_document_token(tmp_path, tokenizer):
     files = [write(tmp_path / "a.txt", SAMPLE_TEXTS[0]), write(tmp_path / "b.txt", ""),
              write(tmp_path / "c.txt", SAMPLE_TEXTS[1])]
