@@ -539,7 +539,7 @@ def _token_runs(tokens: Dataset | IterableDataset, rows: int) -> Iterator[np.nda
     """The tokenized records' ids, `rows` records at a time (a Dataset's straight from its Arrow table)."""
     if isinstance(tokens, IterableDataset):
         for batch in tokens.iter(batch_size=rows):
-            yield np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"]] or [np.zeros(0)])
+            yield np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"]] or [np.zeros(0, np.int64)])
         return
     table = tokens.with_format("arrow")
     for first in range(0, tokens.num_rows, rows):
