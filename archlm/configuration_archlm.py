@@ -490,6 +490,9 @@ class ArchLMConfig(PreTrainedConfig):
     sub_layernorm: bool | None = None  # Sub-LN (Magneto): a norm inside each sublayer, before o_proj and down_proj; None: on with init_scheme="magneto"
     position_embedding_type: Literal[tuple(POSITION_EMBEDDING_TYPES)] = "rope"  # see POSITION_EMBEDDING_TYPES
     learned_position_embeddings: bool = False  # add learned absolute embeddings on top of rope/alibi
+    # absolute positions (learned, sinusoidal) count the real tokens before each token when no position_ids are given
+    # (OPT), not its slot: left padding does not shift them (generate passes position_ids counted so either way)
+    position_ids_from_mask: bool = False
     rope_parameters: RopeParameters | dict | None = None  # transformers v5 rope dict (rope_type, rope_theta, partial_rotary_factor, ...), or one dict per layer type
     rope_interleaved: bool = False  # rotate channel pairs (0,1), (2,3), ... (GPT-J, Cohere) instead of the two halves (NeoX, Llama)
     # rounding only, the same function in float32: in a bf16/fp16 model these keep each family's roundings, so that
@@ -671,6 +674,11 @@ class ArchLMConfig(PreTrainedConfig):
                 f"norm_type='rmsnorm' norm (norm_type={self.norm_type!r}"
                 + (f", qk_norm_type={self.qk_norm_type!r}" if self.qk_norm else "") + "); drop it."
             )
+        absolute = self.position_embedding_type in ("learned", "sinusoidal") or self.learned_position_embeddings
+        if self.position_ids_from_mask and not absolute:
+            raise ValueError("`position_ids_from_mask`=True counts absolute positions from the attention mask (OPT), "
+                             f"but position_embedding_type={self.position_embedding_type!r} has none: rope and ALiBi "
+                             "see only distances. Drop it, or use learned or sinusoidal positions.")
         if self.logits_scaling_on_hidden and self.logits_scaling == 1:
             raise ValueError("`logits_scaling_on_hidden`=True says where logits_scaling divides (MiniCPM3's way), but "
                              "logits_scaling=1: set logits_scaling too, or drop it.")

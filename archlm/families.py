@@ -810,7 +810,7 @@ FAMILY_LIST += [
         fields=dict(intermediate_size="ffn_dim", hidden_act="activation_function", attention_dropout="attention_dropout",
                     hidden_dropout="dropout", initializer_range="init_std"),
         fixed=dict(position_embedding_type="learned", norm_type="layernorm", mlp_type="standard", norm_eps=1e-5,
-                   attention_bias=True, attention_output_bias=True, mlp_bias=True),
+                   attention_bias=True, attention_output_bias=True, mlp_bias=True, position_ids_from_mask=True),
         # the biases the ArchLM model lacks are exported as zeros; its norm has a weight and a bias or neither
         allows={"norm_type": {"layernorm_noaffine"}, "norm_position": {"post"}, "attention_bias": ANY,
                 "attention_output_bias": ANY, "mlp_bias": ANY},

@@ -292,7 +292,7 @@ ANY = None  # in `allows`: every value of a field the family maps
 # What an ArchLM model must be for a family to express it, unless the family fixes, maps or allows otherwise:
 # the plain Llama decoder. Facets (keys starting with "_") are derived from several fields, see `_facets`.
 NEUTRAL = {
-    "position_embedding_type": "rope", "learned_position_embeddings": False, "_partial_rotary_factor": 1.0,
+    "position_embedding_type": "rope", "learned_position_embeddings": False, "position_ids_from_mask": False, "_partial_rotary_factor": 1.0,
     "rope_interleaved": False, "_rope_per_layer_type": False, "_no_rope_layers": 0, "_layer_types": "full",
     "norm_type": "rmsnorm", "norm_position": "pre", "use_parallel_residual": False, "parallel_shared_norm": True,
     "sub_layernorm": False, "mlp_type": "gated", "hidden_act": "silu", "qk_norm": False, "qk_norm_scope": "head",
@@ -307,6 +307,8 @@ NEUTRAL = {
 # Fields that matter only when another is on
 _RELEVANT = {
     "parallel_shared_norm": lambda config: config.use_parallel_residual,
+    "position_ids_from_mask": lambda config: config.position_embedding_type in ("learned", "sinusoidal")
+    or config.learned_position_embeddings,
     "qk_norm_scope": lambda config: config.qk_norm,
     "qk_norm_type": lambda config: config.qk_norm,
     "norm_topk_prob": lambda config: config.num_experts,

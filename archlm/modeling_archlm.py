@@ -1321,6 +1321,7 @@ class ArchLMModel(ArchLMPreTrainedModel):
             past_key_values = DynamicCache(config=config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        given_positions = position_ids is not None
         if position_ids is None:
             device = (input_ids if input_ids is not None else inputs_embeds).device
             position_ids = (torch.arange(seq_length, device=device) + past_seen).unsqueeze(0)  # (1, T)
@@ -1333,10 +1334,14 @@ class ArchLMModel(ArchLMPreTrainedModel):
             hidden_states = hidden_states * torch.tensor(config.hidden_size**0.5, dtype=hidden_states.dtype)
         if config.embedding_multiplier != 1:
             hidden_states = hidden_states * config.embedding_multiplier
+        absolute = position_ids  # the positions absolute embeddings read
+        if config.position_ids_from_mask and not given_positions and isinstance(attention_mask, torch.Tensor) \
+                and attention_mask.dim() == 2:  # OPT: the real tokens before each one (left padding shifts nothing)
+            absolute = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_length:]
         if hasattr(self, "embed_positions"):
-            hidden_states = hidden_states + self.embed_positions(position_ids)
+            hidden_states = hidden_states + self.embed_positions(absolute)
         if config.position_embedding_type == "sinusoidal":
-            hidden_states = hidden_states + sinusoidal_embeddings(position_ids, config.hidden_size, hidden_states.dtype)
+            hidden_states = hidden_states + sinusoidal_embeddings(absolute, config.hidden_size, hidden_states.dtype)
         hidden_states = self.embed_dropout(hidden_states)
 
         # one mask and one rope table per layer type, computed once per forward and shared by its layers

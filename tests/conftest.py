@@ -120,6 +120,8 @@ NEW_OPTIONS = {
     # a sink's logit does not shift with the query's position as ALiBi's scores do (a static cache's misplaced
     # queries showed)
     "alibi-sinks": dict(position_embedding_type="alibi", attention_sinks=True),
+    # OPT's positions: learned, counted from the attention mask when no position_ids are given
+    "learned-positions-from-mask": dict(position_embedding_type="learned", position_ids_from_mask=True),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

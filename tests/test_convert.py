@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VALIDATION_ERRORS
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -702,3 +703,24 @@ def test_gpt2_with_unscaled_scores_converts_both_ways():
         expected = native(ids).logits
         torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(back(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_opt_counts_its_positions_from_the_mask_when_none_are_given():
+    """OPT's learned positions count the real tokens before each one: with left padding and no position_ids (batched
+    scoring), ArchLM counted slots and its logits were 0.5 apart; generate passes position_ids either way."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    native = randomised(OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, ffn_dim=96, max_position_embeddings=64,
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)))
+    ours = from_transformers(native)
+    assert ours.config.position_ids_from_mask
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        expected, actual = native(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-5)
+    with pytest.raises(VALIDATION_ERRORS, match="position_ids_from_mask.*'rope'"):
+        ArchLMConfig(**ARCHLM_TINY, position_ids_from_mask=True)

@@ -625,6 +625,7 @@ def config_kwargs(draw):
         attention_sinks_in_softmax=draw(st.sampled_from([False, False, False, True])),
         swiglu_limit=pick(st.sampled_from([None, None, None, 0.5]), st.floats(-1.0, 2.0)),
         router_bias=draw(st.sampled_from([False, False, True])),
+        position_ids_from_mask=draw(st.sampled_from([False, False, True])),
         num_experts=pick(st.sampled_from([None, None, 2, 4]), st.integers(-1, 3)),
         num_experts_per_tok=pick(st.integers(1, 2), st.integers(-1, 5)),
         moe_intermediate_size=pick(st.one_of(st.none(), st.integers(1, 24)), SIZES),
