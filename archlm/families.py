@@ -131,8 +131,6 @@ from .family_spec import (
     rope_per_layer_type,
     window_for_the_mask,
     SplitGroupedQKV,
-    SplitHeadInterleaved,
-    SplitQKVByHeads,
     SplitRows,
     StackHeads,
     Transpose,
@@ -412,8 +410,8 @@ FAMILY_LIST = [
                  Rename("gpt_neox.layers.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
                  Rename("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj."),
                  Rename("gpt_neox.layers.", "model.layers.")),
-        operations=(SplitHeadInterleaved("model.layers.{i}.self_attn.query_key_value",
-                                         tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
+        operations=(SplitGroupedQKV("model.layers.{i}.self_attn.query_key_value",
+                                    tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
         ignore=(r"\.attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"),
     ),
     Family(
@@ -682,8 +680,8 @@ FAMILY_LIST += [
                  Rename("model.layers.{i}.self_attn.k_layernorm.", "model.layers.{i}.self_attn.k_norm."),
                  Rename("model.layers.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
                  Rename("model.layers.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj.")),
-        operations=(SplitHeadInterleaved("model.layers.{i}.self_attn.query_key_value",
-                                         tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
+        operations=(SplitGroupedQKV("model.layers.{i}.self_attn.query_key_value",
+                                    tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
     ),
     Family(
         # Youtu-LLM: DeepSeek-V3's multi-head latent attention on a dense Llama decoder
@@ -775,7 +773,7 @@ FAMILY_LIST += [
                                           scale_attn_weights=config.attention_multiplier != 1.0),
         refuse=(("add_cross_attention", False, "adds cross-attention to an encoder"),),
         renames=(*GPT2_RENAMES, *GPT2_ATTENTION_RENAMES),
-        operations=(SplitQKVByHeads("model.layers.{i}.self_attn.qkv",
+        operations=(SplitGroupedQKV("model.layers.{i}.self_attn.qkv",
                                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj" for p in "qkv")),),
     ),
     Family(

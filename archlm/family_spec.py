@@ -1,5 +1,5 @@
 """How a transformers family is written down for `archlm.convert`: the `Family` record, the reversible weight
-operations (`Transpose`, `SplitRows`, `SplitHeadInterleaved`, `StackHeads`) and key renames (`Rename`), the neutral
+operations (`Transpose`, `SplitRows`, `SplitGroupedQKV`, `StackHeads`) and key renames (`Rename`), the neutral
 ArchLM config a family departs from, and the helpers and field maps the records share. The records themselves are in
 `archlm.families` (dense models) and `archlm.families_moe` (mixtures of experts).
 """
@@ -77,35 +77,6 @@ class SplitRows(WeightOp):
 
 
 @dataclass(frozen=True)
-class SplitHeadInterleaved(WeightOp):
-    """GPT-NeoX's query_key_value holds, per head, its q, k and v rows: (nh, 3, hd, C), not [q | k | v]."""
-
-    fused: str
-    parts: tuple[str, str, str]
-
-    def to_archlm(self, state_dict, config):
-        heads, head_dim = config.num_attention_heads, config.head_dim
-        for i in range(config.num_hidden_layers):
-            for suffix in (".weight", ".bias"):
-                fused = self.fused.format(i=i) + suffix
-                if fused in state_dict:
-                    grouped = state_dict.pop(fused).reshape(heads, 3, head_dim, -1)  # (nh, 3, hd, C or 1)
-                    for j, part in enumerate(self.parts):
-                        tensor = grouped[:, j].reshape(heads * head_dim, -1)
-                        state_dict[part.format(i=i) + suffix] = tensor.squeeze(-1) if suffix == ".bias" else tensor
-
-    def to_native(self, state_dict, config):
-        heads, head_dim = config.num_attention_heads, config.head_dim
-        for i in range(config.num_hidden_layers):
-            for suffix in (".weight", ".bias"):
-                parts = [part.format(i=i) + suffix for part in self.parts]
-                if all(part in state_dict for part in parts):
-                    grouped = torch.stack([state_dict.pop(part).reshape(heads, head_dim, -1) for part in parts], dim=1)
-                    fused = grouped.reshape(3 * heads * head_dim, -1)  # (nh, 3, hd, C) -> (3 nh hd, C)
-                    state_dict[self.fused.format(i=i) + suffix] = fused.squeeze(-1) if suffix == ".bias" else fused
-
-
-@dataclass(frozen=True)
 class OffsetRows(WeightOp):
     """OPT's learned positions are looked up at position + 2: its table has two leading rows no real token reads
     (left padding's pads read the second), dropped on import and written as zeros on export."""
@@ -125,8 +96,9 @@ class OffsetRows(WeightOp):
 
 @dataclass(frozen=True)
 class SplitGroupedQKV(WeightOp):
-    """Falcon's query_key_value: per key/value head, its group's query heads, then its key and its value:
-    (kv, heads / kv + 2, hd, C). One key/value head is [q | k | v]; one per head, NeoX's per-head layout."""
+    """A fused qkv holding, per key/value head, its group's query heads, then its key and its value:
+    (kv, heads / kv + 2, hd, C). Falcon's with any grouping; with one key/value head per head it is GPT-NeoX's and
+    Persimmon's per-head (nh, 3, hd) layout, with one for all GPT-BigCode's multi-query [q | k | v]."""
 
     fused: str
     parts: tuple[str, str, str]
@@ -180,27 +152,6 @@ class ParallelNorms(WeightOp):
     def to_native(self, state_dict, config):
         if config.use_parallel_residual and not config.parallel_shared_norm:
             self._rename(state_dict, config, to_archlm=False)
-
-
-@dataclass(frozen=True)
-class SplitQKVByHeads(WeightOp):
-    """GPT-BigCode's c_attn: with one key/value head (multi_query) [q | k | v], each k and v one head wide; with one
-    per head, NeoX's per-head (nh, 3, hd) layout."""
-
-    fused: str
-    parts: tuple[str, str, str]
-
-    def _operation(self, config: ArchLMConfig) -> WeightOp:
-        if config.num_key_value_heads == config.num_attention_heads:
-            return SplitHeadInterleaved(self.fused, self.parts)
-        return SplitRows(self.fused, self.parts, lambda config: [config.num_attention_heads * config.head_dim]
-                         + [config.num_key_value_heads * config.head_dim] * 2)
-
-    def to_archlm(self, state_dict, config):
-        self._operation(config).to_archlm(state_dict, config)
-
-    def to_native(self, state_dict, config):
-        self._operation(config).to_native(state_dict, config)
 
 
 @dataclass(frozen=True)
