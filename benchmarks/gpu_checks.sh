@@ -34,7 +34,7 @@ fi
 if step parity; then
   ARCHLM_TEST_DEVICE=cuda timeout 300 $PYTHON -m pytest -q -p no:cacheprovider -n 8 -m "not slow and not distributed" \
     tests/test_convert_families.py tests/test_modeling_moe.py tests/test_convert.py tests/test_generation.py \
-    tests/test_modeling.py tests/test_modeling_loss.py \
+    tests/test_modeling.py tests/test_modeling_attention.py tests/test_modeling_loss.py \
     2>&1 | tee "$OUT_DIR/parity.log" | grep -E "passed|failed|FAILED|Error|error" | tail -40
 fi
 if step experts; then
