@@ -35,8 +35,9 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, Value
+from transformers.utils.chat_template_utils import render_jinja_template
 
-from .tokenization_archlm import safe_cut_between
+from .tokenization_archlm import CHAT_TEMPLATE, safe_cut_between
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ TEXT_CHUNK_CHARS = 1 << 20  # a text file is handed to the tokenizer in pieces o
 TOKENIZE_BATCH_CHARS = 1 << 23  # about this many characters of records per tokenizing map batch
 BLOCK_FEATURES = Features({name: datasets.List(Value("int64")) for name in ("input_ids", "attention_mask", "labels")})
 DEFAULT_STREAMING_EVAL_BLOCKS = 32
+CONVERSATION_COLUMN = "messages"  # TRL's conversational records: [{"role": ..., "content": ...}, ...]
 
 
 @dataclass
@@ -71,7 +73,8 @@ class DataArguments:
         default=None, metadata={"help": "Validation files, same formats. Default: a split carved from the training data."}
     )
     text_column: str | None = field(default=None, metadata={
-        "help": "Column holding the text of json/csv/parquet files and datasets (default: 'text')."})
+        "help": "Column holding the text of json/csv/parquet files and datasets (default: 'text'; where there is none, "
+                "'messages': conversations, written out by the tokenizer's chat template)."})
     streaming: bool = field(default=False, metadata={"help": "Read the data lazily as an IterableDataset (needs --max_steps)."})
     block_size: int | None = field(
         default=None,
@@ -350,16 +353,84 @@ def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
     return list(first) if first is not None else []
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation becomes a document: a chat template and the special tokens it may read (as
+    `apply_chat_template` passes them). `DEFAULT_CHAT` is ArchLM's ChatML, which a tokenizer trained on the data
+    carries; a given tokenizer brings its own (`ChatTemplate.of`)."""
+
+    template: str | None
+    source: str
+    variables: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def of(cls, tokenizer, source: str) -> "ChatTemplate":
+        try:
+            template = tokenizer.get_chat_template()
+        except ValueError:  # (no template: refused only if the data holds conversations)
+            template = None
+        return cls(template, f"the tokenizer of {source}", tuple(tokenizer.special_tokens_map.items()))
+
+    def renderer(self, where: str, column: str):
+        """A batched map function: the conversations of `column` -> their texts."""
+        if self.template is None:
+            raise ValueError(f"{where} holds conversations in {column!r}, and {self.source} has no chat template to "
+                             "write them as text: give a tokenizer with one (--tokenizer_name), or a text column "
+                             "(--text_column).")
+
+        def render(batch: dict) -> dict:
+            texts = []
+            for messages in batch[column]:
+                for message in messages or ():
+                    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                        raise ValueError(f"{where}: a conversation in {column!r} holds {message!r}, not a message "
+                                         '{"role": ..., "content": ...}.')
+                try:
+                    texts.append(render_jinja_template([messages], chat_template=self.template,
+                                                       **dict(self.variables))[0][0] if messages else "")
+                except Exception as error:  # noqa: BLE001 - the template's own complaint, naming the data
+                    raise ValueError(f"{where}: the chat template of {self.source} could not write out a "
+                                     f"conversation of {column!r} ({type(error).__name__}: {error}).") from error
+            return {"text": texts}
+
+        return render
+
+
+DEFAULT_CHAT = ChatTemplate(CHAT_TEMPLATE, "ArchLM's tokenizer (ChatML; a tokenizer trained on the data carries it)")
+
+
+def _holds_conversations(dataset: Dataset | IterableDataset, column: str) -> bool:
+    """Whether `column` holds lists of messages (dicts), by its feature, or by its first record where it has none."""
+    feature = (dataset.features or {}).get(column)
+    if feature is not None:  # a list feature (List, LargeList) of structs, which datasets gives as dicts
+        return isinstance(getattr(feature, "feature", None), dict)
+    first = next(iter(dataset), None) if isinstance(dataset, IterableDataset) else None
+    value = (first or {}).get(column)
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
 def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | None,
-                        where: str) -> Dataset | IterableDataset:
-    """Keeps only `text_column` ("text" when None), renamed "text"; every record is a document."""
-    text_column = text_column or "text"
+                        where: str, chat: ChatTemplate) -> Dataset | IterableDataset:
+    """Keeps only `text_column`, renamed "text"; every record is a document. By default the column is "text", or
+    "messages" where there is none: conversations, each written out by `chat`'s template (TRL's conversational
+    format; the whole conversation is trained on, markup included, as TRL's SFTTrainer does by default)."""
     columns = _column_names(dataset)
+    if text_column is None:
+        text_column = CONVERSATION_COLUMN if "text" not in columns and CONVERSATION_COLUMN in columns else "text"
     if text_column not in columns:
         raise ValueError(
             f"--text_column {text_column!r} is not a column of {where}; its columns are {columns}. "
-            "Pass --text_column with one of them."
+            f"Pass --text_column with one of them (text, or conversations as lists of messages like {CONVERSATION_COLUMN!r})."
         )
+    if _holds_conversations(dataset, text_column):
+        render = chat.renderer(where, text_column)
+        dataset = dataset.select_columns([text_column])
+        if isinstance(dataset, Dataset):
+            dataset = dataset.map(render, batched=True, remove_columns=[text_column], desc=f"Writing out {text_column!r}")
+        else:
+            dataset = dataset.map(render, batched=True, remove_columns=[text_column],
+                                  features=Features({"text": Value("string")}))
+        text_column = "text"
     features = dataset.features
     if features is not None and text_column in features:
         feature = features[text_column]
@@ -377,7 +448,7 @@ def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | N
     return dataset
 
 
-def _load_files(files: list[str], flag: str, args: DataArguments) -> Dataset | IterableDataset:
+def _load_files(files: list[str], flag: str, args: DataArguments, chat: ChatTemplate) -> Dataset | IterableDataset:
     builder = FILE_BUILDERS[file_extension(files[0])]
     if builder == "text":
         for path in files:
@@ -388,10 +459,10 @@ def _load_files(files: list[str], flag: str, args: DataArguments) -> Dataset | I
     except Exception as error:  # noqa: BLE001 - any parser error becomes one message naming the files
         cause = error.__cause__ or error
         raise ValueError(f"{flag} {files}: could not be read as {builder}: {cause}") from error
-    return _select_text_column(dataset, args.text_column, f"{flag} {files}")
+    return _select_text_column(dataset, args.text_column, f"{flag} {files}", chat)
 
 
-def _load_hub_dataset(args: DataArguments) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
+def _load_hub_dataset(args: DataArguments, chat: ChatTemplate) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
     name = args.dataset_name
     if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise ValueError(f"--dataset_name {name!r}: no such folder.")
@@ -412,23 +483,24 @@ def _load_hub_dataset(args: DataArguments) -> tuple[Dataset | IterableDataset, D
     if "train" not in splits:
         raise ValueError(f"--dataset_name {args.dataset_name!r} has no 'train' split; its splits are {list(splits)}.")
     where = f"--dataset_name {args.dataset_name!r}"
-    train = _select_text_column(splits["train"], args.text_column, where)
+    train = _select_text_column(splits["train"], args.text_column, where, chat)
     validation = splits.get("validation")
     if validation is not None:
-        validation = _select_text_column(validation, args.text_column, where + " (validation)")
+        validation = _select_text_column(validation, args.text_column, where + " (validation)", chat)
     return train, validation
 
 
-def load_raw_data(args: DataArguments) -> RawData:
-    """Records {"text", "document_end"} for training and (when given) validation."""
+def load_raw_data(args: DataArguments, chat: ChatTemplate = DEFAULT_CHAT) -> RawData:
+    """Records {"text", "document_end"} for training and (when given) validation; conversations written out by
+    `chat`."""
     check_data_arguments(args)
     validation = None
     if args.dataset_name:
-        train, validation = _load_hub_dataset(args)
+        train, validation = _load_hub_dataset(args, chat)
         description = f"dataset {args.source_name}"
     elif args.train_file:
         files = expand_data_files(args.train_file, "--train_file")
-        train = _load_files(files, "--train_file", args)
+        train = _load_files(files, "--train_file", args, chat)
         description = f"{len(files)} file(s) {args.source_name}"
     else:
         files = stdlib_source_files(args.max_corpus_mb)
@@ -436,7 +508,8 @@ def load_raw_data(args: DataArguments) -> RawData:
         megabytes = sum(os.path.getsize(path) for path in files) / 1e6
         description = f"default corpus: Python {sysconfig.get_python_version()} standard library, {len(files)} files, {megabytes:.1f} MB"
     if args.validation_file:
-        validation = _load_files(expand_data_files(args.validation_file, "--validation_file"), "--validation_file", args)
+        validation = _load_files(expand_data_files(args.validation_file, "--validation_file"), "--validation_file", args,
+                                 chat)
     _check_not_empty(train, "the training data")
     if validation is not None:
         _check_not_empty(validation, "the validation data")

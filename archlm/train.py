@@ -56,6 +56,7 @@ from .training import (
     base_model,
     build_config,
     build_model,
+    chat_template_of,
     check_resume_adapter,
     check_resume_config,
     check_arguments,
@@ -67,7 +68,7 @@ from .training import (
     count_parameters,
     distributed_summary,
     format_report,
-    load_or_train_tokenizer,
+    load_tokenizer,
     measure_peak_tflops,
     needs_synced_generation,
     perplexity,
@@ -77,6 +78,7 @@ from .training import (
     run_summary,
     sample,
     save_model_folder,
+    train_tokenizer_on,
 )
 
 logger = logging.getLogger("train")
@@ -134,8 +136,9 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
         raise ValueError(f"--block_size {block_size} must equal the largest size of --block_size_schedule {data_args.block_size_schedule!r}.")
     check_block_size(block_size, config)
 
-    raw = load_raw_data(data_args)
-    tokenizer, tokenizer_source = load_or_train_tokenizer(model_args, raw.train, checkpoint)
+    given = load_tokenizer(model_args, checkpoint)
+    raw = load_raw_data(data_args, chat_template_of(given))  # (conversations written out by its chat template)
+    tokenizer, tokenizer_source = given or train_tokenizer_on(model_args, raw.train)
     config = build_config(model_args, overrides, tokenizer)
     if checkpoint is not None:  # (the dropout a recipe fits to the run is set again when training starts)
         recipe = getattr(run_args, "recipe_record", None) or {}

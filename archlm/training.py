@@ -36,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .budget import TimeBudget, check_schedule, planned_schedule
 from .check import missing_local_folder
 from .configuration_archlm import PRESETS, ArchLMConfig
-from .data import block_size_at, iter_texts
+from .data import DEFAULT_CHAT, ChatTemplate, block_size_at, iter_texts
 from .modeling_archlm import ArchLMForCausalLM
 from .optim import muon_optimizer
 from .plots import LOSS_CURVE_NAME, plot_training_log
@@ -333,9 +333,9 @@ def _has_tokenizer(folder: str | None) -> bool:
     return folder is not None and os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
 
 
-def load_or_train_tokenizer(model_args: ModelArguments, train_records, checkpoint: str | None):
-    """(tokenizer, where it came from). Order: --tokenizer_name, the checkpoint being resumed, the model being
-    fine-tuned, else a byte-level BPE trained on the training text (saved with the model later)."""
+def load_tokenizer(model_args: ModelArguments, checkpoint: str | None):
+    """(tokenizer, where it came from), or None where one is to be trained. Order: --tokenizer_name, the checkpoint
+    being resumed, the model being fine-tuned."""
     for folder, source in ((model_args.tokenizer_name, "--tokenizer_name"), (checkpoint, "the checkpoint"),
                            (model_args.model_name_or_path, "--model_name_or_path")):
         if folder is None or (source != "--tokenizer_name" and not _has_tokenizer(folder)):
@@ -350,9 +350,20 @@ def load_or_train_tokenizer(model_args: ModelArguments, train_records, checkpoin
             f"--model_name_or_path {model_args.model_name_or_path!r} holds no tokenizer: pass --tokenizer_name "
             "(the tokenizer the model was trained with)."
         )
+    return None
+
+
+def train_tokenizer_on(model_args: ModelArguments, train_records):
+    """(tokenizer, where it came from): a byte-level BPE trained on the training text (saved with the model later)."""
     logger.info("Training a %d-token byte-level BPE tokenizer on the training text", model_args.tokenizer_vocab_size)
     tokenizer = train_tokenizer(iter_texts(train_records, model_args.tokenizer_train_mb * 1e6), model_args.tokenizer_vocab_size)
     return tokenizer, f"byte-level BPE trained on the training data ({len(tokenizer):,} tokens)"
+
+
+def chat_template_of(loaded) -> ChatTemplate:
+    """How conversations in the data are written out: by the given tokenizer's chat template, else by ArchLM's
+    ChatML, which the tokenizer then trained carries."""
+    return DEFAULT_CHAT if loaded is None else ChatTemplate.of(*loaded)
 
 
 def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) -> ArchLMConfig:

@@ -63,9 +63,10 @@ from archlm.training import (
     build_config,
     check_arguments,
     check_block_size,
-    load_or_train_tokenizer,
+    load_tokenizer,
     measure_peak_tflops,
     rows_per_step,
+    train_tokenizer_on,
 )
 
 logger = logging.getLogger("compare_architectures")
@@ -252,8 +253,8 @@ def budget_tokenizer(model_args, data_args, overrides: dict):
         return None
     if model_args.tokenizer_name is None:
         logger.info("--budget_flops: training the shared tokenizer before the runs (its vocabulary sets the FLOPs)")
-        return load_or_train_tokenizer(model_args, load_raw_data(data_args).train, None)[0]
-    return load_or_train_tokenizer(model_args, None, None)[0]
+        return train_tokenizer_on(model_args, load_raw_data(data_args).train)[0]
+    return load_tokenizer(model_args, None)[0]
 
 
 def flops_budget_steps(presets: list[str], budget: float, model_args, data_args, training_args,

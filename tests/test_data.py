@@ -1,6 +1,7 @@
 """archlm.data: the default corpus, loading each file format, EOS-separated packing, validation carving, the
 block-size schedule, and the errors for bad data. No model is trained here."""
 
+import copy
 import json
 import sysconfig
 from pathlib import Path
@@ -10,6 +11,8 @@ from datasets import Dataset, DatasetDict, IterableDataset
 
 from archlm import data as data_module
 from archlm.data import (
+    DEFAULT_CHAT,
+    ChatTemplate,
     DataArguments,
     check_data_arguments,
     block_size_at,
@@ -19,7 +22,7 @@ from archlm.data import (
     parse_block_size_schedule,
     stdlib_source_files,
 )
-from archlm.tokenization_archlm import EOS_TOKEN, EOS_TOKEN_ID, train_tokenizer
+from archlm.tokenization_archlm import EOS_TOKEN, EOS_TOKEN_ID, IM_END_TOKEN_ID, IM_START_TOKEN_ID, train_tokenizer
 
 SAMPLE_TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -376,6 +379,71 @@ def test_non_text_column_is_an_error(tmp_path):
     path = write(tmp_path / "data.jsonl", json.dumps({"text": 3}) + "\n")
     with pytest.raises(ValueError, match="holds .*int64.*not text"):
         load_raw_data(DataArguments(train_file=[path]))
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+]
+
+
+def chatml(conversation: list[dict]) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conversation)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("source", ["jsonl", "parquet", "saved"])
+def test_conversations_are_written_out_by_the_chat_template_and_packed_with_its_control_tokens(tmp_path, tokenizer,
+                                                                                              source, streaming):
+    """TRL's conversational format (a "messages" column of {"role", "content"} lists) is found without
+    --text_column; each conversation becomes one document written out by the chat template: ArchLM's ChatML by
+    default (the tokenizer trained on the data carries it), whose turn markers pack as their control tokens."""
+    records = [{"messages": conversation, "id": index} for index, conversation in enumerate(CONVERSATIONS * 2)]
+    if source == "jsonl":
+        args = DataArguments(train_file=[write(tmp_path / "chat.jsonl", "".join(json.dumps(r) + "\n" for r in records))])
+    elif source == "parquet":
+        Dataset.from_list(records).to_parquet(tmp_path / "chat.parquet")
+        args = DataArguments(train_file=[str(tmp_path / "chat.parquet")])
+    else:
+        Dataset.from_list(records).save_to_disk(tmp_path / "saved")
+        args = DataArguments(dataset_name=str(tmp_path / "saved"))
+    args.streaming, args.validation_split_percentage = streaming, 0
+    raw = load_raw_data(args)
+    expected = [chatml(conversation) for conversation in CONVERSATIONS * 2]
+    assert [record["text"] for record in raw.train] == expected
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)  # (streamed: the first blocks are held out)
+    ids = [block["input_ids"][0] for split in (packed.validation or [], packed.train) for block in split]
+    assert ids.count(IM_START_TOKEN_ID) == ids.count(IM_END_TOKEN_ID) == sum(map(len, CONVERSATIONS * 2))
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "".join(text + EOS_TOKEN for text in expected)
+
+
+def test_conversations_are_written_out_by_a_given_tokenizers_template_with_its_special_tokens(tmp_path, tokenizer):
+    """A tokenizer given to fine-tune with brings its own template, which may read its special tokens (as
+    apply_chat_template lets it: Llama 3's opens with bos_token); the same text as apply_chat_template's."""
+    llama_like = copy.deepcopy(tokenizer)
+    llama_like.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}"
+                                "{{ eos_token }}{% endfor %}")
+    path = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    raw = load_raw_data(DataArguments(train_file=[path], validation_split_percentage=0),
+                        ChatTemplate.of(llama_like, "--tokenizer_name X"))
+    assert raw.train["text"] == [llama_like.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
+    assert raw.train["text"][0] == f"{EOS_TOKEN}[USER] What is 2 + 2?{EOS_TOKEN}[ASSISTANT] 4{EOS_TOKEN}"
+
+
+def test_conversations_without_a_chat_template_or_with_bad_messages_are_refused_naming_them(tmp_path, tokenizer):
+    path = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    no_template = train_tokenizer(SAMPLE_TEXTS * 5, 300)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match=r"chat.jsonl'\] holds conversations in 'messages', and the tokenizer of "
+                                         r"--tokenizer_name X has no chat template.*--text_column"):
+        load_raw_data(DataArguments(train_file=[path]), ChatTemplate.of(no_template, "--tokenizer_name X"))
+    bad = write(tmp_path / "bad.jsonl", json.dumps({"messages": [{"content": "no role"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl'\]: a conversation in 'messages' holds .*'no role'.*not a message"):
+        load_raw_data(DataArguments(train_file=[bad]))
+    strict = ChatTemplate("{{ raise_exception('only user turns') }}", "the tokenizer of Y")
+    with pytest.raises(ValueError, match=r"the chat template of the tokenizer of Y could not write out .*only user turns"):
+        load_raw_data(DataArguments(train_file=[path]), strict)
+    assert DEFAULT_CHAT.template == tokenizer.chat_template  # what a tokenizer trained on the data carries
 
 
 def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path, caplog):

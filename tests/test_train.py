@@ -7,6 +7,7 @@ message and nothing written. Interrupted and failing runs: test_train_faults.py.
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -452,6 +453,23 @@ def test_fine_tuning_overrides_get_every_check_before_training(trained, tmp_path
         train("--model_name_or_path", str(trained[0]), "--config_overrides", override, "--max_steps", "2",
               "--output_dir", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_fine_tune_writes_out_the_conversations_with_the_models_own_chat_template(trained, tmp_path):
+    """Conversations ({"messages": [...]}, TRL's format) fine-tuning a model folder are written out by that folder's
+    tokenizer's template, not ArchLM's default, and train."""
+    base = tmp_path / "base"
+    shutil.copytree(trained[0], base)
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (base / "chat_template.jinja").write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    conversation = [{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "    return 1"}]
+    chats = write_file(tmp_path / "chats.jsonl", "".join(json.dumps({"messages": conversation}) + "\n" for _ in range(40)))
+    flags = ["--model_name_or_path", str(base), "--train_file", chats, "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+    run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags]))
+    assert set(run.raw.train["text"]) == {"### user: def f():\n### assistant:     return 1\n"}
+    assert read_log(train(*flags))["status"] == "finished"
 
 
 def test_a_native_transformers_folder_to_fine_tune_is_pointed_to_the_converter(tmp_path):
