@@ -295,7 +295,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # kwargs transformers accepts besides the fields (legacy rope keys, load-time options)
-_LEGACY_KWARGS = {"rope_theta", "rope_scaling", "partial_rotary_factor", "attn_implementation", "torch_dtype", "num_labels"}
+_ROPE_KWARGS = ("rope_scaling", "rope_theta", "partial_rotary_factor")
+_LEGACY_KWARGS = {*_ROPE_KWARGS, "attn_implementation", "torch_dtype", "num_labels"}
+# other families' names for ArchLM's fields: refused by name (kept as unknown keys, they would build the default)
+_OTHER_NAMES = {
+    "rms_norm_eps": "norm_eps", "layer_norm_eps": "norm_eps", "layer_norm_epsilon": "norm_eps", "norm_epsilon": "norm_eps",
+    "hidden_activation": "hidden_act", "activation_function": "hidden_act", "use_qk_norm": "qk_norm",
+    "num_kv_heads": "num_key_value_heads", "n_head_kv": "num_key_value_heads", "num_layers": "num_hidden_layers",
+    "n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+    "num_heads": "num_attention_heads", "n_positions": "max_position_embeddings", "n_inner": "intermediate_size",
+    "ffn_dim": "intermediate_size", "rotary_pct": "rope_parameters['partial_rotary_factor']",
+}
+
+
+def rope_with_legacy_keywords(rope: dict, keywords: dict) -> dict:
+    """transformers 4's rope keywords applied to a rope dict, as the caller means them: `rope_scaling` replaces the
+    scaling (its rope_type and keys) and keeps the dict's rope_theta and partial_rotary_factor unless it names them;
+    `rope_theta` and `partial_rotary_factor` replace theirs. (transformers lets a dict's keys win over the keywords,
+    and a rope_scaling replace the dict whole: a preset's rope_theta=10000 override was ignored, and its YaRN
+    rope_scaling reset its theta to 10000.)"""
+    if not _flat_dict(rope):
+        raise ValueError(f"{sorted(keywords)} cannot apply to `rope_parameters` holding one dict per layer type "
+                         f"({sorted(rope)}): pass rope_parameters with each layer type's dict.")
+    merged = dict(rope)
+    scaling = keywords.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise ValueError(f"`rope_scaling` must be a dict (rope_type and its keys), got {scaling!r}.")
+        scaling = dict(scaling)
+        if "type" in scaling:  # transformers 4's name
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        merged = {key: merged[key] for key in ("rope_theta", "partial_rotary_factor") if key in merged} | scaling
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if keywords.get(key) is not None:
+            merged[key] = keywords[key]
+    return merged
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -363,8 +397,15 @@ TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 def token_ids_fit(value, vocab_size) -> bool:
     """Whether a special id (an int, a list of ints, or None) indexes a vocabulary of `vocab_size` rows."""
+    if not _is_number(vocab_size):
+        return True  # (the vocabulary's own check names it)
     ids = value if isinstance(value, list) else [value]
     return all(token_id is None or (isinstance(token_id, int) and 0 <= token_id < vocab_size) for token_id in ids)
+
+
+def _flat_dict(rope) -> bool:
+    """Whether `rope` is one rope dict (not one per layer type)."""
+    return isinstance(rope, dict) and not any(isinstance(value, dict) for value in rope.values())
 
 
 def _is_number(value) -> bool:
@@ -624,6 +665,16 @@ class ArchLMConfig(PreTrainedConfig):
         # Keep the caller's dict intact: transformers standardises rope_parameters in place.
         if isinstance(self.rope_parameters, dict):
             self.rope_parameters = copy.deepcopy(self.rope_parameters)
+            keywords = {key: kwargs.pop(key) for key in _ROPE_KWARGS if key in kwargs}
+            if keywords:
+                self.rope_parameters = rope_with_legacy_keywords(self.rope_parameters, keywords)
+        dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"`dtype`={dtype!r} is not a torch dtype; e.g. 'float32', 'bfloat16' or 'float16'.")
+        named = {key: _OTHER_NAMES[key] for key in kwargs if key in _OTHER_NAMES}
+        if named:
+            raise ValueError("ArchLMConfig names these fields otherwise: " + ", ".join(
+                f"{key!r} is `{field}`" for key, field in named.items()) + ".")
         # unknown keys are kept, as every transformers config keeps them (other tools' keys in a config.json); one
         # that is nearly a field's name is a typo, which would otherwise build the default model without a word
         fields = [field.name for field in dataclasses.fields(self)]
@@ -946,6 +997,11 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`{name}['rope_type']`={rope_type!r} scales rope, but `position_embedding_type`="
                 f"{self.position_embedding_type!r} does not use rope; use rope_type 'default' or position_embedding_type='rope'."
             )
+        known = set(RopeParameters.__annotations__) | {"type"}
+        for key in set(params) - known:  # other keys are kept (other tools' own); a near miss is a typo
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"`{name}` holds {key!r}, not a rope key: did you mean {close[0]!r}?")
         missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if params.get(key) is None]
         if missing:
             raise ValueError(f"`{name}` with rope_type={rope_type!r} needs the keys {missing}; got {params}.")
@@ -965,9 +1021,10 @@ class ArchLMConfig(PreTrainedConfig):
                 f"`{name}['high_freq_factor']` must be greater than `low_freq_factor`, got "
                 f"high_freq_factor={params['high_freq_factor']} and low_freq_factor={params['low_freq_factor']}."
             )
-        if rope_type == "yarn" and params.get("beta_fast", 32) <= params.get("beta_slow", 1):
+        # (equal bounds are Kimi K2's: transformers' ramp widens an empty range by 0.001)
+        if rope_type == "yarn" and params.get("beta_fast", 32) < params.get("beta_slow", 1):
             raise ValueError(
-                f"`{name}['beta_fast']` must be greater than `beta_slow`, got "
+                f"`{name}['beta_fast']` must be at least `beta_slow`, got "
                 f"beta_fast={params.get('beta_fast', 32)} and beta_slow={params.get('beta_slow', 1)}."
             )
         if self.position_embedding_type != "rope":
@@ -1044,6 +1101,16 @@ class ArchLMConfig(PreTrainedConfig):
         return list(PRESETS)
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers sets the keywords of `from_pretrained(folder, norm_eps=...)` as attributes after construction,
+        past every check (a negative eps gave NaN logits, a rope_scaling a rope dict without rope_theta): ArchLM's
+        fields and the legacy rope keywords among them build the config with the saved ones instead, checked alike."""
+        own = {field.name for field in dataclasses.fields(cls)} - {field.name for field in dataclasses.fields(PreTrainedConfig)}
+        names = own | set(_ROPE_KWARGS) | set(_OTHER_NAMES) | set(cls.attribute_map)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "ArchLMConfig":
         """A preset family's architecture, with any field overridden: `from_preset("llama", num_hidden_layers=4)`.
 
@@ -1054,7 +1121,8 @@ class ArchLMConfig(PreTrainedConfig):
         known = {f.name for f in dataclasses.fields(cls)} | _LEGACY_KWARGS | set(cls.attribute_map)
         unknown = sorted(set(overrides) - known)
         if unknown:
-            hints = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+            hints = {key: [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(key, known, n=1)
+                     for key in unknown}
             listed = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
             raise ValueError(f"Unknown config field(s) {listed}; fields are: {sorted(f.name for f in dataclasses.fields(cls))}.")
         for alias, field_name in cls.attribute_map.items():  # Mixtral's num_local_experts overrides num_experts
@@ -1064,6 +1132,11 @@ class ArchLMConfig(PreTrainedConfig):
                     raise ValueError(f"`{field_name}`={overrides[field_name]} and `{alias}`={value} (another name for "
                                      "the same field) disagree: pass one of them.")
         fields = {**copy.deepcopy(PRESETS[name]), **overrides}
+        rope, preset_rope = overrides.get("rope_parameters"), PRESETS[name].get("rope_parameters")
+        if _flat_dict(rope) and _flat_dict(preset_rope):
+            # a new rope dict (a scaling type, say) keeps the preset's base frequency unless it names one (not its
+            # rotated share: a dict without partial_rotary_factor rotates the whole head)
+            fields["rope_parameters"] = {key: preset_rope[key] for key in ("rope_theta",) if key in preset_rope} | rope
         # A preset's special ids belong to its family's tokenizer: with a smaller vocabulary they point nowhere, so
         # they are dropped (ids the caller passes are kept, and validated like any field).
         for key in TOKEN_ID_FIELDS:

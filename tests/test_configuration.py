@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from conftest import HALF_ROPE, TINY, VALIDATION_ERRORS, tiny_config
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from archlm import ArchLMConfig, ArchLMForCausalLM
 
@@ -141,10 +141,22 @@ def test_llama3_rope_with_high_freq_not_above_low_is_refused(low, high):
     assert_refused({"rope_parameters": params}, "high_freq_factor", str(high), "low_freq_factor", str(low))
 
 
-@pytest.mark.parametrize("fast, slow", [(1.0, 2.0), (4.0, 4.0)])
-def test_yarn_rope_with_beta_fast_not_above_beta_slow_is_refused(fast, slow):
+@pytest.mark.parametrize("fast, slow", [(1.0, 2.0), (4.0, 4.5)])
+def test_yarn_rope_with_beta_fast_below_beta_slow_is_refused(fast, slow):
     params = {"rope_type": "yarn", "factor": 2.0, "beta_fast": fast, "beta_slow": slow, **ROPE}
     assert_refused({"rope_parameters": params}, "beta_fast", str(fast), "beta_slow", str(slow))
+
+
+def test_yarn_rope_with_equal_betas_is_accepted_as_kimi_k2_releases_it():
+    """Kimi K2's YaRN: beta_fast == beta_slow == 1 (transformers widens the empty ramp by 0.001)."""
+    params = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+              "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, **ROPE}
+    assert tiny_config(rope_parameters=params, max_position_embeddings=131072).rope_parameters["beta_fast"] == 1.0
+
+
+def test_a_near_miss_of_a_rope_key_is_refused_naming_the_key():
+    params = {"rope_type": "linear", "factor": 2.0, "factr": 4.0, **ROPE}
+    assert_refused({"rope_parameters": params}, "'factr', not a rope key: did you mean 'factor'?")
 
 
 @pytest.mark.parametrize("key", ["short_factor", "long_factor"])
@@ -296,6 +308,60 @@ def test_learned_position_embeddings_on_rope_and_alibi_are_accepted(position):
 ])
 def test_legacy_rope_kwargs_give_the_same_rope_parameters_as_llama(kwargs):
     assert ArchLMConfig(**kwargs).rope_parameters == LlamaConfig(**kwargs).rope_parameters
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"rope_theta": 10000.0}, {"rope_type": "default", "rope_theta": 10000.0}),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1e4}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+    ({"partial_rotary_factor": 0.5}, {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5}),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}),
+])
+def test_rope_overrides_of_a_preset_change_what_they_name_and_keep_its_base_frequency(overrides, expected):
+    """transformers lets a rope dict's keys win over the legacy keywords, and a rope_scaling replace the dict whole:
+    from_preset("llama", rope_theta=1e4) kept 500000, and a rope_scaling (as Qwen's model cards turn on YaRN) or a
+    new rope dict reset it to 10000."""
+    assert ArchLMConfig.from_preset("llama", **overrides).rope_parameters == expected
+    if "rope_parameters" not in overrides:  # the constructor's keywords on a given dict alike
+        llama = {"rope_type": "default", "rope_theta": 500000.0}
+        assert ArchLMConfig(rope_parameters=llama, **overrides).rope_parameters == expected
+    with pytest.raises(VALIDATION_ERRORS, match=r"\['rope_theta'\] cannot apply to `rope_parameters` holding one dict per layer type"):
+        ArchLMConfig.from_preset("gemma3", rope_theta=1e4)
+
+
+@pytest.mark.parametrize("other, field", [("rms_norm_eps", "norm_eps"), ("layer_norm_eps", "norm_eps"),
+                                          ("num_layers", "num_hidden_layers"), ("use_qk_norm", "qk_norm")])
+def test_other_families_names_of_fields_are_refused_naming_archlms(other, field):
+    """Kept as unknown keys, they built the default model: ArchLMConfig(rms_norm_eps=1e-5) had norm_eps 1e-6."""
+    with pytest.raises(VALIDATION_ERRORS, match=f"'{other}' is `{field}`"):
+        ArchLMConfig(**{other: 1})
+    with pytest.raises(ValueError, match=f"'{other}' \\(did you mean '{field}'\\?\\)"):
+        ArchLMConfig.from_preset("llama", **{other: 1})
+
+
+def test_a_dtype_that_is_not_torchs_and_a_string_vocabulary_are_refused_naming_the_field():
+    with pytest.raises(VALIDATION_ERRORS, match="`dtype`='bf16' is not a torch dtype"):
+        ArchLMConfig(dtype="bf16")
+    with pytest.raises(VALIDATION_ERRORS, match="vocab_size"):  # (was: a TypeError comparing the special ids with it)
+        ArchLMConfig.from_preset("llama", vocab_size="32000")
+
+
+@pytest.mark.parametrize("loader", [ArchLMConfig.from_pretrained, AutoConfig.from_pretrained, ArchLMForCausalLM.from_pretrained,
+                                    AutoModelForCausalLM.from_pretrained])
+def test_from_pretrained_keywords_are_checked_as_fields(tmp_path, loader):
+    """transformers sets a from_pretrained keyword as an attribute after construction, past every check: norm_eps=-1
+    loaded and gave NaN logits; a rope_scaling left a rope dict without rope_theta (a TypeError in the forward)."""
+    ArchLMForCausalLM(ArchLMConfig.from_preset("llama", **TINY_PRESET)).save_pretrained(tmp_path)
+    with pytest.raises(VALIDATION_ERRORS, match="norm_eps"):
+        loader(tmp_path, norm_eps=-1.0, trust_remote_code=True)
+    loaded = loader(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0}, hidden_dropout=0.1, trust_remote_code=True)
+    config = getattr(loaded, "config", loaded)
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}
+    assert config.hidden_dropout == 0.1
+
+
+TINY_PRESET = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                   intermediate_size=64)
 
 
 @pytest.mark.parametrize("field, value", [
