@@ -134,11 +134,18 @@ def native_family(config: ArchLMConfig) -> type[PreTrainedModel]:
     )
 
 
+def is_archlm_model(model) -> bool:
+    """An ArchLMForCausalLM, this package's class or the remote-code copy a folder carries (AutoModelForCausalLM with
+    trust_remote_code loads that copy, a class of its own in transformers_modules, with the same modules)."""
+    return isinstance(model, ArchLMForCausalLM) or (
+        type(model).__name__ == ArchLMForCausalLM.__name__ and getattr(model.config, "model_type", None) == "archlm")
+
+
 def to_transformers(model: ArchLMForCausalLM) -> PreTrainedModel:
     """The native transformers model (see `native_family`) that computes the same logits as `model`, on the same
     device, in the same dtype, with the same attention implementation, train/eval mode and generation config. It
     loads, and serves, without remote code. A bias the native class has and the ArchLM model lacks is zeros."""
-    if not isinstance(model, ArchLMForCausalLM):
+    if not is_archlm_model(model):
         raise ValueError(f"to_transformers exports an ArchLMForCausalLM, got {type(model).__name__}.")
     family = FAMILIES[native_family(model.config)]
     target = family.model_class(family.to_native_config(model.config))

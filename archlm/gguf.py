@@ -61,6 +61,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralForCausalLM,
     Phi3ForCausalLM,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -74,7 +75,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 from .configuration_archlm import ArchLMConfig
-from .convert import from_transformers, native_family, to_transformers
+from .convert import from_transformers, is_archlm_model, native_family, to_transformers
 from .modeling_archlm import ArchLMForCausalLM
 from .tokenization_archlm import PRETOKENIZE_REGEX as ARCHLM_SPLIT
 from .tokenization_archlm import VOCABULARY_FILES
@@ -473,8 +474,8 @@ FLOAT32_MATRICES = r"(_norm\.weight|\.ffn_gate_inp\.weight|\.ffn_gate_inp_shexp\
 def gguf_family(model_or_config: PreTrainedModel | ArchLMConfig) -> tuple[type[PreTrainedModel], GgufFamily]:
     """The native class a model (or an ArchLM config) is written as, and its record; a ValueError says why it cannot
     be written."""
-    config = model_or_config if isinstance(model_or_config, ArchLMConfig) else model_or_config.config
-    if isinstance(config, ArchLMConfig):
+    config = model_or_config if isinstance(model_or_config, PreTrainedConfig) else model_or_config.config
+    if config.model_type == ArchLMConfig.model_type:  # (the remote-code copy of ArchLMConfig too)
         try:
             native_class = native_family(config)
         except ValueError as error:
@@ -491,7 +492,7 @@ def gguf_family(model_or_config: PreTrainedModel | ArchLMConfig) -> tuple[type[P
 
 
 def _model_name(config) -> str:
-    return config.architecture_name if isinstance(config, ArchLMConfig) else type(config).__name__.removesuffix("Config")
+    return config.architecture_name if config.model_type == ArchLMConfig.model_type else type(config).__name__.removesuffix("Config")
 
 
 def refusals(native: PreTrainedModel, family: GgufFamily) -> list[str]:
@@ -548,7 +549,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     refused (ValueError) before the file is opened."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; GGUF export writes {', '.join(DTYPES)}.")
-    if not isinstance(model, ArchLMForCausalLM):
+    if not is_archlm_model(model):
         gguf_family(model)  # a class not written here is refused before converting it
         model = from_transformers(model)  # refuses what a native config sets that ArchLM, and so this, cannot compute
     native_class, family = gguf_family(model)

@@ -123,3 +123,27 @@ def test_a_saved_model_of_every_preset_loads_as_remote_code_without_archlm(tmp_p
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert f"REMOTE OK {len(ArchLMConfig.presets())}" in result.stdout
+
+
+def test_a_model_loaded_as_remote_code_exports_to_transformers_and_gguf(tmp_path):
+    """AutoModelForCausalLM with trust_remote_code, in a process that had not imported archlm, gives the folder's
+    own copy of the class (in transformers_modules): to_transformers refused it ("exports an ArchLMForCausalLM, got
+    ArchLMForCausalLM"), and write_gguf took it for a native model."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from archlm.convert import to_transformers
+    from archlm.gguf import write_gguf
+    from archlm.tokenization_archlm import train_tokenizer
+
+    config = tiny_config(vocab_size=300)
+    build(config).save_pretrained(tmp_path / "model")
+    remote_class = get_class_from_dynamic_module("modeling_archlm.ArchLMForCausalLM", str(tmp_path / "model"))
+    assert remote_class is not archlm.ArchLMForCausalLM and remote_class.__module__.startswith("transformers_modules")
+    model = remote_class.from_pretrained(tmp_path / "model").eval()
+    native = to_transformers(model)
+    assert type(native).__name__ == "LlamaForCausalLM"
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300)
+    assert write_gguf(model, tokenizer, tmp_path / "model.gguf").stat().st_size > 0
