@@ -21,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -375,9 +375,11 @@ def sdpa_with_sinks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     sink_key = F.pad(key.new_ones(*key.shape[:2], 1, 1), (head_dim, 0))  # (B, nkv, 1, hd + 1): 0 ... 0 1
     key = torch.cat([sink_key, F.pad(key, (0, 1))], dim=2)  # (B, nkv, 1 + S, hd + 1)
     value = F.pad(value, (0, 0, 1, 0))  # a zero value for the sink key
-    if attention_mask is None:  # causal, with the queries the last `length` keys (the mask itself: sdpa's is_causal
-        # aligns them with the first ones)
-        attention_mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)[None, None]
+    if attention_mask is None:  # what sdpa does without a mask, which the sink key's column needs spelled out:
+        # several queries are causal with the first keys (is_causal: a static cache's prefill holds more keys than
+        # the prompt, the rest empty), one query sees every key
+        causal = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(0 if length > 1 else keys)
+        attention_mask = causal[None, None]
     # every query sees its sink: True in a boolean mask, 0 in an additive one or a position bias
     attention_mask = F.pad(attention_mask, (1, 0), value=True if attention_mask.dtype == torch.bool else 0.0)
     if position_bias is not None:
@@ -1260,6 +1262,9 @@ class ArchLMModel(ArchLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if shape[1] == 0:
+            raise ValueError(f"The input holds no tokens (shape {tuple(shape)}): give at least one (a prompt, or the "
+                             "tokenizer's bos token).")
         if torch.compiler.is_compiling():
             return  # data-dependent checks would break the graph; eager runs have already checked
         # A cached step on an accelerator is generate feeding back the model's own tokens: reading a minimum or maximum
@@ -1511,6 +1516,20 @@ def liger_linear_cross_entropy(hidden, weight, bias, targets, logits_scaling, so
     return (loss[0] if isinstance(loss, tuple) else loss).float()  # older releases return (loss, z_loss)
 
 
+class PositionLimit(StoppingCriteria):
+    """Stops generating at `max_position_embeddings` tokens, past which learned absolute positions have no row."""
+
+    def __init__(self, max_position_embeddings: int):
+        self.limit = max_position_embeddings
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = input_ids.shape[-1] >= self.limit
+        if done:
+            logger.warning(f"Generation stops at max_position_embeddings={self.limit} tokens: learned positions "
+                                "end there.")
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -1535,6 +1554,15 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
             if 0 < past_key_values.get_seq_length() <= switch:
                 past_key_values, kwargs["next_sequence_length"] = None, None
         return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+
+    def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
+        """GenerationMixin.generate. Learned absolute positions end at max_position_embeddings: a longer request
+        stops there, as at max_length, instead of failing at that step with what it generated lost (transformers
+        serve asks for 1024 new tokens unless told otherwise)."""
+        if hasattr(self.model, "embed_positions"):
+            stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []),
+                                                      PositionLimit(self.config.max_position_embeddings)])
+        return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)
 
     def forward(
         self,

@@ -198,11 +198,20 @@ def test_generating_past_max_position_embeddings_with_rope_scaling_stays_finite(
     assert torch.isfinite(torch.stack(out.logits)).all()
 
 
-def test_generating_past_learned_positions_stops_with_a_clear_error():
-    model = make_model(position_embedding_type="learned", max_position_embeddings=16)
+@pytest.mark.parametrize("position", [dict(position_embedding_type="learned"),
+                                      dict(position_embedding_type="rope", learned_position_embeddings=True)])
+def test_generating_past_learned_positions_stops_at_the_last_one_and_a_longer_prompt_is_refused(position, caplog):
+    """Learned positions end at max_position_embeddings: generation stops there, as at max_length, keeping what it
+    generated (it failed at that step: transformers serve, asking for 1024 new tokens, answered a 500 after
+    generating them all); a prompt longer than that is refused naming the field."""
+    model = make_model(**position, max_position_embeddings=16)
     ids, _ = prompts(lengths=(10,))
+    with caplog.at_level("WARNING"):
+        out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 16) and torch.equal(out[:, :10], ids)
+    assert "Generation stops at max_position_embeddings=16 tokens" in caplog.text
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        model.generate(torch.cat([ids, ids], dim=1), max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)],

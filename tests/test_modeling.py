@@ -381,6 +381,13 @@ def test_token_id_outside_vocabulary_is_refused_before_embedding_lookup(bad_id):
     assert not lookups
 
 
+def test_an_input_without_tokens_is_refused_before_attention():
+    """(was: "cannot reshape tensor of 0 elements" inside attention; the server's empty prompt answered a 500)"""
+    model = build(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"The input holds no tokens \(shape \(1, 0\)\)"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
 @pytest.mark.parametrize("position", ["learned", "rope+learned"])
 def test_learned_positions_refuse_input_longer_than_max_position_embeddings(position):
     model = build(tiny_config(max_position_embeddings=8, **POSITIONS[position]))

@@ -230,3 +230,28 @@ def test_attention_sinks_are_one_more_logit_per_head_in_the_softmax(form):
         check_attention_implementation(model.config, "flash_attention_2")
     with pytest.raises(VALIDATION_ERRORS, match="attention_sinks.*multi-head latent attention"):
         tiny_config(attention_sinks=True, kv_lora_rank=16, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_attention_sinks_under_sdpa_without_a_mask_read_the_keys_as_sdpa_does(queries):
+    """Without a mask sdpa is causal with the queries the first keys (is_causal), or one query sees every key: a
+    static cache's prefill (8 keys, 5 of them the prompt, the rest empty) gets no mask from transformers. Sinks
+    read it as the last keys (the prompt attended to the empty slots: greedy tokens of gpt-oss-like models
+    changed). Sinks of -inf are no sinks: plain sdpa's output."""
+    model = build(tiny_config(attention_sinks=True, num_key_value_heads=2)).eval()
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attention.sinks.fill_(-1e4)
+    query, key, value = torch.randn(1, 4, queries, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    output, _ = attend(attention, query, key, value, None, sinks=attention.sinks)
+    plain, _ = attend(attention, query, key, value, None)
+    torch.testing.assert_close(output, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_sinks_generate_alike_from_a_static_and_a_dynamic_cache_without_padding():
+    model = build(tiny_config(attention_sinks=True, num_key_value_heads=2)).eval()
+    ids = random_ids(1, 11)
+    runs = [model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                           **kwargs) for kwargs in ({}, {"cache_implementation": "static"})]
+    torch.testing.assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits), rtol=1e-4, atol=1e-5)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
