@@ -61,6 +61,7 @@ from .training import (
     check_resume_config,
     check_arguments,
     check_block_size,
+    check_evaluation,
     check_launch,
     check_output_dir,
     clear_output_dir,
@@ -150,6 +151,7 @@ def setup(model_args: ModelArguments, data_args: DataArguments, run_args: RunArg
         if checkpoint is not None:
             check_resume_adapter(checkpoint, model)
     data = pack_datasets(raw, tokenizer, block_size, data_args)
+    check_evaluation(data.validation, training_args)
     return Setup(checkpoint, config, tokenizer, tokenizer_source, model, raw, data, schedule or [(0, block_size)])
 
 
@@ -314,8 +316,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> str:
                               f"interrupted at step {trainer.state.global_step}: {type(error).__name__} {error}".strip())
         raise
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
-        evals.append(trainer.evaluate())  # the final weights' eval, unless the last step already ran one
+    best_loaded = training_args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
+    if run.data.validation is not None and (not evals or evals[-1]["step"] != trainer.state.global_step or best_loaded):
+        # the final weights' eval, unless the last step already ran one (the best checkpoint's weights, when the
+        # Trainer loaded them at the end: the summary, log and model card describe the model saved)
+        evals.append(trainer.evaluate())
     if evals:
         per_char = f", {evals[-1]['eval_nats_per_char']:.4f} nats/character" if chars_per_token else ""
         logger.info("Final eval_loss %.4f, perplexity %.2f%s", evals[-1]["eval_loss"], perplexity(evals[-1]["eval_loss"]),

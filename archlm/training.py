@@ -47,6 +47,7 @@ from .tokenization_archlm import IM_END_TOKEN, train_tokenizer
 logger = logging.getLogger(__name__)
 
 TRAINING_LOG_NAME = "training_log.json"
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
 ADAPTER_DIR_NAME = "adapter"
 # Errors of bad flags or data, reported as one line before anything is written.
 SETUP_ERRORS = (ValueError, OSError, StrictDataclassClassValidationError, StrictDataclassFieldValidationError)
@@ -77,6 +78,9 @@ class ModelArguments:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype the weights are held and trained in: float32 (full-precision weights; --bf16/--fp16 add mixed "
+                "precision), bfloat16, float16, or auto (a fine-tuned checkpoint's own dtype)."})
     lora_target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj", metadata={"help": 'Modules that get adapters, comma-separated, or "all-linear"; a mixture\'s expert stacks by their '
                                                               'names (gate_up_proj, up_proj, down_proj).'}
@@ -156,6 +160,8 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--preset {model_args.preset!r} is unknown; presets: {', '.join(PRESETS)}.")
     if streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming reads data of unknown length, so it needs --max_steps (a positive number of steps).")
+    if model_args.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"--dtype {model_args.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
     if model_args.lora_r < 0:
         raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
     if model_args.lora_r and model_args.model_name_or_path is None:
@@ -181,6 +187,16 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
             "mixture of experts with DDP, DeepSpeed ZeRO-2/3 or FSDP instead (each process holds every expert, or a "
             "shard of each); docs/distributed.md says how expert parallelism would be configured on GPUs."
         )
+
+
+def check_evaluation(validation, args: TrainingArguments) -> None:
+    """Flags that evaluate, with no validation data to evaluate on (the Trainer would refuse them after packing)."""
+    evaluating = [flag for flag, on in (("--eval_strategy " + str(getattr(args.eval_strategy, "value", args.eval_strategy)),
+                                         args.eval_strategy != "no"),
+                                        ("--load_best_model_at_end", args.load_best_model_at_end)) if on]
+    if validation is None and evaluating:
+        raise ValueError(f"{' and '.join(evaluating)} need validation data, and there is none: give --validation_file "
+                         "or a --validation_split_percentage above 0.")
 
 
 def check_time_budget(seconds: float, args: TrainingArguments) -> None:
@@ -427,8 +443,10 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
                    f"{model_args.model_name_or_path!r}: fine-tuning keeps the architecture; override only fields "
                    "that leave the weights alone (dropout, rope scaling, window, ...).")
         try:
+            # float32 unless asked otherwise: transformers loads a checkpoint in its own dtype, and in bfloat16 the
+            # optimizer's small updates round away (a fine-tuned norm did not move in 10 steps)
             model, loading = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                                  output_loading_info=True, **kwargs)
+                                                                  output_loading_info=True, dtype=model_args.dtype, **kwargs)
         except RuntimeError as error:
             if "mismatch" not in str(error):
                 raise
@@ -438,7 +456,8 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
         if model_args.config_overrides and changed:  # (fewer layers, a bias turned on: weights dropped or made up)
             raise ValueError(refusal % "which tensors make up" + f" ({len(changed)} differ, e.g. {changed[0]!r})")
     else:
-        model = ArchLMForCausalLM._from_config(config, **kwargs)
+        dtype = torch.float32 if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+        model = ArchLMForCausalLM._from_config(config, dtype=dtype, **kwargs)
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -508,9 +527,11 @@ def connect_deepspeed(training_args: TrainingArguments) -> None:
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Parameters of the whole model, also while ZeRO-3 holds only this process's shard of each one (its full
-    size is then `ds_numel`; `numel()` is 0)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
+    """The model's parameters (LoRA's adapters, which PEFT puts inside the model's modules, apart), or the trainable
+    ones (the adapters, in a LoRA run); also while ZeRO-3 holds only this process's shard of each (its full size is
+    then `ds_numel`; `numel()` is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()
+               if (p.requires_grad if trainable_only else ".lora_" not in name))
 
 
 def base_model(model) -> ArchLMForCausalLM:

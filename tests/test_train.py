@@ -341,7 +341,8 @@ def test_lora_fine_tune_saves_an_adapter_and_a_merged_model(trained, tmp_path):
     for name in MODEL_FILES:
         assert (output / name).is_file(), name
     log = read_log(output)
-    assert 0 < log["trainable_parameters"] < log["parameters"]
+    # the model's own parameters, the adapters apart (PEFT puts them inside its modules: they were counted in)
+    assert 0 < log["trainable_parameters"] < log["parameters"] == read_log(base_folder)["parameters"]
 
     assert_merged_model_is_the_adapter_on_its_base(output, base_folder)
     merged_weights = load_file(output / "model.safetensors")
@@ -409,6 +410,10 @@ BAD_INPUTS = {
     "expert parallelism": (lambda d: ["--preset", "mixtral", "--expert_parallel_size", "2"],
                            "--expert_parallel_size 2: expert parallelism .* GPU.* ZeRO-2/3"),
     "fp16 on a CPU": (lambda d: ["--fp16", "--use_cpu", "true"], "--fp16 mixed precision needs a GPU.*--bf16"),
+    "evaluations without validation data": (
+        lambda d: ["--validation_split_percentage", "0", "--eval_strategy", "steps", "--load_best_model_at_end", "true"],
+        "--eval_strategy steps and --load_best_model_at_end need validation data, and there is none"),
+    "unknown weight dtype": (lambda d: ["--dtype", "bf16"], "--dtype 'bf16' is not one of float32, bfloat16"),
 }
 
 
@@ -470,6 +475,32 @@ def test_a_chat_fine_tune_writes_out_the_conversations_with_the_models_own_chat_
     run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags]))
     assert set(run.raw.train["text"]) == {"### user: def f():\n### assistant:     return 1\n"}
     assert read_log(train(*flags))["status"] == "finished"
+
+
+@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("auto", torch.bfloat16), ("bfloat16", torch.bfloat16)])
+def test_a_bfloat16_folder_is_fine_tuned_in_float32_unless_asked(trained, tmp_path, dtype, expected):
+    """transformers loads a checkpoint in its own dtype: a bfloat16 folder fine-tuned in pure bfloat16, where the
+    optimizer's small updates round away (a norm's weights did not move in 10 steps), without a word."""
+    base = tmp_path / "bf16"
+    shutil.copytree(trained[0], base)
+    ArchLMForCausalLM.from_pretrained(trained[0], dtype=torch.bfloat16).save_pretrained(base)
+    flags = ["--model_name_or_path", str(base), "--max_steps", "1", "--output_dir", str(tmp_path / "out")]
+    run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags, *(["--dtype", dtype] if dtype else [])]))
+    assert {parameter.dtype for parameter in run.model.parameters()} == {expected}
+
+
+def test_load_best_model_at_end_reports_and_saves_the_best_checkpoints_model(tmp_path):
+    """The Trainer loads the best checkpoint at the end; the final evaluation was skipped when the last step had
+    one, so the summary, the log and the model card gave the last step's loss for the best step's weights. Here the
+    "best" is the highest loss (greater_is_better): an early checkpoint."""
+    output = train(*tiny("--max_steps", "12", "--eval_strategy", "steps", "--eval_steps", "4", "--save_steps", "4",
+                         "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
+                         "--greater_is_better", "true", "--learning_rate", "3e-3", "--output_dir", str(tmp_path / "run")))
+    log = read_log(output)
+    losses = {entry["step"]: entry["eval_loss"] for entry in log["evals"][:3]}
+    best = max(losses, key=losses.get)
+    assert best < 12 and log["summary"]["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
+    assert log["summary"]["eval_loss"] != pytest.approx(losses[12], rel=1e-5)
 
 
 def test_a_native_transformers_folder_to_fine_tune_is_pointed_to_the_converter(tmp_path):
