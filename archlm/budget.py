@@ -12,7 +12,8 @@ one, whenever it comes: until then its cost is estimated). Otherwise the end of 
 in the second half (which would raise the learning rate again), but every hundredth of the run it moves earlier if
 the run has fallen behind, so that the schedule still completes on the last step (a decaying rate steps down a
 little). The safety
-net: a run still late stops as soon as the rest would not fit. A resumed run keeps the plan its checkpoint holds.
+net: a run still late stops as soon as the rest would not fit, also within the warm-up, whose plans alone do not end
+a run. A resumed run keeps the plan its checkpoint holds.
 """
 
 import functools
@@ -126,15 +127,23 @@ class TimeBudget(TrainerCallback):
             return self.first_step_seconds
         return max(now - self.first_step_end - self.eval_total, 1e-9) / (step - 1)
 
+    def eval_cost(self, step_seconds: float) -> float:
+        """Seconds of one evaluation: the latest measured, else estimated from the training pace (a forward pass
+        costs about a third of a training step's forward and backward, token for token)."""
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        return step_seconds * self.eval_tokens / max(self.tokens_per_step, 1) / 3
+
     def replan(self, args, state, now: float, later: bool = True) -> None:
         """Plans the run's total steps from its pace so far; with `later=False` only an earlier end is taken."""
         step_seconds = self.pace(state.global_step, now)
-        eval_seconds = self.eval_seconds
-        if eval_seconds is None:  # none measured yet: a forward pass costs about a third of a training step
-            eval_seconds = step_seconds * self.eval_tokens / max(self.tokens_per_step, 1) / 2
         eval_every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else None
         total = int(agree(plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
-                                     eval_seconds, eval_every, self.final_eval, self.reserve), "min"))
+                                     self.eval_cost(step_seconds), eval_every, self.final_eval, self.reserve), "min"))
+        if state.global_step < WARMUP_STEPS:
+            # a plan made on the warm-up's pace does not end the run (one came out at 1 step, a third of the budget
+            # used): the safety net does, if the next step and the end of the run truly would not fit
+            total = max(total, state.global_step + 1)
         if not later:
             if total >= self.planned_steps:
                 return
@@ -150,10 +159,14 @@ class TimeBudget(TrainerCallback):
                 callback.training_bar.refresh()
 
     def stop_if_over(self, args, state, control, now: float) -> None:
-        """At the planned step, or as soon as one more step and the end of the run would pass the budget."""
-        late = not self.fixed and bool(agree(float(
-            now - self.start + self.pace(state.global_step, now) + self.reserve
-            + (self.eval_seconds or 0.0) * self.final_eval > self.seconds), "max"))
+        """At the planned step, or as soon as one more step and the end of the run would pass the budget (not in a
+        resumed run, which keeps its checkpoint's plan: this process has not seen the time spent before it)."""
+        step_seconds = self.pace(state.global_step, now)
+        # an evaluation not yet measured is estimated from the pace once the warm-up is over (the first steps' pace
+        # would overstate it)
+        eval_seconds = self.eval_seconds or (self.eval_cost(step_seconds) if state.global_step >= WARMUP_STEPS else 0.0)
+        late = not self.fixed and bool(agree(float(now - self.start + step_seconds + self.reserve
+                                                   + eval_seconds * self.final_eval > self.seconds), "max"))
         if state.global_step >= state.max_steps or late:
             self.planned_steps = state.max_steps = state.global_step
             # what DefaultFlowCallback does at the last step, which it has already passed for this one

@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import TINY_MODEL
 
-from archlm.budget import PROVISIONAL_STEPS, TimeBudget, plan_steps, planned_schedule
+from archlm.budget import PROVISIONAL_STEPS, SAFETY, TimeBudget, plan_steps, planned_schedule
 from archlm.training import ArchLMTrainingArguments
 from train_helpers import TINY, read_log, train, train_script
 
@@ -68,6 +68,27 @@ def test_a_run_that_falls_behind_ends_its_schedule_earlier_on_its_last_step_and_
     assert budget.planned_steps == state.max_steps == state.global_step and now <= 100
     # step s trained at rates[s - 1] (rates[0]: the warm-up's start): the last one near zero, the cosine completed
     assert max(rates) == pytest.approx(1.0) and rates[state.global_step - 1] < 0.01
+
+
+def test_a_plan_made_on_the_warm_up_pace_does_not_end_the_run_the_safety_net_does(tmp_path):
+    """A first step of 6 s (warm-up), then 0.5 s steps, in 30 s with a final evaluation of 12 training steps'
+    tokens (estimated at a third of their cost until measured). On the first step's pace the plan fits no second
+    step: it ended the run there, with a fifth of the budget used. Now the run goes on, re-planned at each warm-up
+    step on a settling pace, and ends within the budget: one more step would not have fit."""
+    from transformers import TrainerControl, TrainerState
+
+    args = budget_args(tmp_path)
+    budget = TimeBudget(30, tokens_per_step=1024, eval_tokens=12 * 1024, final_eval=True, reserve=1.0)
+    state, control = TrainerState(max_steps=PROVISIONAL_STEPS), TrainerControl()
+    budget.start, now = 0.0, 0.0
+    while not control.should_training_stop:
+        state.global_step += 1
+        now += 6.0 if state.global_step == 1 else 0.5
+        budget.step_ended(args, state, control, now)
+        if state.global_step == 1:
+            assert state.max_steps == 2  # the plan alone said 1
+    final = now + 12 * 0.5 / 3 + 1.0  # the estimated evaluation, the save
+    assert state.global_step > 20 and final <= 30 * (1 - SAFETY) < final + 0.5
 
 
 BUDGETED = ["--config_overrides", TINY_MODEL, "--max_train_seconds", "6", "--lr_scheduler_type", "cosine",
