@@ -448,6 +448,11 @@ QK_NORM_SCOPES = {
     "per_head": ("PerHead", "each head normalised over head_dim with its own weight (StableLM, Cohere)"),
     "full": ("Full", "q and k normalised over their whole width, all heads together (OLMo 2)"),
 }
+# how group-limited routing (n_group > 1) scores a group of experts
+GROUP_SCORINGS = {
+    "top2_sum": "its two best experts' scores summed (DeepSeek-V3)",
+    "max": "its best expert's score (DeepSeek-V2's group_limited_greedy)",
+}
 # where rope rounds in a bf16/fp16 model (all three the same in float32): each family's, so imports are bit-identical
 ROPE_PRECISIONS = {
     "default": "cos/sin tables and the rotation in the activations' dtype (Llama, most families)",
@@ -605,6 +610,9 @@ class ArchLMConfig(PreTrainedConfig):
     # the top-k weights as the softmax of the k largest router logits (Granite-MoE), not the softmax over every expert
     # renormalised over the k: the same weights one rounding apart (needs softmax scoring and norm_topk_prob)
     router_topk_softmax: bool = False
+    # rounding only: the router's logits from float32 inputs and weights (DeepSeek-V2, HunYuan-MoE, ERNIE 4.5), not in
+    # the activations' dtype; sigmoid routers always are. The same in a float32 model; in bf16 the native choice
+    router_logits_fp32: bool = False
     router_bias: bool = False  # a learned bias on the router's logits (gpt-oss): it moves both the choice and the weights
     decoder_sparse_step: int = 1  # every N-th layer is sparse (Qwen-MoE)
     mlp_only_layers: list[int] | None = None  # layers that stay dense
@@ -617,10 +625,11 @@ class ArchLMConfig(PreTrainedConfig):
     # bias above (zeros, moved only with a rate); the top-k weights are the scores, renormalised with norm_topk_prob
     router_scoring: Literal["softmax", "sigmoid"] = "softmax"
     routed_scaling_factor: float | int = 1.0  # the routed experts' weights x this (DeepSeek-V3: 2.5)
-    # group-limited routing (DeepSeek-V3): the experts in n_group groups, each token choosing its top-k among the
-    # topk_group groups whose two best scores sum highest; 1 group: no limit
+    # group-limited routing (DeepSeek-V2/V3): the experts in n_group groups, each token choosing its top-k among the
+    # topk_group groups that score highest; 1 group: no limit
     n_group: int = 1
     topk_group: int = 1
+    group_scoring: Literal[tuple(GROUP_SCORINGS)] = "top2_sum"  # how a group is scored for that, see GROUP_SCORINGS
     shared_expert_gated: bool = True  # the shared expert behind Qwen2-MoE's sigmoid gate; False: added as is (DeepSeek)
     output_router_logits: bool = False  # return the router logits and add the auxiliary losses to the loss
     # --- provenance ---
@@ -797,7 +806,8 @@ class ArchLMConfig(PreTrainedConfig):
             (bool(self.no_rope_layers) and 0 in self.no_rope_layers, "no_rope_layers", self.no_rope_layers,
              "rope in every layer"),
             (self.qk_norm, "qk_norm", True, "False"), (self.clip_qkv is not None, "clip_qkv", self.clip_qkv, "None"),
-            (self.rope_precision != "default", "rope_precision", self.rope_precision, "'default'"),
+            (self.rope_precision == "float32_rotation", "rope_precision", self.rope_precision,
+             "'default' or 'float32'"),
             (self.sub_layernorm, "sub_layernorm", True, "False"),
             ("sliding_attention" in self.layer_types, "layer_types", self.layer_types, "full attention in every layer"),
             (self.attn_logit_softcapping is not None, "attn_logit_softcapping", self.attn_logit_softcapping, "None"),
@@ -876,8 +886,8 @@ class ArchLMConfig(PreTrainedConfig):
         if self.num_experts is None:
             for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
                                 ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
-                                ("topk_group", 1), ("shared_expert_gated", True), ("router_topk_softmax", False),
-                                ("router_bias", False)):
+                                ("topk_group", 1), ("group_scoring", "top2_sum"), ("shared_expert_gated", True),
+                                ("router_topk_softmax", False), ("router_logits_fp32", False), ("router_bias", False)):
                 if getattr(self, name) != unset:
                     raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
                                      "dense (num_experts=None): set num_experts too.")
@@ -921,9 +931,12 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError(f"`n_group`={groups} and `topk_group`={chosen}: the {experts} experts must split into "
                              f"n_group equal groups, and 1 <= topk_group <= n_group.")
         per_group = experts // groups
-        if groups > 1 and per_group < 2:
-            raise ValueError(f"`n_group`={groups} leaves {per_group} expert a group: a group is scored by its two best "
-                             "experts, so each needs at least 2.")
+        if groups == 1 and self.group_scoring != "top2_sum":
+            raise ValueError(f"`group_scoring`={self.group_scoring!r} scores groups of experts, but n_group=1 makes "
+                             "one group (no limit): set n_group > 1, or leave group_scoring at 'top2_sum'.")
+        if groups > 1 and per_group < 2 and self.group_scoring == "top2_sum":
+            raise ValueError(f"`n_group`={groups} leaves {per_group} expert a group: group_scoring='top2_sum' scores a "
+                             "group by its two best experts, so each needs at least 2 (group_scoring='max' needs 1).")
         if self.num_experts_per_tok > chosen * per_group:
             raise ValueError(f"`num_experts_per_tok` ({self.num_experts_per_tok}) must be at most the experts of the "
                              f"topk_group={chosen} groups a token may use ({chosen} x {per_group}).")
@@ -1161,7 +1174,8 @@ class ArchLMConfig(PreTrainedConfig):
              + ("" if not self.shared_expert_intermediate_size else "+Shared" if self.shared_expert_gated
                 else "+SharedUngated")
              + ("+Sigmoid" if self.router_scoring == "sigmoid" else "")
-             + (f"+Group{self.n_group}top{self.topk_group}" if self.n_group > 1 else "")
+             + (f"+Group{self.n_group}top{self.topk_group}" + ("max" if self.group_scoring == "max" else "")
+                if self.n_group > 1 else "")
              + ("+RouterBias" if self.router_bias_update_rate else "")
              + ("+GateBias" if self.router_bias else "")),
             (bool(self.kv_lora_rank), f"MLA{self.kv_lora_rank}" + (f"q{self.q_lora_rank}" if self.q_lora_rank else "")),
@@ -1238,10 +1252,12 @@ class ArchLMConfig(PreTrainedConfig):
              + (f", clamped at {self.swiglu_limit} (gpt-oss)" if self.swiglu_limit is not None else "")),
             ("experts", (f"{self.num_experts} of width {self.moe_intermediate_size}, top-{self.num_experts_per_tok}"
                          f" by {self.router_scoring}"
-                         + (f" within {self.topk_group} of {self.n_group} groups" if self.n_group > 1 else "")
+                         + (f" within {self.topk_group} of {self.n_group} groups"
+                            f" (by {GROUP_SCORINGS[self.group_scoring]})" if self.n_group > 1 else "")
                          + f"{' renormalised' if self.norm_topk_prob else ''}"
                          + (f" x {self.routed_scaling_factor}" if self.routed_scaling_factor != 1 else "")
                          + f"{' (mixed in fp32)' if self.router_weights_fp32 else ''}"
+                         + (", router logits in fp32" if self.router_logits_fp32 else "")
                          + (", router with a bias" if self.router_bias else "")
                          + f", in {sparse} of {self.num_hidden_layers} layers"
                          + (f", shared expert {self.shared_expert_intermediate_size}"

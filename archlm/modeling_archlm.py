@@ -623,8 +623,9 @@ class ArchLMLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent).view(batch, 1, length, self.kv_lora_rank)
         k_rope = k_rope.view(batch, 1, length, self.rope_dim)
         cos, sin = position_embeddings
+        # float32 tables (rope_precision="float32", DeepSeek-V2's) rotate in float32, rounded back once
         if self.config.rope_interleaved:
-            q_rope, k_rope = rotate_pairs_deinterleaved(q_rope, cos, sin), rotate_pairs_deinterleaved(k_rope, cos, sin)
+            q_rope, k_rope = (rotate_pairs_deinterleaved(x, cos, sin).to(x.dtype) for x in (q_rope, k_rope))
         else:
             q_rope, k_rope = apply_rotary_pos_emb(q_rope, k_rope, cos, sin)
         if past_key_values is not None:
@@ -850,7 +851,8 @@ class ArchLMExperts(nn.Module):
 
 class Float32Linear(nn.Linear):
     """A Linear computed in float32 at least, whatever the model's dtype (DeepSeek-V3's router: sigmoid scores of bf16
-    logits would tie and round before they are compared with each other and the routing bias)."""
+    logits would tie and round before they are compared with each other and the routing bias; DeepSeek-V2's softmax
+    router with router_logits_fp32)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
@@ -872,8 +874,8 @@ class ArchLMSparseMoeBlock(nn.Module):
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.router_weights_fp32, self.topk_softmax = config.router_weights_fp32, config.router_topk_softmax
         self.sigmoid, self.scale = config.router_scoring == "sigmoid", config.routed_scaling_factor
-        self.n_group, self.topk_group = config.n_group, config.topk_group
-        router = Float32Linear if self.sigmoid else nn.Linear
+        self.n_group, self.topk_group, self.group_scoring = config.n_group, config.topk_group, config.group_scoring
+        router = Float32Linear if self.sigmoid or config.router_logits_fp32 else nn.Linear
         self.gate = router(config.hidden_size, config.num_experts, bias=config.router_bias)
         self.experts = ArchLMExperts(config)
         if config.shared_expert_intermediate_size:
@@ -900,7 +902,9 @@ class ArchLMSparseMoeBlock(nn.Module):
         for_choice = scores if bias is None else scores + bias.float()
         if self.n_group > 1:  # only the experts of each token's topk_group best groups stay candidates
             groups = for_choice.unflatten(-1, (self.n_group, -1))  # (T, G, E/G)
-            best_groups = groups.topk(2, dim=-1).values.sum(dim=-1).topk(self.topk_group, dim=-1).indices
+            # a group's score: its best expert's (DeepSeek-V2), or its two best summed (DeepSeek-V3)
+            group_scores = groups.amax(dim=-1) if self.group_scoring == "max" else groups.topk(2, dim=-1).values.sum(-1)
+            best_groups = group_scores.topk(self.topk_group, dim=-1).indices
             kept = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(-1, best_groups, True)
             for_choice = groups.masked_fill(~kept.unsqueeze(-1), float("-inf")).flatten(-2)
         top_k_index = for_choice.topk(self.top_k, dim=-1).indices

@@ -651,13 +651,20 @@ ROUNDING_OPTIONS = {  # option -> what else it needs
     "rope-float32-rotation": (dict(rope_precision="float32_rotation"), {}),
     "norm-weight-fp32": (dict(norm_weight_fp32=True), dict(qk_norm=True)),
     "parallel-sublayers-first": (dict(parallel_residual_order="sublayers_first"), dict(use_parallel_residual=True)),
+    # DeepSeek-V2's: its latent attention's rope in float32, its softmax router's logits in float32
+    "latent-rope-float32": (dict(rope_precision="float32"), dict(
+        kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, v_head_dim=12, head_dim=8, num_key_value_heads=4,
+        rope_interleaved=True)),
+    "router-logits-fp32": (dict(router_logits_fp32=True), dict(num_experts=4, num_experts_per_tok=2,
+                                                               moe_intermediate_size=32)),
 }
 
 
 @pytest.mark.parametrize("option", list(ROUNDING_OPTIONS))
 def test_the_rounding_options_round_differently_in_bfloat16_and_compute_the_same_function(option):
-    """rope_precision, norm_weight_fp32 and parallel_residual_order follow a family's roundings: the same logits
-    within float32's error in a float32 model, and different bits in a bf16 one (so the option is not ignored)."""
+    """rope_precision, norm_weight_fp32, parallel_residual_order and router_logits_fp32 follow a family's roundings:
+    the same logits within float32's error in a float32 model, and different bits in a bf16 one (so the option is not
+    ignored)."""
     rounding, base = ROUNDING_OPTIONS[option]
     torch.manual_seed(0)
     plain = build(tiny_config(**base))

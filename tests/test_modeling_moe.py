@@ -23,9 +23,10 @@ def reference_moe(block, hidden_states):
         probabilities = torch.sigmoid(logits) if block.sigmoid else torch.softmax(logits, dim=-1)
         # a routing bias (DeepSeek-V3) enters the choice of the experts, not their weights
         for_choice = probabilities + getattr(block, "e_score_correction_bias", 0.0)
-        if block.n_group > 1:  # the experts of the topk_group groups whose two best scores sum highest
+        if block.n_group > 1:  # the experts of the topk_group groups whose two best scores sum highest (or best one)
             groups = for_choice.view(block.n_group, -1)
-            best = set(groups.topk(2).values.sum(-1).topk(block.topk_group).indices.tolist())
+            group_scores = groups.max(-1).values if block.group_scoring == "max" else groups.topk(2).values.sum(-1)
+            best = set(group_scores.topk(block.topk_group).indices.tolist())
             for_choice = torch.cat([group if g in best else torch.full_like(group, -torch.inf)
                                     for g, group in enumerate(groups)])
         chosen = for_choice.topk(block.top_k).indices
@@ -77,8 +78,13 @@ GPT_OSS_MIXTURE = dict(num_experts=4, num_experts_per_tok=2, router_bias=True, m
          routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False),
     dict(num_experts=5, num_experts_per_tok=3, router_topk_softmax=True),
     GPT_OSS_MIXTURE,
+    # DeepSeek-V2's group_limited_greedy: softmax scores, groups by their best score, unnormalised and scaled
+    dict(num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, group_scoring="max", norm_topk_prob=False,
+         routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False,
+         router_logits_fp32=True),
 ], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias",
-        "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits", "gpt-oss-biased-router-clamped-glu"])
+        "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits", "gpt-oss-biased-router-clamped-glu",
+        "softmax-maxgroups-unnormalised-scaled-ungatedshared"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -262,6 +268,10 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(num_experts=4, router_topk_softmax=True, router_scoring="sigmoid"), ["router_topk_softmax", "'sigmoid'"]),
     (dict(router_topk_softmax=True), ["router_topk_softmax", "dense", "num_experts"]),
     (dict(router_bias=True), ["router_bias", "dense", "num_experts"]),
+    (dict(num_experts=8, group_scoring="max"), ["group_scoring", "'max'", "n_group=1"]),
+    (dict(num_experts=8, n_group=4, group_scoring="mean"), ["group_scoring", "mean"]),
+    (dict(group_scoring="max"), ["group_scoring", "dense", "num_experts"]),
+    (dict(router_logits_fp32=True), ["router_logits_fp32", "dense", "num_experts"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:
@@ -275,6 +285,16 @@ def test_mixtral_name_for_the_expert_count_is_accepted():
     assert ArchLMConfig.from_preset("mixtral", num_local_experts=4).num_experts == 4  # the preset has 8
     with pytest.raises(ValueError, match="`num_experts`=6 and `num_local_experts`=4"):
         ArchLMConfig.from_preset("mixtral", num_local_experts=4, num_experts=6)
+
+
+def test_groups_scored_by_their_best_expert_take_one_expert_each_and_are_named():
+    """DeepSeek-V2's group_limited_greedy scores a group by its best expert alone: a group may hold a single expert
+    (DeepSeek-V3's sum of the two best needs two), and the name and summary say which scoring routes."""
+    config = tiny_config(num_experts=8, num_experts_per_tok=2, n_group=8, topk_group=4, group_scoring="max")
+    assert "-MoE8x2+Group8top4max" in config.architecture_name
+    assert "within 4 of 8 groups (by its best expert's score" in config.summary()
+    with pytest.raises(VALIDATION_ERRORS, match="group_scoring='top2_sum' scores a group by its two best"):
+        tiny_config(num_experts=8, num_experts_per_tok=2, n_group=8, topk_group=4)
 
 
 def test_a_sigmoid_router_keeps_its_bias_at_rate_zero_computes_in_float32_and_exports_to_dots1(tmp_path):
