@@ -7,7 +7,8 @@ ArchLM config sets that the family cannot express (`Family.mismatches`). `FAMILY
 families first, as `archlm.convert.native_family` picks the first that expresses a config.
 
 This module holds the dense families' records and the whole list; `archlm/families_moe.py` the mixtures of experts';
-`archlm/family_spec.py` the `Family` record, the weight operations and the helpers the records share.
+`archlm/families_more.py` those added since (DeepSeek-V2, ...); `archlm/family_spec.py` the `Family` record, the weight
+operations and the helpers the records share.
 """
 
 import math
@@ -104,6 +105,7 @@ from transformers import (
 
 from .configuration_archlm import ArchLMConfig
 from .families_moe import MOE_FAMILY_LIST
+from .families_more import MORE_FAMILY_LIST
 from .family_spec import (
     ANY,
     GEMMA_ACTIVATIONS,
@@ -892,5 +894,5 @@ def _opt_import(native: PreTrainedConfig) -> dict:
                 mlp_bias=native.enable_bias)
 
 # the more specific families first: `archlm.convert.native_family` picks the first that expresses a config
-FAMILY_LIST += MOE_FAMILY_LIST
+FAMILY_LIST += MOE_FAMILY_LIST + MORE_FAMILY_LIST
 FAMILIES: dict[type[PreTrainedModel], Family] = {family.model_class: family for family in FAMILY_LIST}

@@ -1,7 +1,7 @@
 """How a transformers family is written down for `archlm.convert`: the `Family` record, the reversible weight
 operations (`Transpose`, `SplitRows`, `SplitGroupedQKV`, `StackHeads`) and key renames (`Rename`), the neutral
 ArchLM config a family departs from, and the helpers and field maps the records share. The records themselves are in
-`archlm.families` (dense models) and `archlm.families_moe` (mixtures of experts).
+`archlm.families` (dense models), `archlm.families_moe` (mixtures of experts) and `archlm.families_more`.
 """
 
 import copy
@@ -253,7 +253,7 @@ NEUTRAL = {
     "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_sinks": False,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
     "router_bias_update_rate": 0.0, "router_bias": False, "swiglu_limit": None, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
-    "topk_group": 1, "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
+    "topk_group": 1, "group_scoring": "top2_sum", "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
@@ -271,6 +271,7 @@ _RELEVANT = {
     "routed_scaling_factor": lambda config: config.num_experts,
     "n_group": lambda config: config.num_experts,
     "topk_group": lambda config: config.num_experts and config.n_group > 1,
+    "group_scoring": lambda config: config.num_experts and config.n_group > 1,
     "shared_expert_gated": lambda config: config.num_experts and config.shared_expert_intermediate_size,
 }
 # Dropped on export with a warning: inference is unchanged (they act in training only), training the export further

@@ -30,6 +30,8 @@ from transformers import (
     CohereForCausalLM,
     CwmConfig,
     CwmForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     Dots1Config,
@@ -357,6 +359,21 @@ MOE_CASES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
                          "beta_slow": 1}), ("eager", "sdpa")),
+    # DeepSeek-V2: a softmax router, unnormalised top-3 x 2.5 within the 2 of 4 groups whose best score is highest
+    # (its group_limited_greedy: group_scoring="max"), latent attention with a query latent, the first layer dense;
+    # then greedy routing (n_group ignored), a projected query with YaRN (mscale_all_dim scales the scores), biases
+    "deepseek_v2-mla-qlatent-grouplimitedgreedy-maxgroups-scaled-densefirst": (DeepseekV2ForCausalLM, lambda: DeepseekV2Config(
+        **dict(TINY, num_hidden_layers=3, num_key_value_heads=4), n_routed_experts=8, moe_intermediate_size=16,
+        n_shared_experts=2, topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12), ("eager", "sdpa")),
+    "deepseek_v2-mla-qprojected-greedy-yarn-mscale-bias": (DeepseekV2ForCausalLM, lambda: DeepseekV2Config(
+        **dict(TINY, num_key_value_heads=4), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1,
+        topk_method="greedy", n_group=2, topk_group=1, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, attention_bias=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                         "beta_slow": 1}), ("eager", "sdpa")),
     "glm4_moe-sigmoid-biased-rotary50-qkvbias-qknorm-2densefirst": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
         n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
@@ -582,18 +599,19 @@ BF16_CASES = {**{case: partial(build_reference, case) for case in CASES},
 def test_families_are_bit_identical_in_bfloat16(case):
     """In bf16 every rounding counts, and families round differently where the function is the same: Mixtral,
     dots.llm1, GLM-4.5 and DeepSeek-V3 mix their experts' outputs with float32 weights where Qwen-MoE and OLMoE cast
-    them first (router_weights_fp32); OLMo and OLMo 2 rotate q and k in float32 and Cohere with rounded tables
-    (rope_precision); OLMo 2 applies RMSNorm's weight before rounding (norm_weight_fp32); NeoX, GPT-J and Phi add
-    the two sublayers of a parallel block before the residual, StableLM and Cohere after it
+    them first (router_weights_fp32); OLMo, OLMo 2 and DeepSeek-V2 rotate q and k in float32 and Cohere with rounded
+    tables (rope_precision); OLMo 2 applies RMSNorm's weight before rounding (norm_weight_fp32); NeoX, GPT-J and Phi
+    add the two sublayers of a parallel block before the residual, StableLM and Cohere after it
     (parallel_residual_order); Granite-MoE's top-k weights are the softmax of the k largest logits, not the
     renormalised top-k of the softmax (router_topk_softmax); gpt-oss puts its sinks in the softmax where GraniteSWA
-    scales the output (attention_sinks_in_softmax). The import keeps each family's choice, so logits and
+    scales the output (attention_sinks_in_softmax); DeepSeek-V2 computes its softmax router's logits in float32
+    (router_logits_fp32). The import keeps each family's choice, so logits and
     greedy tokens are identical, the one-token decoding path included (BF16_ROUNDS_APART: within a bound, for the
     reasons given there)."""
     reference = BF16_CASES[case]().to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
     if case in MOE_CASES:
-        weights_fp32 = ("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open", "exaone_moe")
+        weights_fp32 = ("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open", "exaone_moe", "deepseek_v2")
         assert converted.config.router_weights_fp32 == case.startswith(weights_fp32)
     inputs = batch(left_padding=False)
     with torch.no_grad():
