@@ -558,6 +558,7 @@ class ArchLMConfig(PreTrainedConfig):
     swiglu_limit: float | int | None = None
     qk_norm: bool = False  # normalise q and k before rope (Qwen3, OLMo 2, Gemma 3, StableLM, Cohere)
     qk_norm_scope: Literal[tuple(QK_NORM_SCOPES)] = "head"  # see QK_NORM_SCOPES
+    qk_norm_position: Literal["before_rope", "after_rope"] = "before_rope"  # after_rope: the rotated q and k (HunYuan)
     qk_norm_type: Literal[tuple(NORM_TYPES)] | None = None  # None: norm_type
     clip_qkv: float | int | None = None  # clamp q, k and v to [-clip_qkv, clip_qkv] after their projections (OLMo)
     sliding_window: int | None = None  # sliding layers attend to at most this many tokens, themselves included (Mistral)
@@ -742,6 +743,9 @@ class ArchLMConfig(PreTrainedConfig):
         if self.logits_scaling_on_hidden and self.logits_scaling == 1:
             raise ValueError("`logits_scaling_on_hidden`=True says where logits_scaling divides (MiniCPM3's way), but "
                              "logits_scaling=1: set logits_scaling too, or drop it.")
+        if self.qk_norm_position != "before_rope" and not self.qk_norm:
+            raise ValueError(f"`qk_norm_position`={self.qk_norm_position!r} says where the q/k norms sit (HunYuan's "
+                             "after rope), but qk_norm=False: set qk_norm=True too, or drop it.")
         if self.attention_sinks_in_softmax and not self.attention_sinks:
             raise ValueError("`attention_sinks_in_softmax`=True says how the sinks round (gpt-oss's way), but this model "
                              "has none: set attention_sinks=True too, or drop it.")
@@ -1184,7 +1188,7 @@ class ArchLMConfig(PreTrainedConfig):
             (self.use_parallel_residual, "Parallel" if self.parallel_shared_norm else "Parallel2Norm"),
             (self.sub_layernorm, "SubLN"),
             (self.swiglu_limit is not None, f"ClampGLU{self.swiglu_limit:g}" if self.swiglu_limit else ""),
-            (self.qk_norm, f"QKNorm{scope}"),
+            (self.qk_norm, f"QKNorm{scope}" + ("AfterRope" if self.qk_norm_position == "after_rope" else "")),
             (self.clip_qkv is not None, f"ClipQKV{self.clip_qkv:g}" if self.clip_qkv else ""),
             (sliding == self.num_hidden_layers, f"SWA{self.sliding_window}"),
             (0 < sliding < self.num_hidden_layers, f"SWA{self.sliding_window}x{_ratio(sliding, self.num_hidden_layers - sliding)}"),
@@ -1275,7 +1279,8 @@ class ArchLMConfig(PreTrainedConfig):
             ("attention layers", f"{sliding} sliding (window {self.sliding_window}), {self.num_hidden_layers - sliding} full"),
             ("attention scale", f"{self.attention_scaling:.6g}" + (f", softcap {self.attn_logit_softcapping}" if self.attn_logit_softcapping else "")
              + (", a learned sink per head" if self.attention_sinks else "")),
-            ("qk norm", f"{self.qk_norm_type or self.norm_type}, {self.qk_norm_scope}" if self.qk_norm else "False"),
+            ("qk norm", f"{self.qk_norm_type or self.norm_type}, {self.qk_norm_scope}"
+             + (", after rope" if self.qk_norm_position == "after_rope" else "") if self.qk_norm else "False"),
             ("clip qkv", str(self.clip_qkv)),
             ("bias (qkv / out / mlp / head)", f"{self.attention_bias} / {self.attention_output_bias} / {self.mlp_bias} / {self.lm_head_bias}"),
             ("multipliers (emb / residual / logits)", f"{self.embedding_multiplier}"

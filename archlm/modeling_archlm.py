@@ -417,8 +417,8 @@ class ArchLMAttention(nn.Module):
         K/V heads        kv0     |     kv1          (nkv = 2, each serves a group of nh / nkv = 4)
 
     Per layer: its type (full or sliding window) and whether it rotates q/k (NoPE layers do not). Options in the
-    order they apply: q/k norm (per head or over the full width), clip_qkv, rope (partial, interleaved), scores
-    scaled and soft-capped, Sub-LN's norm before o_proj.
+    order they apply: q/k norm (per head or over the full width), clip_qkv, rope (partial, interleaved), or the q/k
+    norm here (qk_norm_position="after_rope": HunYuan), scores scaled and soft-capped, Sub-LN's norm before o_proj.
     """
 
     def __init__(self, config: ArchLMConfig, layer_idx: int):
@@ -459,6 +459,14 @@ class ArchLMAttention(nn.Module):
             keys_seen = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
         return 2 * (2 * self.config.num_attention_heads * self.head_dim * keys_seen)
 
+    def norm_heads(self, norm: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """A q/k norm on (B, heads, T, hd) states, in the layout its scope normalises: (B, T, heads, hd) per head, or
+        (B, T, heads * hd) over the full width."""
+        states = states.transpose(1, 2)  # (B, T, heads, hd)
+        if self.config.qk_norm_scope == "full":
+            return norm(states.flatten(-2)).view_as(states).transpose(1, 2)
+        return norm(states).transpose(1, 2)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -475,11 +483,12 @@ class ArchLMAttention(nn.Module):
         query_states, key_states, value_states = (
             self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)  # (B, T, heads * hd)
         )
-        if config.qk_norm and config.qk_norm_scope == "full":
+        norm_before_rope = config.qk_norm and config.qk_norm_position == "before_rope"
+        if norm_before_rope and config.qk_norm_scope == "full":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
         value_states = value_states.view(hidden_shape)
-        if config.qk_norm and config.qk_norm_scope != "full":
+        if norm_before_rope and config.qk_norm_scope != "full":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         if config.clip_qkv is not None:  # after any q/k norm (OLMoE); OLMo has none
             query_states, key_states, value_states = (
@@ -493,6 +502,8 @@ class ArchLMAttention(nn.Module):
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, config.rope_interleaved,
                                                             in_float32=config.rope_precision != "default")
+        if config.qk_norm and config.qk_norm_position == "after_rope":
+            query_states, key_states = self.norm_heads(self.q_norm, query_states), self.norm_heads(self.k_norm, key_states)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

@@ -122,6 +122,11 @@ NEW_OPTIONS = {
     "alibi-sinks": dict(position_embedding_type="alibi", attention_sinks=True),
     # OPT's positions: learned, counted from the attention mask when no position_ids are given
     "learned-positions-from-mask": dict(position_embedding_type="learned", position_ids_from_mask=True),
+    # HunYuan's q/k norms on the rotated q and k (what the cache then holds)
+    "qknorm-after-rope": dict(qk_norm=True, qk_norm_position="after_rope"),
+    # DeepSeek-V2's group_limited_greedy: groups scored by their best expert; the router's logits in float32
+    "experts-groups-by-best-expert": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                                          topk_group=1, group_scoring="max", router_logits_fp32=True),
 }
 _BASES = [
     dict(num_key_value_heads=2, tie_word_embeddings=True),

@@ -519,6 +519,7 @@ def config_kwargs(draw):
         rope_interleaved=draw(st.booleans()),
         qk_norm_scope=pick(st.sampled_from(["head", "per_head", "full"]), st.just("token")),
         qk_norm_type=pick(st.sampled_from([None, *norm_types]), st.just("groupnorm")),
+        qk_norm_position=pick(st.sampled_from(["before_rope", "after_rope"]), st.just("after_attention")),
         clip_qkv=optional_scale,
         lm_head_bias=draw(st.booleans()),
         embedding_multiplier=scale,
@@ -533,6 +534,7 @@ def config_kwargs(draw):
         attention_sinks_in_softmax=draw(st.sampled_from([False, False, False, True])),
         swiglu_limit=pick(st.sampled_from([None, None, None, 0.5]), st.floats(-1.0, 2.0)),
         router_bias=draw(st.sampled_from([False, False, True])),
+        router_logits_fp32=draw(st.sampled_from([False, False, True])),
         position_ids_from_mask=draw(st.sampled_from([False, False, True])),
         num_experts=pick(st.sampled_from([None, None, 2, 4]), st.integers(-1, 3)),
         num_experts_per_tok=pick(st.integers(1, 2), st.integers(-1, 5)),
@@ -644,6 +646,37 @@ def test_norms_start_as_the_identity_scale(norm_type, weight):
     norms = [module for name, module in model.named_modules() if name.endswith(("layernorm", "norm"))
              and hasattr(module, "weight")]
     assert norms and all(torch.equal(norm.weight, torch.full_like(norm.weight, weight)) for norm in norms)
+
+
+@pytest.mark.parametrize("scope", ["head", "per_head", "full"])
+def test_qk_norm_after_rope_normalises_the_rotated_query_and_key(scope, monkeypatch):
+    """qk_norm_position="after_rope" (HunYuan): the attention scores the q/k norms of the rotated q and k, per head
+    or over the full width as the scope says, not the rotation of the normalised ones."""
+    from archlm import modeling_archlm
+
+    model = build(tiny_config(qk_norm=True, qk_norm_scope=scope, qk_norm_position="after_rope", norm_position="pre"))
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for norm in (attention.q_norm, attention.k_norm):
+            norm.weight.normal_(1.0, 0.3)
+    seen = []
+    monkeypatch.setattr(modeling_archlm, "attend", lambda module, query, key, *args, **kwargs: (
+        seen.append((query, key)) or attend(module, query, key, *args, **kwargs)))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(5)[None])
+        heads = [projection(hidden).view(2, 5, -1, attention.head_dim).transpose(1, 2)  # (B, heads, T, hd)
+                 for projection in (attention.q_proj, attention.k_proj)]
+        rotated = modeling_archlm.apply_rotary_pos_emb(*heads, cos, sin)
+        expected = []
+        for norm, states in zip((attention.q_norm, attention.k_norm), rotated):
+            states = states.transpose(1, 2)  # (B, T, heads, hd)
+            normed = norm(states.flatten(-2)).view_as(states) if scope == "full" else norm(states)
+            expected.append(normed.transpose(1, 2))
+    torch.testing.assert_close(seen[0][0], expected[0])
+    torch.testing.assert_close(seen[0][1], expected[1])
 
 
 ROUNDING_OPTIONS = {  # option -> what else it needs
