@@ -1,12 +1,20 @@
-"""More families `archlm.convert` converts (DeepSeek-V2, ...), as `Family` records (archlm/family_spec.py);
+"""More families `archlm.convert` converts (DeepSeek-V2, HunYuan dense and MoE, ...), as `Family` records (archlm/family_spec.py);
 `archlm.families` lists them after the mixtures of `archlm.families_moe`.
 """
 
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, PreTrainedConfig
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    HunYuanDenseV1Config,
+    HunYuanDenseV1ForCausalLM,
+    HunYuanMoEV1Config,
+    HunYuanMoEV1ForCausalLM,
+    PreTrainedConfig,
+)
 
 from .configuration_archlm import ArchLMConfig
 from .families_moe import _DEEPSEEK_MOE, _deepseek_moe_export, _deepseek_moe_import
-from .family_spec import ANY, LLAMA_FIELDS, Family, any_bias
+from .family_spec import ANY, LLAMA_ACTIVATIONS, LLAMA_FIELDS, Family, Rename, any_bias, native_head_dim
 
 # DeepSeek-V2's router methods: the top-k of every expert's softmax score, or only of the experts in the topk_group
 # groups whose best score is highest
@@ -52,5 +60,74 @@ MORE_FAMILY_LIST = [
         # its dense MLPs and shared expert take mlp_bias, its routed experts not: ArchLM's mlp_bias covers all three
         refuse=(("mlp_bias", False, "puts biases on its dense MLPs and shared expert but not on its routed experts"),),
         renames=(_DEEPSEEK_MOE["renames"][1],),
+    ),
+]
+
+
+def _hunyuan_rope(native: PreTrainedConfig) -> dict:
+    """HunYuan's checkpoints label their rope "dynamic" with an `alpha`, which its class computes as a fixed NTK
+    stretch of the base (no update with the length): ArchLM's default rope with the stretched base, the same
+    frequencies. It exports as that default rope."""
+    rope = native.rope_parameters or {}
+    if rope.get("rope_type") != "dynamic" or not rope.get("alpha"):
+        return {}
+    dim = native_head_dim(native)
+    return dict(rope_parameters={"rope_type": "default",
+                                 "rope_theta": rope["rope_theta"] * rope["alpha"] ** (dim / (dim - 2))})
+
+
+def _hunyuan_import(native: PreTrainedConfig) -> dict:
+    return dict(_hunyuan_rope(native), head_dim=native_head_dim(native), attention_output_bias=native.attention_bias)
+
+
+# its router is built in float32 and stays so in a model loaded in bf16 (from_pretrained), where it hands the experts
+# float32 weights; a model cast with .to() has it in bf16 and rounds apart
+_HUNYUAN_ROUTER_ROUNDING = dict(router_logits_fp32=True, router_weights_fp32=True)
+
+
+def _hunyuan_moe_import(native: PreTrainedConfig) -> dict:
+    """Its experts and its shared MLP are intermediate_size wide; every layer is sparse. A top-k per layer (a list)
+    is refused unless every layer has the same."""
+    top_k = native.moe_topk
+    if isinstance(top_k, list):
+        if len(set(top_k)) != 1:
+            raise ValueError(f"Cannot convert this hunyuan_v1_moe model: `moe_topk`={top_k} differs between layers; "
+                             "ArchLM has one top-k for every layer.")
+        top_k = top_k[0]
+    return dict(_hunyuan_import(native), num_experts_per_tok=top_k, moe_intermediate_size=native.intermediate_size,
+                shared_expert_intermediate_size=native.intermediate_size, router_aux_loss_coef=0.0,
+                output_router_logits=False, **_HUNYUAN_ROUTER_ROUNDING)
+
+
+# HunYuan: Llama's attention (attention_bias on q/k/v/o) with per-head q/k RMSNorms applied after rope
+_HUNYUAN = dict(
+    fixed=dict(qk_norm=True, qk_norm_position="after_rope"),
+    allows={"attention_output_bias": ANY},
+    renames=(Rename("model.layers.{i}.self_attn.query_layernorm.", "model.layers.{i}.self_attn.q_norm."),
+             Rename("model.layers.{i}.self_attn.key_layernorm.", "model.layers.{i}.self_attn.k_norm.")),
+)
+MORE_FAMILY_LIST += [
+    Family(
+        HunYuanDenseV1ForCausalLM, HunYuanDenseV1Config,
+        fields={**LLAMA_FIELDS, "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "attention_bias": "attention_bias"},
+        requires={"hidden_act": LLAMA_ACTIVATIONS},
+        import_fields=_hunyuan_import,
+        export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
+        **_HUNYUAN,
+    ),
+    Family(
+        # HunYuan-MoE (Hunyuan-A13B): every layer a softmax router's renormalised top-k (moe_topk) plus an ungated
+        # shared MLP, experts and shared MLP all intermediate_size wide; as in transformers, no load-balancing loss
+        HunYuanMoEV1ForCausalLM, HunYuanMoEV1Config,
+        fields={**{key: value for key, value in LLAMA_FIELDS.items() if key != "intermediate_size"},
+                "moe_intermediate_size": "intermediate_size", "head_dim": "head_dim", "norm_eps": "rms_norm_eps",
+                "attention_bias": "attention_bias", "num_experts": "num_experts", "num_experts_per_tok": "moe_topk"},
+        fixed=dict(_HUNYUAN["fixed"], norm_topk_prob=True, shared_expert_gated=False),
+        allows={**_HUNYUAN["allows"], "_shared_expert": ANY},
+        requires={"hidden_act": LLAMA_ACTIVATIONS, "_shared_expert": {True}, "_shared_expert_one_expert": {True}},
+        import_fields=_hunyuan_moe_import,
+        export_fields=lambda config: dict(attention_bias=any_bias(config), hidden_act="silu"),
+        renames=(*_HUNYUAN["renames"], Rename("model.layers.{i}.mlp.gate.wg.", "model.layers.{i}.mlp.gate."),
+                 Rename("model.layers.{i}.mlp.shared_mlp.", "model.layers.{i}.mlp.shared_expert.")),
     ),
 ]

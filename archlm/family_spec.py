@@ -247,8 +247,8 @@ NEUTRAL = {
     "rope_interleaved": False, "_rope_per_layer_type": False, "_no_rope_layers": 0, "_layer_types": "full",
     "norm_type": "rmsnorm", "norm_position": "pre", "use_parallel_residual": False, "parallel_shared_norm": True,
     "sub_layernorm": False, "mlp_type": "gated", "hidden_act": "silu", "qk_norm": False, "qk_norm_scope": "head",
-    "qk_norm_type": None, "clip_qkv": None, "attention_bias": False, "attention_output_bias": False,
-    "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
+    "qk_norm_type": None, "qk_norm_position": "before_rope", "clip_qkv": None, "attention_bias": False,
+    "attention_output_bias": False, "mlp_bias": False, "lm_head_bias": False, "embedding_multiplier": 1.0, "scale_embeddings_by_sqrt_hidden": False,
     "residual_multiplier": 1.0, "attention_multiplier": None, "query_pre_attn_scalar": None, "logits_scaling": 1.0,
     "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_sinks": False,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
@@ -262,6 +262,7 @@ _RELEVANT = {
     or config.learned_position_embeddings,
     "qk_norm_scope": lambda config: config.qk_norm,
     "qk_norm_type": lambda config: config.qk_norm,
+    "qk_norm_position": lambda config: config.qk_norm,
     "norm_topk_prob": lambda config: config.num_experts,
     "_shared_expert": lambda config: config.num_experts,
     "_dense_layers": lambda config: config.num_experts,
@@ -307,6 +308,9 @@ def _facets(config: ArchLMConfig) -> dict:
         "_shared_expert": bool(config.shared_expert_intermediate_size),
         "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
         % config.moe_intermediate_size == 0,
+        # HunYuan-MoE's shared MLP is as wide as each expert (both its intermediate_size)
+        "_shared_expert_one_expert": bool(config.num_experts)
+        and config.shared_expert_intermediate_size == config.moe_intermediate_size,
         "_swiglu_clamped": config.swiglu_limit is not None,
         "_latent_attention": bool(config.kv_lora_rank),
         "_num_key_value_heads": "mha" if config.num_key_value_heads == config.num_attention_heads
@@ -335,6 +339,8 @@ FACET_MEANINGS = {
     "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
     "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
     "_swiglu_clamped": (None, "gpt-oss's clamped GLU (swiglu_limit set)"),
+    "_shared_expert_one_expert": (None, "a shared expert as wide as each expert (shared_expert_intermediate_size = "
+                                        "moe_intermediate_size)"),
     "_latent_attention": (None, "multi-head latent attention (kv_lora_rank set)"),
     "_shared_expert_whole": (None, "a shared expert a whole number of experts wide (shared_expert_intermediate_size a "
                                    "multiple of moe_intermediate_size)"),

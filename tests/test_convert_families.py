@@ -82,6 +82,10 @@ from transformers import (
     Glm4MoeLiteForCausalLM,
     HeliumConfig,
     HeliumForCausalLM,
+    HunYuanDenseV1Config,
+    HunYuanDenseV1ForCausalLM,
+    HunYuanMoEV1Config,
+    HunYuanMoEV1ForCausalLM,
     HyperCLOVAXConfig,
     HyperCLOVAXForCausalLM,
     Jais2Config,
@@ -205,6 +209,9 @@ FAMILY_CASES = {
         **GQA, head_dim=16, attention_bias=True, mlp_bias=True), ("eager", "sdpa")),
     "ernie4_5-interleavedfp32rope-allbias-headdim32": (Ernie4_5ForCausalLM, lambda: Ernie4_5Config(
         **GQA, head_dim=32, use_bias=True), ("eager", "sdpa")),
+    # HunYuan: per-head q/k RMSNorms after rope, biases on q/k/v/o
+    "hunyuan_v1_dense-qknormafterrope-bias-headdim32": (HunYuanDenseV1ForCausalLM, lambda: HunYuanDenseV1Config(
+        **GQA, head_dim=32, attention_bias=True), ("eager", "sdpa")),
     "exaone4-sublayeroutputnorms-qknorm-ropeinslidingonly": (Exaone4ForCausalLM, lambda: Exaone4Config(
         **dict(GQA, num_hidden_layers=3), sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"]), ("eager", "sdpa")),
@@ -374,6 +381,10 @@ MOE_CASES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 16, "beta_fast": 32,
                          "beta_slow": 1}), ("eager", "sdpa")),
+    # HunYuan-MoE: its q/k norms after rope, every layer a renormalised top-3 of 5 plus an ungated shared MLP as wide
+    # as each expert, q/k/v/o biases
+    "hunyuan_v1_moe-qknormafterrope-sharedmlp-top3-bias-headdim16": (HunYuanMoEV1ForCausalLM, lambda: HunYuanMoEV1Config(
+        **GQA, head_dim=16, num_experts=5, moe_topk=3, attention_bias=True), ("eager", "sdpa")),
     "glm4_moe-sigmoid-biased-rotary50-qkvbias-qknorm-2densefirst": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
         n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
@@ -585,11 +596,15 @@ def test_an_exported_mixture_of_experts_generates_although_it_trained_with_route
 # - Falcon with one key/value head in its original block (7B) hands sdpa keys of one head for every query head, where
 #   ArchLM repeats them: torch's kernel rounds the two calls apart (0.016 here; not pinned down further). Its
 #   grouped-query block (40B, 180B) is bit-identical
+# - HunYuan-MoE builds its router in float32, which a model loaded in bf16 keeps (its logits and top-k weights
+#   float32: the import follows that, bit-identical in the loaded test below); cast with .to() as here, it rounds
+#   them in bf16 (0.023 at this size)
 # - GPT-Neo casts q and k to float32 for its (unscaled) scores and softmax, as GPT-J does (0.04 at this size)
 BF16_ROUNDS_APART = {"gptj-parallel-interleavedrope-rotarydim8-headbias": 2 ** -5,
                      "gpt_oss-silu-fullonly-nobias-tied-top3": 2 ** -5,
                      "gpt_neo-unscaledscores-globalthenlocal4-outbias": 2 ** -4, "gpt_neo-alllocal5-gelu-untied": 2 ** -4,
-                     "falcon-multiquery-parallel-onenorm-untied": 2 ** -5}
+                     "falcon-multiquery-parallel-onenorm-untied": 2 ** -5,
+                     "hunyuan_v1_moe-qknormafterrope-sharedmlp-top3-bias-headdim16": 2 ** -5}
 # every family, the five original ones (test_convert.CASES) too, each with sdpa where its class has it
 BF16_CASES = {**{case: partial(build_reference, case) for case in CASES},
               **{case: partial(build, case, implementations[-1]) for case, (_, _, implementations) in FAMILY_CASES.items()}}
@@ -611,7 +626,8 @@ def test_families_are_bit_identical_in_bfloat16(case):
     reference = BF16_CASES[case]().to(torch.bfloat16).eval()
     converted = from_transformers(reference).to(torch.bfloat16).eval()
     if case in MOE_CASES:
-        weights_fp32 = ("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open", "exaone_moe", "deepseek_v2")
+        weights_fp32 = ("mixtral", "dots1", "glm4_moe", "deepseek_v3", "solar_open", "exaone_moe", "deepseek_v2",
+                        "hunyuan_v1_moe")
         assert converted.config.router_weights_fp32 == case.startswith(weights_fp32)
     inputs = batch(left_padding=False)
     with torch.no_grad():
@@ -626,7 +642,8 @@ def test_families_are_bit_identical_in_bfloat16(case):
 
 
 
-@pytest.mark.parametrize("case", ["dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding", "llama-llama3rope-gqa"])
+@pytest.mark.parametrize("case", ["dots1-sigmoid-biased-groups-scaled-sharedx2-densefirst-sliding", "llama-llama3rope-gqa",
+                                  "hunyuan_v1_moe-qknormafterrope-sharedmlp-top3-bias-headdim16"])
 def test_a_model_loaded_in_bfloat16_converts_both_ways_keeping_its_float32_tensors(case, tmp_path):
     """transformers loads a bf16 checkpoint with its rope frequencies and routing biases in float32 (a model cast
     with .to has them in bf16): the import and the export keep each tensor's dtype, and the logits stay identical."""
@@ -642,6 +659,32 @@ def test_a_model_loaded_in_bfloat16_converts_both_ways_keeping_its_float32_tenso
     with torch.no_grad():
         expected = native(input_ids=ids).logits
         assert torch.equal(ours(input_ids=ids).logits, expected) and torch.equal(back(input_ids=ids).logits, expected)
+
+
+def test_hunyuan_ntk_alpha_rope_imports_as_the_base_it_stretches_and_exports_as_that_default_rope():
+    """HunYuan's checkpoints say rope "dynamic" with an alpha, which its class computes as a fixed base
+    theta * alpha ** (hd / (hd - 2)): a default rope with that base, the same logits both ways."""
+    torch.manual_seed(0)
+    reference = randomised(HunYuanDenseV1ForCausalLM(HunYuanDenseV1Config(
+        **GQA, head_dim=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                                             "factor": 1.0})))
+    ours = from_transformers(reference)
+    assert ours.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0 * 1000.0 ** (16 / 14)}
+    native = to_transformers(ours)
+    inputs = batch(left_padding=True)
+    real_tokens = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**inputs).logits[real_tokens]
+        torch.testing.assert_close(ours(**inputs).logits[real_tokens], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(native(**inputs).logits[real_tokens], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hunyuan_moe_takes_a_per_layer_top_k_only_when_every_layer_has_the_same():
+    same = HunYuanMoEV1Config(**GQA, head_dim=16, num_experts=4, moe_topk=[2, 2])
+    assert from_transformers(randomised(HunYuanMoEV1ForCausalLM(same))).config.num_experts_per_tok == 2
+    with pytest.raises(ValueError, match=r"`moe_topk`=\[2, 3\] differs between layers"):
+        from_transformers(HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(**GQA, head_dim=16, num_experts=4,
+                                                                     moe_topk=[2, 3])))
 
 
 def test_an_export_refusal_names_the_fields_a_user_sets_not_internal_facets():
