@@ -622,6 +622,9 @@ class ArchLMConfig(PreTrainedConfig):
     # auxiliary-loss-free balancing (DeepSeek-V3, which used 1e-3): a routing bias per expert, moved by this after each
     # optimizer step toward the less-loaded experts (ArchLMTrainer does it: archlm.routing.RouterBiasCallback); 0: no bias
     router_bias_update_rate: float | int = 0.0
+    # that routing bias on a softmax router without a rate: fixed, as loaded (ERNIE 4.5's, which its transformers class
+    # never moves); sigmoid routers and a router_bias_update_rate have it already
+    router_choice_bias: bool = False
     # DeepSeek-V3's router (dots.llm1): "sigmoid" scores each expert on its own, in float32, and always has the routing
     # bias above (zeros, moved only with a rate); the top-k weights are the scores, renormalised with norm_topk_prob
     router_scoring: Literal["softmax", "sigmoid"] = "softmax"
@@ -891,7 +894,8 @@ class ArchLMConfig(PreTrainedConfig):
             for name, unset in (("shared_expert_intermediate_size", None), ("router_bias_update_rate", 0),
                                 ("router_scoring", "softmax"), ("routed_scaling_factor", 1), ("n_group", 1),
                                 ("topk_group", 1), ("group_scoring", "top2_sum"), ("shared_expert_gated", True),
-                                ("router_topk_softmax", False), ("router_logits_fp32", False), ("router_bias", False)):
+                                ("router_topk_softmax", False), ("router_logits_fp32", False), ("router_bias", False),
+                                ("router_choice_bias", False)):
                 if getattr(self, name) != unset:
                     raise ValueError(f"`{name}`={getattr(self, name)} is for a mixture's experts, but this model is "
                                      "dense (num_experts=None): set num_experts too.")
@@ -908,6 +912,12 @@ class ArchLMConfig(PreTrainedConfig):
             raise ValueError("`shared_expert_gated`=False is for a shared expert, but there is none: set "
                              "shared_expert_intermediate_size too.")
         self._check_groups()
+        if self.router_choice_bias and (self.router_scoring == "sigmoid" or self.router_bias_update_rate):
+            raise ValueError(
+                "`router_choice_bias`=True gives a softmax router without a rate its routing bias, which this router "
+                f"has already (router_scoring={self.router_scoring!r}, router_bias_update_rate="
+                f"{self.router_bias_update_rate}): drop it."
+            )
         if self.router_topk_softmax and (self.router_scoring != "softmax" or not self.norm_topk_prob
                                          or self.router_bias_update_rate):
             raise ValueError(
@@ -1180,7 +1190,7 @@ class ArchLMConfig(PreTrainedConfig):
              + ("+Sigmoid" if self.router_scoring == "sigmoid" else "")
              + (f"+Group{self.n_group}top{self.topk_group}" + ("max" if self.group_scoring == "max" else "")
                 if self.n_group > 1 else "")
-             + ("+RouterBias" if self.router_bias_update_rate else "")
+             + ("+RouterBias" if self.router_bias_update_rate or self.router_choice_bias else "")
              + ("+GateBias" if self.router_bias else "")),
             (bool(self.kv_lora_rank), f"MLA{self.kv_lora_rank}" + (f"q{self.q_lora_rank}" if self.q_lora_rank else "")),
             (self.num_key_value_heads == 1 and self.num_attention_heads > 1, "MQA"),
@@ -1267,7 +1277,8 @@ class ArchLMConfig(PreTrainedConfig):
                          + (f", shared expert {self.shared_expert_intermediate_size}"
                             + ("" if self.shared_expert_gated else " (ungated)") if self.shared_expert_intermediate_size else "")
                          + f"; aux loss {self.router_aux_loss_coef}, z-loss {self.router_z_loss_coef}"
-                         + (f", bias update rate {self.router_bias_update_rate}" if self.router_bias_update_rate else ""))
+                         + (f", bias update rate {self.router_bias_update_rate}" if self.router_bias_update_rate else "")
+                         + (", a fixed routing bias" if self.router_choice_bias else ""))
              if self.num_experts else "-"),
             ("norm", f"{self.norm_type} ({NORM_POSITIONS[self.norm_position][1]}), eps {self.norm_eps}"
              + (", Sub-LN" if self.sub_layernorm else "")),

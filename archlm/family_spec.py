@@ -253,7 +253,7 @@ NEUTRAL = {
     "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_sinks": False,
     "num_experts": None, "norm_topk_prob": True, "_shared_expert": False, "_dense_layers": 0,
     "router_bias_update_rate": 0.0, "router_bias": False, "swiglu_limit": None, "router_scoring": "softmax", "routed_scaling_factor": 1.0, "n_group": 1,
-    "topk_group": 1, "group_scoring": "top2_sum", "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
+    "router_choice_bias": False, "topk_group": 1, "group_scoring": "top2_sum", "shared_expert_gated": True, "kv_lora_rank": None, "q_lora_rank": None,
 }
 # Fields that matter only when another is on
 _RELEVANT = {
@@ -268,6 +268,9 @@ _RELEVANT = {
     "_dense_layers": lambda config: config.num_experts,
     "router_bias_update_rate": lambda config: config.num_experts,
     "router_bias": lambda config: config.num_experts,
+    # the routing bias exists anyway with a sigmoid router or a rate
+    "router_choice_bias": lambda config: config.num_experts and config.router_scoring == "softmax"
+    and not config.router_bias_update_rate,
     "router_scoring": lambda config: config.num_experts,
     "routed_scaling_factor": lambda config: config.num_experts,
     "n_group": lambda config: config.num_experts,

@@ -894,9 +894,10 @@ class ArchLMSparseMoeBlock(nn.Module):
             if config.shared_expert_gated:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.bias_update_rate = config.router_bias_update_rate
-        if self.bias_update_rate or self.sigmoid:
+        if self.bias_update_rate or self.sigmoid or config.router_choice_bias:
             # DeepSeek-V3's auxiliary-loss-free balancing (its name): a bias per expert that enters the choice of
-            # the top-k only, not the weights that mix their outputs; part of the model (saved, used in inference)
+            # the top-k only, not the weights that mix their outputs; part of the model (saved, used in inference).
+            # router_choice_bias: ERNIE 4.5's, on softmax scores and never moved
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
 
     def choose(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

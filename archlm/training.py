@@ -396,11 +396,12 @@ def build_config(model_args: ModelArguments, overrides: dict, tokenizer=None) ->
         config = ArchLMConfig.from_dict({**loaded.to_dict(), **overrides})
         # (a sigmoid router keeps its biases, fixed, at rate 0)
         if overrides.get("router_bias_update_rate", None) == 0 and config.router_scoring == "softmax" and \
-                loaded.router_bias_update_rate:
+                loaded.router_bias_update_rate and not config.router_choice_bias:
             # the model routes with its learned biases; a model without them would route (and compute) differently
             raise ValueError(f"--config_overrides router_bias_update_rate=0 would drop the routing biases "
                              f"(e_score_correction_bias) {model_args.model_name_or_path!r} learned and change its "
-                             "routing: keep the rate (fine-tuning moves them on) or train a new model.")
+                             "routing: keep the rate (fine-tuning moves them on), keep them fixed with "
+                             "router_choice_bias=true, or train a new model.")
     else:
         from_tokenizer = {}
         if tokenizer is not None:

@@ -78,13 +78,16 @@ GPT_OSS_MIXTURE = dict(num_experts=4, num_experts_per_tok=2, router_bias=True, m
          routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False),
     dict(num_experts=5, num_experts_per_tok=3, router_topk_softmax=True),
     GPT_OSS_MIXTURE,
+    # ERNIE 4.5's fixed routing bias on softmax scores
+    dict(num_experts=5, num_experts_per_tok=2, router_choice_bias=True, shared_expert_intermediate_size=12,
+         shared_expert_gated=False),
     # DeepSeek-V2's group_limited_greedy: softmax scores, groups by their best score, unnormalised and scaled
     dict(num_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, group_scoring="max", norm_topk_prob=False,
          routed_scaling_factor=2.5, shared_expert_intermediate_size=12, shared_expert_gated=False,
          router_logits_fp32=True),
 ], ids=["top2", "top3-unnormalised-shared", "top1-standard-bias", "gated-bias", "top2-routing-bias",
         "sigmoid-groups-scaled-ungatedshared", "top3-softmax-of-topk-logits", "gpt-oss-biased-router-clamped-glu",
-        "softmax-maxgroups-unnormalised-scaled-ungatedshared"])
+        "softmax-fixed-routing-bias-ungatedshared", "softmax-maxgroups-unnormalised-scaled-ungatedshared"])
 @pytest.mark.parametrize("shape", [(2, 7), (1, 1)], ids=["batch", "decoding-one-token"])
 def test_sparse_block_equals_routing_token_by_token(overrides, dtype, shape):
     torch.manual_seed(0)
@@ -272,6 +275,10 @@ def test_routing_bias_moves_by_the_rate_toward_the_mean_load_and_is_saved(tmp_pa
     (dict(num_experts=8, n_group=4, group_scoring="mean"), ["group_scoring", "mean"]),
     (dict(group_scoring="max"), ["group_scoring", "dense", "num_experts"]),
     (dict(router_logits_fp32=True), ["router_logits_fp32", "dense", "num_experts"]),
+    (dict(router_choice_bias=True), ["router_choice_bias", "dense", "num_experts"]),
+    (dict(num_experts=4, router_choice_bias=True, router_scoring="sigmoid"),
+     ["router_choice_bias", "'sigmoid'", "drop it"]),
+    (dict(num_experts=4, router_choice_bias=True, router_bias_update_rate=1e-3), ["router_choice_bias", "0.001"]),
 ])
 def test_bad_mixture_of_experts_settings_are_refused_naming_the_field(overrides, fragments):
     with pytest.raises(VALIDATION_ERRORS) as error:

@@ -542,6 +542,14 @@ def test_fine_tuning_refuses_to_drop_learned_routing_biases(tmp_path):
         train("--model_name_or_path", str(base), "--config_overrides", "router_bias_update_rate=0",
               "--output_dir", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    # kept fixed, as ERNIE 4.5 MoE's are (router_choice_bias): they route as learned and no longer move
+    fixed = train("--model_name_or_path", str(base), "--config_overrides",
+                  "router_bias_update_rate=0,router_choice_bias=true", "--max_steps", "1",
+                  "--output_dir", str(tmp_path / "fixed"))
+    biases = [{name: buffer for name, buffer in ArchLMForCausalLM.from_pretrained(folder).named_buffers()
+               if name.endswith("e_score_correction_bias")} for folder in (base, fixed)]
+    assert biases[0].keys() == biases[1].keys() and biases[0]
+    assert all(torch.equal(biases[0][name], biases[1][name]) for name in biases[0])
 
 
 def test_lora_target_that_does_not_exist_lists_the_linear_layers(trained, tmp_path):
