@@ -1,10 +1,12 @@
-"""More families `archlm.convert` converts (DeepSeek-V2, HunYuan dense and MoE, ...), as `Family` records (archlm/family_spec.py);
-`archlm.families` lists them after the mixtures of `archlm.families_moe`.
+"""More families `archlm.convert` converts (DeepSeek-V2, HunYuan dense and MoE, ERNIE 4.5 MoE), as `Family` records
+(archlm/family_spec.py); `archlm.families` lists them after the mixtures of `archlm.families_moe`.
 """
 
 from transformers import (
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
     HunYuanDenseV1Config,
     HunYuanDenseV1ForCausalLM,
     HunYuanMoEV1Config,
@@ -14,7 +16,7 @@ from transformers import (
 
 from .configuration_archlm import ArchLMConfig
 from .families_moe import _DEEPSEEK_MOE, _deepseek_moe_export, _deepseek_moe_import
-from .family_spec import ANY, LLAMA_ACTIVATIONS, LLAMA_FIELDS, Family, Rename, any_bias, native_head_dim
+from .family_spec import ANY, LLAMA_ACTIVATIONS, LLAMA_FIELDS, Family, LeadingAxis, Rename, any_bias, native_head_dim
 
 # DeepSeek-V2's router methods: the top-k of every expert's softmax score, or only of the experts in the topk_group
 # groups whose best score is highest
@@ -131,3 +133,56 @@ MORE_FAMILY_LIST += [
                  Rename("model.layers.{i}.mlp.shared_mlp.", "model.layers.{i}.mlp.shared_expert.")),
     ),
 ]
+
+
+# ERNIE 4.5 MoE floors its top-k weights' sum at moe_norm_min, ArchLM adds 1e-20 to it: the same weights wherever the
+# sum is at least 1e-12 (a top-k of softmax scores sums to k / E or more, unless the routing bias picks experts whose
+# scores are all below that)
+_ERNIE_NORM_MIN = 1e-12
+
+
+def _ernie4_5_moe_import(native: PreTrainedConfig) -> dict:
+    """Every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index is sparse: ArchLM's
+    decoder_sparse_step, the others of that step in mlp_only_layers. Its router's logits are float32, the weights it
+    hands the experts in the activations' dtype; its rope rotates pairs in float32."""
+    if native.moe_norm_min > _ERNIE_NORM_MIN:
+        raise ValueError(f"Cannot convert this ernie4_5_moe model: `moe_norm_min`={native.moe_norm_min!r} floors the "
+                         f"sum of the top-k weights; ArchLM's floor matches it only up to {_ERNIE_NORM_MIN}.")
+    step, first, last = native.moe_layer_interval, native.moe_layer_start_index, native.moe_layer_end_index
+    outside = [i for i in range(native.num_hidden_layers) if (i + 1) % step == 0 and not first <= i <= last]
+    shared = native.moe_num_shared_experts * native.moe_intermediate_size
+    return dict(head_dim=native_head_dim(native), decoder_sparse_step=step, mlp_only_layers=outside or None,
+                shared_expert_intermediate_size=shared or None, output_router_logits=native.output_router_logits,
+                router_logits_fp32=True, rope_precision="float32")
+
+
+def _ernie4_5_moe_export(config: ArchLMConfig) -> dict:
+    sparse = [i for i in range(config.num_hidden_layers) if config.layer_is_sparse(i)]
+    return dict(head_dim=config.head_dim, hidden_act="silu", use_bias=False,
+                moe_layer_interval=config.decoder_sparse_step, moe_layer_start_index=sparse[0],
+                moe_layer_end_index=sparse[-1],
+                moe_num_shared_experts=(config.shared_expert_intermediate_size or 0) // config.moe_intermediate_size)
+
+
+MORE_FAMILY_LIST.append(Family(
+    # ERNIE 4.5 MoE (ERNIE-4.5-21B-A3B): ERNIE 4.5's attention (interleaved rope in float32) with a mixture in every
+    # moe_layer_interval-th layer of a range: a float32 softmax router whose fixed routing bias enters the choice
+    # only, its top-k renormalised, an ungated shared expert moe_num_shared_experts wide
+    Ernie4_5_MoeForCausalLM, Ernie4_5_MoeConfig,
+    fields={**{key: value for key, value in LLAMA_FIELDS.items() if key != "attention_dropout"},
+            "norm_eps": "rms_norm_eps", "num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k",
+            "moe_intermediate_size": "moe_intermediate_size", "router_aux_loss_coef": "router_aux_loss_coef"},
+    fixed=dict(rope_interleaved=True, norm_topk_prob=True, shared_expert_gated=False, router_choice_bias=True),
+    # a rate moves the bias in training, dropped on export with a warning
+    allows={"_dense_layers": ANY, "_shared_expert": ANY, "router_bias_update_rate": ANY},
+    requires={"hidden_act": LLAMA_ACTIVATIONS, "_shared_expert_whole": {True}, "_sparse_layers_one_run": {True}},
+    import_fields=_ernie4_5_moe_import,
+    export_fields=_ernie4_5_moe_export,
+    # use_bias covers its attention, dense and shared MLPs and LM head, not its routed experts: ArchLM's mlp_bias
+    # covers those too
+    refuse=(("use_bias", False, "puts biases on its dense MLPs and shared expert but not on its routed experts"),),
+    renames=(Rename("model.layers.{i}.mlp.gate.moe_statics.e_score_correction_bias",
+                    "model.layers.{i}.mlp.e_score_correction_bias"),
+             Rename("model.layers.{i}.mlp.shared_experts.", "model.layers.{i}.mlp.shared_expert.")),
+    operations=(LeadingAxis("model.layers.{i}.mlp.e_score_correction_bias"),),
+))

@@ -131,6 +131,23 @@ class SplitGroupedQKV(WeightOp):
 
 
 @dataclass(frozen=True)
+class LeadingAxis(WeightOp):
+    """ERNIE 4.5 keeps its routing bias with a leading axis of one (one group of experts: (1, E)); ArchLM as (E,)."""
+
+    key: str  # "model.layers.{i}.mlp.e_score_correction_bias"
+
+    def to_archlm(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            if self.key.format(i=i) in state_dict:
+                state_dict[self.key.format(i=i)] = state_dict[self.key.format(i=i)].squeeze(0)
+
+    def to_native(self, state_dict, config):
+        for i in range(config.num_hidden_layers):
+            if self.key.format(i=i) in state_dict:
+                state_dict[self.key.format(i=i)] = state_dict[self.key.format(i=i)].unsqueeze(0)
+
+
+@dataclass(frozen=True)
 class ParallelNorms(WeightOp):
     """Falcon names a parallel block's two norms ln_attn and ln_mlp, and a block with one or two norms otherwise
     input_layernorm (and post_attention_layernorm): renamed only where the block has two parallel norms."""
@@ -292,6 +309,7 @@ def _facets(config: ArchLMConfig) -> dict:
     default_head_dim = config.hidden_size // config.num_attention_heads
     first_rope = next(iter(config.rope_parameters_by_layer_type().values()), None)
     rotates = [bool(rope) for rope in config.no_rope_layers or [1] * layers]
+    sparse = [i for i in range(layers) if config.layer_is_sparse(i)]
     slides = [layer_type == "sliding_attention" for layer_type in config.layer_types]
     # the rotated share of each head, in every layer type's rope dict: one share, or "per layer type" when they differ
     shares = {config.rotary_dim(layer_type) / config.head_dim for layer_type in config.rope_parameters_by_layer_type()}
@@ -309,6 +327,9 @@ def _facets(config: ArchLMConfig) -> dict:
         "_dense_layers_first": [config.layer_is_sparse(i) for i in range(layers)] == sorted(
             config.layer_is_sparse(i) for i in range(layers)),
         "_shared_expert": bool(config.shared_expert_intermediate_size),
+        # ERNIE 4.5 makes every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index sparse
+        "_sparse_layers_one_run": sparse == [i for i in range(sparse[0], sparse[-1] + 1)
+                                             if (i + 1) % config.decoder_sparse_step == 0] if sparse else True,
         "_shared_expert_whole": bool(config.num_experts) and (config.shared_expert_intermediate_size or 0)
         % config.moe_intermediate_size == 0,
         # HunYuan-MoE's shared MLP is as wide as each expert (both its intermediate_size)
@@ -341,6 +362,8 @@ FACET_MEANINGS = {
     "_dense_layers": (None, "dense layers in a mixture (mlp_only_layers, decoder_sparse_step)"),
     "_dense_layers_first": (None, "dense layers before every sparse one (mlp_only_layers, decoder_sparse_step)"),
     "_shared_expert": (None, "a shared expert (shared_expert_intermediate_size)"),
+    "_sparse_layers_one_run": (None, "sparse layers every decoder_sparse_step-th layer of one run, none dense between "
+                                     "(mlp_only_layers at the ends only)"),
     "_swiglu_clamped": (None, "gpt-oss's clamped GLU (swiglu_limit set)"),
     "_shared_expert_one_expert": (None, "a shared expert as wide as each expert (shared_expert_intermediate_size = "
                                         "moe_intermediate_size)"),

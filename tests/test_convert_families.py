@@ -34,6 +34,8 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
     Ernie4_5Config,
@@ -385,6 +387,17 @@ MOE_CASES = {
     # as each expert, q/k/v/o biases
     "hunyuan_v1_moe-qknormafterrope-sharedmlp-top3-bias-headdim16": (HunYuanMoEV1ForCausalLM, lambda: HunYuanMoEV1Config(
         **GQA, head_dim=16, num_experts=5, moe_topk=3, attention_bias=True), ("eager", "sdpa")),
+    # ERNIE 4.5 MoE: its fixed routing bias (random here) in the choice of a float32 softmax router's top-3 of 6, an
+    # ungated shared expert 2 experts wide, layers 1-2 of 4 sparse, head_dim 32, tied; then every 2nd layer sparse
+    # from the first, no shared expert, untied
+    "ernie4_5_moe-fixedroutingbias-sharedx2-layers1to2-top3-headdim32": (Ernie4_5_MoeForCausalLM, lambda: Ernie4_5_MoeConfig(
+        **dict(GQA, num_hidden_layers=4), head_dim=32, moe_num_experts=6, moe_k=3, moe_intermediate_size=16,
+        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, router_aux_loss_coef=0.02,
+        output_router_logits=True), ("eager", "sdpa")),
+    "ernie4_5_moe-every2ndlayer-noshared-untied": (Ernie4_5_MoeForCausalLM, lambda: Ernie4_5_MoeConfig(
+        **dict(GQA, num_hidden_layers=4), moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+        moe_num_shared_experts=0, moe_layer_start_index=0, moe_layer_interval=2, tie_word_embeddings=False,
+        router_aux_loss_coef=0.02, output_router_logits=True), ("eager", "sdpa")),
     "glm4_moe-sigmoid-biased-rotary50-qkvbias-qknorm-2densefirst": (Glm4MoeForCausalLM, lambda: Glm4MoeConfig(
         **dict(GQA, num_hidden_layers=3), n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=1,
         n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2, routed_scaling_factor=1.5,
@@ -685,6 +698,29 @@ def test_hunyuan_moe_takes_a_per_layer_top_k_only_when_every_layer_has_the_same(
     with pytest.raises(ValueError, match=r"`moe_topk`=\[2, 3\] differs between layers"):
         from_transformers(HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(**GQA, head_dim=16, num_experts=4,
                                                                      moe_topk=[2, 3])))
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (dict(use_bias=True), ["`use_bias`=True", "routed experts"]),
+    (dict(moe_norm_min=1e-6), ["`moe_norm_min`=1e-06", "1e-12"]),
+])
+def test_ernie4_5_moe_settings_arch_lm_cannot_compute_are_refused_naming_them(overrides, fragments):
+    native = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**GQA, moe_num_experts=4, moe_k=2, moe_intermediate_size=16,
+                                                        **overrides))
+    with pytest.raises(ValueError) as refused:
+        from_transformers(native)
+    for fragment in fragments:
+        assert fragment in str(refused.value), fragment
+
+
+def test_ernie4_5_moe_exports_only_sparse_layers_of_one_run():
+    """ERNIE 4.5 MoE's sparse layers are every moe_layer_interval-th of one range: a dense layer between two sparse
+    ones has no equivalent there."""
+    ernie = FAMILIES[Ernie4_5_MoeForCausalLM]
+    config = dict(GQA, num_hidden_layers=4, num_experts=4, moe_intermediate_size=16, router_choice_bias=True,
+                  rope_interleaved=True)
+    assert any("one run" in line for line in ernie.mismatches(ArchLMConfig(**config, mlp_only_layers=[1])))
+    assert not ernie.mismatches(ArchLMConfig(**config, mlp_only_layers=[0, 3]))
 
 
 def test_an_export_refusal_names_the_fields_a_user_sets_not_internal_facets():
