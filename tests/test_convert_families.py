@@ -701,6 +701,21 @@ def test_hunyuan_moe_takes_a_per_layer_top_k_only_when_every_layer_has_the_same(
 
 
 @pytest.mark.parametrize("overrides, fragments", [
+    (dict(mlp_bias=True), ["`mlp_bias`=True", "routed experts"]),
+    (dict(topk_method="noaux_tc"), ["`topk_method`='noaux_tc'", "'group_limited_greedy'"]),
+])
+def test_deepseek_v2_settings_arch_lm_cannot_compute_are_refused_naming_them(overrides, fragments):
+    native = DeepseekV2ForCausalLM(DeepseekV2Config(
+        **dict(TINY, num_key_value_heads=4), n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=1,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, **overrides))
+    with pytest.raises(ValueError) as refused:
+        from_transformers(native)
+    for fragment in fragments:
+        assert fragment in str(refused.value), fragment
+
+
+@pytest.mark.parametrize("overrides, fragments", [
     (dict(use_bias=True), ["`use_bias`=True", "routed experts"]),
     (dict(moe_norm_min=1e-6), ["`moe_norm_min`=1e-06", "1e-12"]),
 ])
