@@ -57,6 +57,8 @@ TOKENIZE_BATCH_CHARS = 1 << 23  # about this many characters of records per toke
 BLOCK_FEATURES = Features({name: datasets.List(Value("int64")) for name in ("input_ids", "attention_mask", "labels")})
 DEFAULT_STREAMING_EVAL_BLOCKS = 32
 CONVERSATION_COLUMN = "messages"  # TRL's conversational records: [{"role": ..., "content": ...}, ...]
+ASSISTANT_SPANS = "assistant_spans"  # [start, end) characters of each assistant turn in a conversation's text
+SPANS_FEATURE = datasets.List(datasets.List(Value("int64")))
 
 
 @dataclass
@@ -75,6 +77,9 @@ class DataArguments:
     text_column: str | None = field(default=None, metadata={
         "help": "Column holding the text of json/csv/parquet files and datasets (default: 'text'; where there is none, "
                 "'messages': conversations, written out by the tokenizer's chat template)."})
+    assistant_only_loss: bool = field(default=False, metadata={
+        "help": "With conversations: train on the assistant's turns only (each one's text as the chat template writes "
+                "it, its end-of-turn marker included); every other token is masked out of the loss."})
     streaming: bool = field(default=False, metadata={"help": "Read the data lazily as an IterableDataset (needs --max_steps)."})
     block_size: int | None = field(
         default=None,
@@ -184,6 +189,9 @@ def check_data_arguments(args: DataArguments) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag} must be positive, got {value}.")
+    if args.assistant_only_loss and not args.dataset_name and formats_of["--train_file"] <= {"text"}:
+        raise ValueError("--assistant_only_loss trains on the assistant's turns of conversations (a 'messages' column "
+                         f"of json/parquet records or a dataset); {'plain-text files hold' if args.train_file else 'the default corpus holds'} none.")
     if args.text_column is not None and not args.dataset_name and formats_of["--train_file"] <= {"text"}:
         # plain text has no columns: each file is a document (the default corpus too)
         logger.warning("--text_column %r is ignored: %s", args.text_column, "plain-text files have no columns"
@@ -371,27 +379,51 @@ class ChatTemplate:
             template = None
         return cls(template, f"the tokenizer of {source}", tuple(tokenizer.special_tokens_map.items()))
 
-    def renderer(self, where: str, column: str):
-        """A batched map function: the conversations of `column` -> their texts."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return render_jinja_template([messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+                                     **dict(self.variables))[0][0]
+
+    def assistant_spans(self, messages: list[dict], text: str, where: str) -> list[list[int]]:
+        """The [start, end) characters of each assistant turn in `text` (the whole conversation written out): what
+        the template adds for that turn to the conversation before it, with its generation prompt. A template that
+        writes a conversation's beginning otherwise than the whole is refused (the turns could not be found)."""
+        spans = []
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = self.render(messages[:turn], add_generation_prompt=True), self.render(messages[:turn + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(f"{where}: --assistant_only_loss finds each assistant turn as what the chat template "
+                                 f"of {self.source} adds for it, but the template writes the conversation up to turn "
+                                 f"{turn} otherwise than the start of the whole.")
+            spans.append([len(before), len(through)])
+        return spans
+
+    def renderer(self, where: str, column: str, assistant_spans: bool = False):
+        """A batched map function: the conversations of `column` -> their texts (and with `assistant_spans`, each
+        one's assistant turns as character spans)."""
         if self.template is None:
             raise ValueError(f"{where} holds conversations in {column!r}, and {self.source} has no chat template to "
                              "write them as text: give a tokenizer with one (--tokenizer_name), or a text column "
                              "(--text_column).")
 
         def render(batch: dict) -> dict:
-            texts = []
+            texts, spans = [], []
             for messages in batch[column]:
                 for message in messages or ():
                     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                         raise ValueError(f"{where}: a conversation in {column!r} holds {message!r}, not a message "
                                          '{"role": ..., "content": ...}.')
                 try:
-                    texts.append(render_jinja_template([messages], chat_template=self.template,
-                                                       **dict(self.variables))[0][0] if messages else "")
+                    texts.append(self.render(messages) if messages else "")
+                    if assistant_spans:
+                        spans.append(self.assistant_spans(messages, texts[-1], where) if messages else [])
+                except ValueError:
+                    raise
                 except Exception as error:  # noqa: BLE001 - the template's own complaint, naming the data
                     raise ValueError(f"{where}: the chat template of {self.source} could not write out a "
                                      f"conversation of {column!r} ({type(error).__name__}: {error}).") from error
-            return {"text": texts}
+            return {"text": texts, **({ASSISTANT_SPANS: spans} if assistant_spans else {})}
 
         return render
 
@@ -409,8 +441,8 @@ def _holds_conversations(dataset: Dataset | IterableDataset, column: str) -> boo
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
-def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | None,
-                        where: str, chat: ChatTemplate) -> Dataset | IterableDataset:
+def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | None, where: str, chat: ChatTemplate,
+                        assistant_only: bool = False) -> Dataset | IterableDataset:
     """Keeps only `text_column`, renamed "text"; every record is a document. By default the column is "text", or
     "messages" where there is none: conversations, each written out by `chat`'s template (TRL's conversational
     format; the whole conversation is trained on, markup included, as TRL's SFTTrainer does by default)."""
@@ -422,21 +454,26 @@ def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | N
             f"--text_column {text_column!r} is not a column of {where}; its columns are {columns}. "
             f"Pass --text_column with one of them (text, or conversations as lists of messages like {CONVERSATION_COLUMN!r})."
         )
+    kept = [text_column]
     if _holds_conversations(dataset, text_column):
-        render = chat.renderer(where, text_column)
+        render = chat.renderer(where, text_column, assistant_spans=assistant_only)
         dataset = dataset.select_columns([text_column])
+        features = Features({"text": Value("string"), **({ASSISTANT_SPANS: SPANS_FEATURE} if assistant_only else {})})
         if isinstance(dataset, Dataset):
-            dataset = dataset.map(render, batched=True, remove_columns=[text_column], desc=f"Writing out {text_column!r}")
+            dataset = dataset.map(render, batched=True, remove_columns=[text_column], features=features,
+                                  desc=f"Writing out {text_column!r}")
         else:
-            dataset = dataset.map(render, batched=True, remove_columns=[text_column],
-                                  features=Features({"text": Value("string")}))
-        text_column = "text"
+            dataset = dataset.map(render, batched=True, remove_columns=[text_column], features=features)
+        text_column, kept = "text", list(features)
+    elif assistant_only:
+        raise ValueError(f"--assistant_only_loss trains on the assistant's turns of conversations; {where}'s "
+                         f"{text_column!r} holds text.")
     features = dataset.features
     if features is not None and text_column in features:
         feature = features[text_column]
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
             raise ValueError(f"--text_column {text_column!r} of {where} holds {feature}, not text.")
-    dataset = dataset.select_columns([text_column])
+    dataset = dataset.select_columns(kept)
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")
     # a null or empty record holds no document: kept, it would train on a bare end-of-document token
@@ -459,7 +496,7 @@ def _load_files(files: list[str], flag: str, args: DataArguments, chat: ChatTemp
     except Exception as error:  # noqa: BLE001 - any parser error becomes one message naming the files
         cause = error.__cause__ or error
         raise ValueError(f"{flag} {files}: could not be read as {builder}: {cause}") from error
-    return _select_text_column(dataset, args.text_column, f"{flag} {files}", chat)
+    return _select_text_column(dataset, args.text_column, f"{flag} {files}", chat, args.assistant_only_loss)
 
 
 def _load_hub_dataset(args: DataArguments, chat: ChatTemplate) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
@@ -483,10 +520,11 @@ def _load_hub_dataset(args: DataArguments, chat: ChatTemplate) -> tuple[Dataset 
     if "train" not in splits:
         raise ValueError(f"--dataset_name {args.dataset_name!r} has no 'train' split; its splits are {list(splits)}.")
     where = f"--dataset_name {args.dataset_name!r}"
-    train = _select_text_column(splits["train"], args.text_column, where, chat)
+    train = _select_text_column(splits["train"], args.text_column, where, chat, args.assistant_only_loss)
     validation = splits.get("validation")
     if validation is not None:
-        validation = _select_text_column(validation, args.text_column, where + " (validation)", chat)
+        validation = _select_text_column(validation, args.text_column, where + " (validation)", chat,
+                                         args.assistant_only_loss)
     return train, validation
 
 
@@ -570,6 +608,23 @@ def _tokenize_function(tokenizer, eos_token_id: int):
     return tokenize
 
 
+def _tokenize_turns(tokenizer, eos_token_id: int):
+    """Conversations with their assistant spans -> int32 ids (EOS after each) and which tokens train: those that
+    overlap an assistant turn's characters, and the EOS after a conversation that ends with one."""
+    def tokenize(batch: dict) -> dict:
+        encoded = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+        ids_rows, trained_rows = [], []
+        for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], batch[ASSISTANT_SPANS]):
+            offsets, spans = np.asarray(offsets).reshape(-1, 2), np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+            trained = ((offsets[:, None, 0] < spans[None, :, 1]) & (offsets[:, None, 1] > spans[None, :, 0])).any(axis=1)
+            ids_rows.append(np.append(np.asarray(ids, dtype=np.int32), np.int32(eos_token_id)))
+            trained_rows.append(np.append(trained, bool(trained[-1]) if len(trained) else False))
+        return {"input_ids": ids_rows, "trained": trained_rows}
+
+    return tokenize
+
+
 # the cuts _text_file_records makes (after a line break, before an unindented line; before a space that follows a
 # non-space) as (before, after) pairs: a tokenizer that splits there as in the joined text may tokenize the pieces
 CUT_PROBES = (("x = 1\n", "def f():\n"), ("return x\n\n", "class A:\n"), ("said", " that"), ("2.5", " more"))
@@ -595,28 +650,38 @@ def _whole_files(records: Iterable[dict]) -> Iterator[dict]:
             pieces = []
 
 
-def _blocks(token_runs: Iterable[np.ndarray], block_size: int) -> Iterator[dict]:
+def _blocks(token_runs: Iterable[tuple[np.ndarray, np.ndarray | None]], block_size: int) -> Iterator[dict]:
     """The runs of token ids concatenated, in order, and cut into blocks of `block_size`, one at a time; only the
-    last partial block is dropped."""
-    carry = np.zeros(0, dtype=np.int64)
-    for run in token_runs:
+    last partial block is dropped. A run's mask of trained tokens (--assistant_only_loss) makes the others' labels
+    -100."""
+    carry, carry_trained = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    for run, trained in token_runs:
         carry = np.concatenate([carry, run.astype(np.int64)])
+        carry_trained = np.concatenate([carry_trained, np.ones(len(run), bool) if trained is None else trained])
         whole = len(carry) // block_size * block_size
         for start in range(0, whole, block_size):
-            block = carry[start:start + block_size].tolist()
-            yield {"input_ids": block, "attention_mask": [1] * block_size, "labels": block}
-        carry = carry[whole:]
+            block = carry[start:start + block_size]
+            labels = np.where(carry_trained[start:start + block_size], block, -100)
+            yield {"input_ids": block.tolist(), "attention_mask": [1] * block_size, "labels": labels.tolist()}
+        carry, carry_trained = carry[whole:], carry_trained[whole:]
 
 
-def _token_runs(tokens: Dataset | IterableDataset, rows: int) -> Iterator[np.ndarray]:
-    """The tokenized records' ids, `rows` records at a time (a Dataset's straight from its Arrow table)."""
+def _token_runs(tokens: Dataset | IterableDataset, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The tokenized records' ids, and which train where they say ("trained"), `rows` records at a time (a Dataset's
+    straight from its Arrow table)."""
+    def joined(lists: list) -> np.ndarray:
+        return np.concatenate([np.asarray(row) for row in lists] or [np.zeros(0, np.int64)])
+
     if isinstance(tokens, IterableDataset):
         for batch in tokens.iter(batch_size=rows):
-            yield np.concatenate([np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"]] or [np.zeros(0, np.int64)])
+            yield joined(batch["input_ids"]).astype(np.int64), joined(batch["trained"]).astype(bool) if "trained" in batch else None
         return
     table = tokens.with_format("arrow")
     for first in range(0, tokens.num_rows, rows):
-        yield pc.list_flatten(table[first:first + rows]["input_ids"]).to_numpy(zero_copy_only=False)
+        part = table[first:first + rows]
+        trained = part.column("trained") if "trained" in part.column_names else None
+        yield (pc.list_flatten(part["input_ids"]).to_numpy(zero_copy_only=False),
+               None if trained is None else pc.list_flatten(trained).to_numpy(zero_copy_only=False).astype(bool))
 
 
 def _packed_blocks(tokens: Dataset | IterableDataset, block_size: int, rows: int) -> Iterator[dict]:
@@ -630,8 +695,11 @@ def pack(records: Dataset | IterableDataset, tokenizer, block_size: int, args: D
     tokenized at a time, blocks written one at a time)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos_token: packing needs one to mark where documents end.")
-    tokenize = _tokenize_function(tokenizer, tokenizer.eos_token_id)
     columns = list(records.column_names or ["text"])
+    turns = ASSISTANT_SPANS in columns
+    tokenize = (_tokenize_turns if turns else _tokenize_function)(tokenizer, tokenizer.eos_token_id)
+    token_features = Features({"input_ids": datasets.List(Value("int32")),
+                               **({"trained": datasets.List(Value("bool"))} if turns else {})})
     if "document_end" in columns and not tokenizes_pieces_as_whole(tokenizer):
         logger.warning("The tokenizer tokenizes the start of a text apart from the same text inside a longer one (it "
                        "prepends a marker, as Llama 2's does): text files are tokenized whole, each in one call (~0.4 "
@@ -648,7 +716,7 @@ def pack(records: Dataset | IterableDataset, tokenizer, block_size: int, args: D
     rows = max(1, min(1000, TOKENIZE_BATCH_CHARS // characters))
     token_ids = records.map(
         tokenize, batched=True, batch_size=rows, writer_batch_size=rows, remove_columns=columns,
-        features=Features({"input_ids": datasets.List(Value("int32"))}), num_proc=args.preprocessing_num_workers,
+        features=token_features, num_proc=args.preprocessing_num_workers,
         load_from_cache_file=not args.overwrite_cache, desc=f"Tokenizing {what}")
     tokens = pc.sum(pc.list_value_length(token_ids.data.column("input_ids"))).as_py() or 0
     if tokens < block_size:  # (datasets cannot build a dataset from a generator that yields nothing)
@@ -721,11 +789,13 @@ def characters_per_token(blocks: Dataset | IterableDataset | None, tokenizer, ma
     by it is the loss in nats per character, which compares runs whose tokenizers differ (a loss per token does
     not: a larger vocabulary has fewer, harder tokens). Each block's first token is not predicted, so not counted;
     special tokens (the end of each document) are predicted but hold no text: they count no characters, whatever
-    their name's length."""
+    their name's length. Tokens masked out of the loss (labels -100: --assistant_only_loss) are not predicted either."""
     if not isinstance(blocks, Dataset) or blocks.num_rows == 0:
         return None
     characters = tokens = 0
-    for ids in blocks.select(range(min(max_blocks, blocks.num_rows)))["input_ids"]:
-        characters += len(tokenizer.decode(ids[1:], skip_special_tokens=True))
-        tokens += len(ids) - 1
+    chosen = blocks.select(range(min(max_blocks, blocks.num_rows)))
+    for ids, labels in zip(chosen["input_ids"], chosen["labels"] if "labels" in chosen.column_names else chosen["input_ids"]):
+        predicted = [token for token, label in zip(ids[1:], labels[1:]) if label != -100]
+        characters += len(tokenizer.decode(predicted, skip_special_tokens=True))
+        tokens += len(predicted)
     return characters / tokens if characters and tokens else None

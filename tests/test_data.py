@@ -446,6 +446,45 @@ def test_conversations_without_a_chat_template_or_with_bad_messages_are_refused_
     assert DEFAULT_CHAT.template == tokenizer.chat_template  # what a tokenizer trained on the data carries
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_assistant_only_loss_trains_the_assistants_turns_and_the_end_after_them(tmp_path, tokenizer, streaming):
+    """--assistant_only_loss: labels -100 everywhere but each assistant turn as the template writes it (its text and
+    end-of-turn marker, not the header that opens it: the generation prompt) and the end-of-document token after
+    a conversation that ends with one."""
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
+                    {"role": "assistant", "content": "6"}]
+    asked = conversation[:2]  # a conversation without an answer trains nothing
+    path = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in [conversation, asked] * 3))
+    args = DataArguments(train_file=[path], assistant_only_loss=True, validation_split_percentage=0,
+                         streaming=streaming, max_eval_samples=1)
+    packed = pack_datasets(load_raw_data(args), tokenizer, block_size=1, args=args)
+    blocks = [block for split in (packed.validation or [], packed.train) for block in split]
+    ids, labels = [block["input_ids"][0] for block in blocks], [block["labels"][0] for block in blocks]
+    assert tokenizer.decode(ids, skip_special_tokens=False) == (chatml(conversation) + EOS_TOKEN + chatml(asked) + EOS_TOKEN) * 3
+    trained = tokenizer.decode([token for token, label in zip(ids, labels) if label != -100], skip_special_tokens=False)
+    assert trained == "4<|im_end|>\n6<|im_end|>\n<|endoftext|>" * 3
+    assert all(label in (token, -100) for token, label in zip(ids, labels))
+    # eval_nats_per_char divides by the characters of the predicted (trained) tokens only
+    one_block = Dataset.from_dict({"input_ids": [ids], "labels": [labels]})
+    assert characters_per_token(one_block, tokenizer) == len("4\n6\n" * 3) / sum(label != -100 for label in labels)
+
+
+def test_assistant_only_loss_refuses_text_and_a_template_whose_beginnings_differ_from_the_whole(tmp_path):
+    text = write(tmp_path / "a.txt", "x = 1\n")
+    with pytest.raises(ValueError, match="--assistant_only_loss trains on the assistant's turns.*plain-text files hold none"):
+        load_raw_data(DataArguments(train_file=[text], assistant_only_loss=True))
+    with pytest.raises(ValueError, match="--assistant_only_loss .* the default corpus holds none"):
+        check_data_arguments(DataArguments(assistant_only_loss=True))
+    rows = write(tmp_path / "rows.jsonl", json.dumps({"text": "x = 1"}) + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl'\]'s 'text' holds text"):
+        load_raw_data(DataArguments(train_file=[rows], assistant_only_loss=True))
+    chats = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    counting = ChatTemplate("{{ messages | length }} turns: {% for m in messages %}{{ m['content'] }} {% endfor %}", "T")
+    with pytest.raises(ValueError, match="template writes the conversation up to turn 1 otherwise than the start"):
+        load_raw_data(DataArguments(train_file=[chats], assistant_only_loss=True), counting)
+
+
 def test_mixed_formats_and_validation_without_training_data_are_errors(tmp_path, caplog):
     txt, jsonl = write(tmp_path / "a.txt", "x"), write(tmp_path / "b.jsonl", '{"text": "x"}\n')
     with pytest.raises(ValueError, match="one format.*'.jsonl', '.txt'"):

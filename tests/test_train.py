@@ -468,13 +468,22 @@ def test_a_chat_fine_tune_writes_out_the_conversations_with_the_models_own_chat_
     tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    (base / "chat_template.jinja").write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    (base / "chat_template.jinja").write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                              "{% if add_generation_prompt %}### assistant:{% endif %}")
     conversation = [{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "    return 1"}]
     chats = write_file(tmp_path / "chats.jsonl", "".join(json.dumps({"messages": conversation}) + "\n" for _ in range(40)))
     flags = ["--model_name_or_path", str(base), "--train_file", chats, "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
     run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags]))
     assert set(run.raw.train["text"]) == {"### user: def f():\n### assistant:     return 1\n"}
     assert read_log(train(*flags))["status"] == "finished"
+    # the assistant's turns alone in the loss: the user's turn and the header of the assistant's are masked
+    flags += ["--assistant_only_loss", "true", "--output_dir", str(tmp_path / "assistant")]  # (the last one counts)
+    run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags]))
+    trained = run.tokenizer.decode([token for block in run.data.train for token, label in zip(block["input_ids"], block["labels"])
+                                    if label != -100])
+    assert "    return 1\n" in trained and "def f" not in trained and "###" not in trained
+    log = read_log(train(*flags))
+    assert log["status"] == "finished" and math.isfinite(log["summary"]["eval_loss"])
 
 
 @pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("auto", torch.bfloat16), ("bfloat16", torch.bfloat16)])
