@@ -383,6 +383,11 @@ class ChatTemplate:
         return render_jinja_template([messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
                                      **dict(self.variables))[0][0]
 
+    def unwritten_keys(self, messages: list[dict]) -> set[str]:
+        """Keys of `messages` (besides role and content) that the template never reads: left out of the text."""
+        return {key for message in messages for key in message if key not in ("role", "content")
+                and key not in (self.template or "")}
+
     def assistant_spans(self, messages: list[dict], text: str, where: str) -> list[list[int]]:
         """The [start, end) characters of each assistant turn in `text` (the whole conversation written out): what
         the template adds for that turn to the conversation before it, with its generation prompt. A template that
@@ -414,8 +419,17 @@ class ChatTemplate:
                     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                         raise ValueError(f"{where}: a conversation in {column!r} holds {message!r}, not a message "
                                          '{"role": ..., "content": ...}.')
+                # Arrow gives every message every key any message has, None where it had none: a template that
+                # asks whether a message has a key (tool calls) must see it absent
+                messages = [{key: value for key, value in message.items() if value is not None or key == "content"}
+                            for message in messages or ()]
+                unwritten = self.unwritten_keys(messages) - warned
+                if unwritten:
+                    warned.update(unwritten)
+                    logger.warning("%s: messages hold %s, which the chat template of %s does not write out: they are "
+                                   "left out of the text.", where, sorted(unwritten), self.source)
                 try:
-                    texts.append(self.render(messages) if messages else "")
+                    texts.append(self.render(messages) if messages else "")  # (no messages: no document)
                     if assistant_spans:
                         spans.append(self.assistant_spans(messages, texts[-1], where) if messages else [])
                 except ValueError:
@@ -425,6 +439,7 @@ class ChatTemplate:
                                      f"conversation of {column!r} ({type(error).__name__}: {error}).") from error
             return {"text": texts, **({ASSISTANT_SPANS: spans} if assistant_spans else {})}
 
+        warned: set[str] = set()
         return render
 
 
@@ -434,8 +449,9 @@ DEFAULT_CHAT = ChatTemplate(CHAT_TEMPLATE, "ArchLM's tokenizer (ChatML; a tokeni
 def _holds_conversations(dataset: Dataset | IterableDataset, column: str) -> bool:
     """Whether `column` holds lists of messages (dicts), by its feature, or by its first record where it has none."""
     feature = (dataset.features or {}).get(column)
-    if feature is not None:  # a list feature (List, LargeList) of structs, which datasets gives as dicts
-        return isinstance(getattr(feature, "feature", None), dict)
+    if feature is not None:  # a list (List, LargeList) of structs, or of Json where messages' keys differ (a name,
+        # tool calls): datasets gives both as dicts
+        return isinstance(getattr(feature, "feature", None), (dict, datasets.Json))
     first = next(iter(dataset), None) if isinstance(dataset, IterableDataset) else None
     value = (first or {}).get(column)
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)

@@ -430,6 +430,32 @@ def test_conversations_are_written_out_by_a_given_tokenizers_template_with_its_s
     assert raw.train["text"][0] == f"{EOS_TOKEN}[USER] What is 2 + 2?{EOS_TOKEN}[ASSISTANT] 4{EOS_TOKEN}"
 
 
+@pytest.mark.parametrize("source", ["jsonl", "parquet"])
+def test_conversations_with_tool_calls_and_keys_some_messages_lack_are_written_as_apply_chat_template_does(
+        tmp_path, tokenizer, source, caplog):
+    """Messages whose keys differ (a name, tool calls): jsonl reads them as Json (refused as "not text"), parquet
+    fills the missing keys with None (a template asking `'tool_calls' in m` then failed on None). ArchLM's ChatML
+    writes a missing content as empty, and says which keys it does not write."""
+    conversation = [{"role": "user", "content": "weather?", "name": "bob"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"name": "w", "arguments": "{}"}]},
+                    {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "sunny"}]
+    if source == "jsonl":
+        path = write(tmp_path / "chat.jsonl", json.dumps({"messages": conversation}) + "\n")
+    else:
+        Dataset.from_list([{"messages": conversation}]).to_parquet(tmp_path / "chat.parquet")
+        path = str(tmp_path / "chat.parquet")
+    tools = copy.deepcopy(tokenizer)
+    tools.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if 'tool_calls' in m %}<call>"
+                           "{{ m.tool_calls | length }}</call>{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    raw = load_raw_data(DataArguments(train_file=[path], validation_split_percentage=0), ChatTemplate.of(tools, "T"))
+    assert raw.train["text"] == [tools.apply_chat_template(conversation, tokenize=False)]
+    with caplog.at_level("WARNING", logger="archlm.data"):
+        raw = load_raw_data(DataArguments(train_file=[path], validation_split_percentage=0))
+    assert raw.train["text"] == [tokenizer.apply_chat_template(conversation, tokenize=False)]
+    assert "<|im_start|>assistant\n<|im_end|>" in raw.train["text"][0]
+    assert "messages hold ['name', 'tool_calls'], which the chat template of ArchLM's tokenizer" in caplog.text
+
+
 def test_conversations_without_a_chat_template_or_with_bad_messages_are_refused_naming_them(tmp_path, tokenizer):
     path = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
     no_template = train_tokenizer(SAMPLE_TEXTS * 5, 300)
