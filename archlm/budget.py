@@ -12,8 +12,8 @@ one, whenever it comes: until then its cost is estimated). Otherwise the end of 
 in the second half (which would raise the learning rate again), but every hundredth of the run it moves earlier if
 the run has fallen behind, so that the schedule still completes on the last step (a decaying rate steps down a
 little). The safety
-net: a run still late stops as soon as the rest would not fit, also within the warm-up, whose plans alone do not end
-a run. A resumed run keeps the plan its checkpoint holds.
+net: a run still late stops as soon as the rest would not fit (the first step's plan alone does not end a run: its
+pace includes the warm-up). A resumed run keeps the plan its checkpoint holds.
 """
 
 import functools
@@ -140,10 +140,10 @@ class TimeBudget(TrainerCallback):
         eval_every = state.eval_steps if args.eval_strategy == "steps" and state.eval_steps else None
         total = int(agree(plan_steps(self.seconds * (1 - SAFETY), now - self.start, state.global_step, step_seconds,
                                      self.eval_cost(step_seconds), eval_every, self.final_eval, self.reserve), "min"))
-        if state.global_step < WARMUP_STEPS:
-            # a plan made on the warm-up's pace does not end the run (one came out at 1 step, a third of the budget
-            # used): the safety net does, if the next step and the end of the run truly would not fit
-            total = max(total, state.global_step + 1)
+        if state.global_step == 1:
+            # a plan made on the first step's pace alone (warm-up, compilation) does not end the run (one came out at
+            # 1 step, a third of the budget used): the safety net does, if the next step and the end truly do not fit
+            total = max(total, 2)
         if not later:
             if total >= self.planned_steps:
                 return
@@ -162,9 +162,8 @@ class TimeBudget(TrainerCallback):
         """At the planned step, or as soon as one more step and the end of the run would pass the budget (not in a
         resumed run, which keeps its checkpoint's plan: this process has not seen the time spent before it)."""
         step_seconds = self.pace(state.global_step, now)
-        # an evaluation not yet measured is estimated from the pace once the warm-up is over (the first steps' pace
-        # would overstate it)
-        eval_seconds = self.eval_seconds or (self.eval_cost(step_seconds) if state.global_step >= WARMUP_STEPS else 0.0)
+        # an evaluation not yet measured is estimated from the pace, once it is more than the first step's
+        eval_seconds = self.eval_cost(step_seconds) if self.eval_seconds is not None or state.global_step > 1 else 0.0
         late = not self.fixed and bool(agree(float(now - self.start + step_seconds + self.reserve
                                                    + eval_seconds * self.final_eval > self.seconds), "max"))
         if state.global_step >= state.max_steps or late:

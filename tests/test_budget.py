@@ -70,6 +70,23 @@ def test_a_run_that_falls_behind_ends_its_schedule_earlier_on_its_last_step_and_
     assert max(rates) == pytest.approx(1.0) and rates[state.global_step - 1] < 0.01
 
 
+@pytest.mark.parametrize("step_seconds, eval_steps, budget_seconds", [(3.0, 15, 30), (5.0, 12, 60), (1.0, 30, 40)])
+def test_a_run_with_a_costly_final_evaluation_ends_within_its_budget(tmp_path, step_seconds, eval_steps, budget_seconds):
+    """The final evaluation (eval_steps training steps' tokens, taking what the estimate says) must fit too: the
+    safety net counts its estimate from the second step on (a review found 30 s runs ending at 45 s)."""
+    from transformers import TrainerControl, TrainerState
+
+    args = budget_args(tmp_path)
+    budget = TimeBudget(budget_seconds, tokens_per_step=1024, eval_tokens=eval_steps * 1024, final_eval=True)
+    state, control = TrainerState(max_steps=PROVISIONAL_STEPS), TrainerControl()
+    budget.start, now = 0.0, 0.0
+    while not control.should_training_stop:
+        state.global_step += 1
+        now += step_seconds
+        budget.step_ended(args, state, control, now)
+    assert state.global_step >= 2 and now + eval_steps * step_seconds / 3 <= budget_seconds
+
+
 def test_a_plan_made_on_the_warm_up_pace_does_not_end_the_run_the_safety_net_does(tmp_path):
     """A first step of 6 s (warm-up), then 0.5 s steps, in 30 s with a final evaluation of 12 training steps'
     tokens (estimated at a third of their cost until measured). On the first step's pace the plan fits no second
