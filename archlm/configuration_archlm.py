@@ -679,6 +679,7 @@ class ArchLMConfig(PreTrainedConfig):
         if isinstance(self.rope_parameters, dict):
             self.rope_parameters = copy.deepcopy(self.rope_parameters)
             keywords = {key: kwargs.pop(key) for key in _ROPE_KWARGS if key in kwargs}
+            keywords = {key: value for key, value in keywords.items() if value is not None}  # (old JSON's nulls)
             if keywords:
                 self.rope_parameters = rope_with_legacy_keywords(self.rope_parameters, keywords)
         dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
@@ -1026,7 +1027,7 @@ class ArchLMConfig(PreTrainedConfig):
             )
         known = set(RopeParameters.__annotations__) | {"type"}
         for key in set(params) - known:  # other keys are kept (other tools' own); a near miss is a typo
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)  # (scaling_factor is not long_factor)
             if close:
                 raise ValueError(f"`{name}` holds {key!r}, not a rope key: did you mean {close[0]!r}?")
         missing = [key for key in ROPE_REQUIRED_KEYS[rope_type] if params.get(key) is None]

@@ -1541,8 +1541,8 @@ class PositionLimit(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[-1] >= self.limit
         if done:
-            logger.warning(f"Generation stops at max_position_embeddings={self.limit} tokens: learned positions "
-                                "end there.")
+            logger.warning("Generation stops at max_position_embeddings=%d tokens: learned positions end there.",
+                           self.limit)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -1571,14 +1571,18 @@ class ArchLMForCausalLM(ArchLMPreTrainedModel, GenerationMixin):
                 past_key_values, kwargs["next_sequence_length"] = None, None
         return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
 
-    def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
+    def generate(self, *args, **kwargs):
         """GenerationMixin.generate. Learned absolute positions end at max_position_embeddings: a longer request
         stops there, as at max_length, instead of failing at that step with what it generated lost (transformers
         serve asks for 1024 new tokens unless told otherwise)."""
         if hasattr(self.model, "embed_positions"):
-            stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []),
-                                                      PositionLimit(self.config.max_position_embeddings)])
-        return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)
+            given = args[3] if len(args) > 3 else kwargs.get("stopping_criteria")  # (generate's 4th parameter)
+            criteria = StoppingCriteriaList([*(given or []), PositionLimit(self.config.max_position_embeddings)])
+            if len(args) > 3:
+                args = (*args[:3], criteria, *args[4:])
+            else:
+                kwargs["stopping_criteria"] = criteria
+        return super().generate(*args, **kwargs)
 
     def forward(
         self,

@@ -157,6 +157,13 @@ def test_yarn_rope_with_equal_betas_is_accepted_as_kimi_k2_releases_it():
 def test_a_near_miss_of_a_rope_key_is_refused_naming_the_key():
     params = {"rope_type": "linear", "factor": 2.0, "factr": 4.0, **ROPE}
     assert_refused({"rope_parameters": params}, "'factr', not a rope key: did you mean 'factor'?")
+    tiny_config(rope_parameters={"rope_type": "default", "scaling_factor": 1.0, **ROPE})  # another tool's key: kept
+
+
+def test_null_legacy_rope_keywords_change_nothing_even_with_a_dict_per_layer_type():
+    """An old config.json's "rope_scaling": null (or from_pretrained(..., rope_scaling=None))."""
+    gemma3 = ArchLMConfig.from_preset("gemma3")
+    assert ArchLMConfig(**{**gemma3.to_dict(), "rope_scaling": None, "rope_theta": None}).rope_parameters == gemma3.rope_parameters
 
 
 @pytest.mark.parametrize("key", ["short_factor", "long_factor"])
