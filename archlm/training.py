@@ -47,7 +47,7 @@ from .tokenization_archlm import IM_END_TOKEN, train_tokenizer
 logger = logging.getLogger(__name__)
 
 TRAINING_LOG_NAME = "training_log.json"
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "auto")
+WEIGHT_DTYPES = ("float32", "bfloat16", "auto")
 ADAPTER_DIR_NAME = "adapter"
 # Errors of bad flags or data, reported as one line before anything is written.
 SETUP_ERRORS = (ValueError, OSError, StrictDataclassClassValidationError, StrictDataclassFieldValidationError)
@@ -78,9 +78,10 @@ class ModelArguments:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
-    dtype: str = field(default="float32", metadata={
-        "help": "dtype the weights are held and trained in: float32 (full-precision weights; --bf16/--fp16 add mixed "
-                "precision), bfloat16, float16, or auto (a fine-tuned checkpoint's own dtype)."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "dtype the weights are held in: float32 (full-precision weights; --bf16/--fp16 add mixed precision), "
+                "bfloat16, or auto (a fine-tuned checkpoint's own). Default: float32, and with --lora_r the "
+                "checkpoint's own (its frozen weights take no updates; PEFT keeps the adapters in float32)."})
     lora_target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj", metadata={"help": 'Modules that get adapters, comma-separated, or "all-linear"; a mixture\'s expert stacks by their '
                                                               'names (gate_up_proj, up_proj, down_proj).'}
@@ -160,8 +161,9 @@ def check_arguments(model_args: ModelArguments, run_args: RunArguments, training
         raise ValueError(f"--preset {model_args.preset!r} is unknown; presets: {', '.join(PRESETS)}.")
     if streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming reads data of unknown length, so it needs --max_steps (a positive number of steps).")
-    if model_args.dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"--dtype {model_args.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
+    if model_args.dtype is not None and model_args.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"--dtype {model_args.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)} (float16 weights "
+                         "would train without loss scaling: use --fp16 mixed precision on a GPU).")
     if model_args.lora_r < 0:
         raise ValueError(f"--lora_r must be >= 0, got {model_args.lora_r}.")
     if model_args.lora_r and model_args.model_name_or_path is None:
@@ -446,8 +448,9 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
         try:
             # float32 unless asked otherwise: transformers loads a checkpoint in its own dtype, and in bfloat16 the
             # optimizer's small updates round away (a fine-tuned norm did not move in 10 steps)
+            dtype = model_args.dtype or ("auto" if model_args.lora_r else "float32")
             model, loading = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                                  output_loading_info=True, dtype=model_args.dtype, **kwargs)
+                                                                  output_loading_info=True, dtype=dtype, **kwargs)
         except RuntimeError as error:
             if "mismatch" not in str(error):
                 raise
@@ -457,7 +460,7 @@ def build_model(model_args: ModelArguments, config: ArchLMConfig, tokenizer):
         if model_args.config_overrides and changed:  # (fewer layers, a bias turned on: weights dropped or made up)
             raise ValueError(refusal % "which tensors make up" + f" ({len(changed)} differ, e.g. {changed[0]!r})")
     else:
-        dtype = torch.float32 if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+        dtype = torch.float32 if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
         model = ArchLMForCausalLM._from_config(config, dtype=dtype, **kwargs)
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, config)

@@ -414,6 +414,7 @@ BAD_INPUTS = {
         lambda d: ["--validation_split_percentage", "0", "--eval_strategy", "steps", "--load_best_model_at_end", "true"],
         "--eval_strategy steps and --load_best_model_at_end need validation data, and there is none"),
     "unknown weight dtype": (lambda d: ["--dtype", "bf16"], "--dtype 'bf16' is not one of float32, bfloat16"),
+    "float16 weights": (lambda d: ["--dtype", "float16"], "without loss scaling: use --fp16 mixed precision"),
 }
 
 
@@ -496,6 +497,10 @@ def test_a_bfloat16_folder_is_fine_tuned_in_float32_unless_asked(trained, tmp_pa
     flags = ["--model_name_or_path", str(base), "--max_steps", "1", "--output_dir", str(tmp_path / "out")]
     run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags, *(["--dtype", dtype] if dtype else [])]))
     assert {parameter.dtype for parameter in run.model.parameters()} == {expected}
+    if dtype is None:  # LoRA: the frozen weights as the checkpoint holds them, the adapters in float32 (PEFT's)
+        run = archlm.train.setup(*archlm.train.parse_args([*TINY, *flags, "--lora_r", "4"]))
+        assert {p.dtype for p in run.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in run.model.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_load_best_model_at_end_reports_and_saves_the_best_checkpoints_model(tmp_path):
