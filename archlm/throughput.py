@@ -75,7 +75,9 @@ class ThroughputCallback(TrainerCallback):
         self.wall_start = None  # when training began: every log gets its elapsed wall-clock seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.wall_start = time.perf_counter()
+        # a resumed run's clock goes on from its checkpoint's last log (the history it loaded), not from zero
+        spent = next((entry["elapsed_seconds"] for entry in reversed(state.log_history) if "elapsed_seconds" in entry), 0.0)
+        self.wall_start = time.perf_counter() - spent
         self._last_tokens, self._last_seconds = state.num_input_tokens_seen, self.train_seconds
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -124,6 +124,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_through_a_curriculum(t
         assert resumed["loss"] == pytest.approx(reference["loss"], abs=1e-5)
         assert resumed["num_input_tokens_seen"] == reference["num_input_tokens_seen"]
     assert "the checkpoint" in resumed_log["tokenizer"]
+    # the run's clock goes on from the checkpoint (loss-vs-time plots): it restarted at 0
+    elapsed = [entry["elapsed_seconds"] for entry in resumed_log["steps"]]
+    assert elapsed == sorted(elapsed), elapsed
     # the run's mean loss covers all 12 steps, not only the 7 after the resume
     assert resumed_log["summary"]["train_loss"] == pytest.approx(reference_log["summary"]["train_loss"], abs=1e-5)
 
