@@ -475,11 +475,8 @@ def _select_text_column(dataset: Dataset | IterableDataset, text_column: str | N
         render = chat.renderer(where, text_column, assistant_spans=assistant_only)
         dataset = dataset.select_columns([text_column])
         features = Features({"text": Value("string"), **({ASSISTANT_SPANS: SPANS_FEATURE} if assistant_only else {})})
-        if isinstance(dataset, Dataset):
-            dataset = dataset.map(render, batched=True, remove_columns=[text_column], features=features,
-                                  desc=f"Writing out {text_column!r}")
-        else:
-            dataset = dataset.map(render, batched=True, remove_columns=[text_column], features=features)
+        progress = {"desc": f"Writing out {text_column!r}"} if isinstance(dataset, Dataset) else {}  # (a streamed map has none)
+        dataset = dataset.map(render, batched=True, remove_columns=[text_column], features=features, **progress)
         text_column, kept = "text", list(features)
     elif assistant_only:
         raise ValueError(f"--assistant_only_loss trains on the assistant's turns of conversations; {where}'s "
