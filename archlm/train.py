@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error(str(error))
     model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
     run_args.recipe_record = recipe  # what --recipe chose, for training_log.json
+    if not any(arg.split("=")[0] == "--logging_steps" for arg in argv) and 0 < training_args.max_steps < training_args.logging_steps:
+        training_args.logging_steps = training_args.max_steps  # a short run logs its last step (loss, tokens/s, MFU)
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the count behind tokens/s and MFU
     return model_args, data_args, run_args, training_args

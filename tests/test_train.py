@@ -158,6 +158,16 @@ def test_total_steps_come_from_data_epochs_and_batch(tmp_path):
     assert read_log(tmp_path / "out")["summary"]["global_step"] == 6
 
 
+def test_a_run_shorter_than_the_default_logging_interval_logs_its_last_step(tmp_path):
+    """--max_steps 8 under the default --logging_steps 10 logged nothing: no loss, tokens/s or MFU
+    (compare_architectures showed "-")."""
+    args = archlm.train.parse_args(["--max_steps", "8", "--output_dir", str(tmp_path)])[-1]
+    assert args.logging_steps == 8
+    for given in (["--logging_steps", "10"], ["--logging_steps=10"]):
+        assert archlm.train.parse_args(["--max_steps", "8", *given, "--output_dir", str(tmp_path)])[-1].logging_steps == 10
+    assert archlm.train.parse_args(["--max_steps", "80", "--output_dir", str(tmp_path)])[-1].logging_steps == 10
+
+
 @pytest.mark.parametrize("entry", [[str(TRAIN_SCRIPT)], ["-m", "archlm.train"]], ids=["examples-script", "module"])
 def test_help_works_and_the_script_opens_with_its_command(entry):
     result = subprocess.run([sys.executable, *entry, "--help"], env=subprocess_env(),
