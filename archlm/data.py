@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ DEFAULT_STREAMING_EVAL_BLOCKS = 32
 CONVERSATION_COLUMN = "messages"  # TRL's conversational records: [{"role": ..., "content": ...}, ...]
 ASSISTANT_SPANS = "assistant_spans"  # [start, end) characters of each assistant turn in a conversation's text
 SPANS_FEATURE = datasets.List(datasets.List(Value("int64")))
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # a template's marks of the assistant's text
 
 
 @dataclass
@@ -192,6 +194,9 @@ def check_data_arguments(args: DataArguments) -> None:
     if args.assistant_only_loss and not args.dataset_name and formats_of["--train_file"] <= {"text"}:
         raise ValueError("--assistant_only_loss trains on the assistant's turns of conversations (a 'messages' column "
                          f"of json/parquet records or a dataset); {'plain-text files hold' if args.train_file else 'the default corpus holds'} none.")
+    if args.assistant_only_loss and formats_of["--validation_file"] == {"text"}:
+        raise ValueError("--assistant_only_loss trains on the assistant's turns of conversations: --validation_file's "
+                         "plain-text files hold none (their loss would measure something else).")
     if args.text_column is not None and not args.dataset_name and formats_of["--train_file"] <= {"text"}:
         # plain text has no columns: each file is a document (the default corpus too)
         logger.warning("--text_column %r is ignored: %s", args.text_column, "plain-text files have no columns"
@@ -389,18 +394,30 @@ class ChatTemplate:
                 and key not in (self.template or "")}
 
     def assistant_spans(self, messages: list[dict], text: str, where: str) -> list[list[int]]:
-        """The [start, end) characters of each assistant turn in `text` (the whole conversation written out): what
-        the template adds for that turn to the conversation before it, with its generation prompt. A template that
-        writes a conversation's beginning otherwise than the whole is refused (the turns could not be found)."""
+        """The [start, end) characters of each assistant turn in `text` (the whole conversation written out): those
+        a template marks with {% generation %} tags (transformers' assistant mask), else what the template adds for
+        the turn to the conversation before it, with its generation prompt. A template without tags that writes a
+        conversation's beginning otherwise than the whole is refused (the turns could not be found)."""
+        if GENERATION_TAG.search(self.template):
+            return [[start, end] for start, end in render_jinja_template(
+                [messages], chat_template=self.template, return_assistant_tokens_mask=True, **dict(self.variables))[1][0]]
         spans = []
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, through = self.render(messages[:turn], add_generation_prompt=True), self.render(messages[:turn + 1])
+            try:
+                before = self.render(messages[:turn], add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - a template that reads messages[0] (Qwen's, Llama 3's) cannot write
+                if turn:       # an empty conversation: a first turn starts the text
+                    raise
+                before = ""
+            through = self.render(messages[:turn + 1])
             if not (through.startswith(before) and text.startswith(through)):
                 raise ValueError(f"{where}: --assistant_only_loss finds each assistant turn as what the chat template "
                                  f"of {self.source} adds for it, but the template writes the conversation up to turn "
-                                 f"{turn} otherwise than the start of the whole.")
+                                 f"{turn} otherwise than the start of the whole (it writes the last turn apart, as "
+                                 "Qwen3's thinking markers or an end token on the last message only): give a template "
+                                 "that marks the assistant's turns with {% generation %} tags.")
             spans.append([len(before), len(through)])
         return spans
 
@@ -615,8 +632,9 @@ def _tokenize_function(tokenizer, eos_token_id: int):
         ends = batch.get("document_end") or [True] * len(rows)
         eos = np.array([eos_token_id], dtype=np.int32)
         # (an empty document, e.g. an empty text file, gets no end-of-document token: it would train on a bare one)
-        return {"input_ids": [np.concatenate([row, eos]) if end and len(text) else row
-                              for row, end, text in zip(rows, ends, texts)]}
+        # (a text that ends with the end-of-document token, a chat template's last turn, gets no second one)
+        return {"input_ids": [np.concatenate([row, eos]) if end and len(text) and (not len(row) or row[-1] != eos_token_id)
+                              else row for row, end, text in zip(rows, ends, texts)]}
 
     return tokenize
 
@@ -631,8 +649,11 @@ def _tokenize_turns(tokenizer, eos_token_id: int):
         for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], batch[ASSISTANT_SPANS]):
             offsets, spans = np.asarray(offsets).reshape(-1, 2), np.asarray(spans, dtype=np.int64).reshape(-1, 2)
             trained = ((offsets[:, None, 0] < spans[None, :, 1]) & (offsets[:, None, 1] > spans[None, :, 0])).any(axis=1)
-            ids_rows.append(np.append(np.asarray(ids, dtype=np.int32), np.int32(eos_token_id)))
-            trained_rows.append(np.append(trained, bool(trained[-1]) if len(trained) else False))
+            ids = np.asarray(ids, dtype=np.int32)
+            if not len(ids) or ids[-1] != eos_token_id:  # (unless the template's last turn ends with it)
+                ids, trained = np.append(ids, np.int32(eos_token_id)), np.append(trained, bool(trained[-1:].any()))
+            ids_rows.append(ids)
+            trained_rows.append(trained)
         return {"input_ids": ids_rows, "trained": trained_rows}
 
     return tokenize
@@ -666,15 +687,17 @@ def _whole_files(records: Iterable[dict]) -> Iterator[dict]:
 def _blocks(token_runs: Iterable[tuple[np.ndarray, np.ndarray | None]], block_size: int) -> Iterator[dict]:
     """The runs of token ids concatenated, in order, and cut into blocks of `block_size`, one at a time; only the
     last partial block is dropped. A run's mask of trained tokens (--assistant_only_loss) makes the others' labels
-    -100."""
+    -100, and drops a block with none."""
     carry, carry_trained = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     for run, trained in token_runs:
         carry = np.concatenate([carry, run.astype(np.int64)])
         carry_trained = np.concatenate([carry_trained, np.ones(len(run), bool) if trained is None else trained])
         whole = len(carry) // block_size * block_size
         for start in range(0, whole, block_size):
-            block = carry[start:start + block_size]
-            labels = np.where(carry_trained[start:start + block_size], block, -100)
+            block, trained_block = carry[start:start + block_size], carry_trained[start:start + block_size]
+            if not trained_block.any():  # (its loss would be 0 / 0: a NaN step, a NaN evaluation)
+                continue
+            labels = np.where(trained_block, block, -100)
             yield {"input_ids": block.tolist(), "attention_mask": [1] * block_size, "labels": labels.tolist()}
         carry, carry_trained = carry[whole:], carry_trained[whole:]
 

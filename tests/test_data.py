@@ -484,16 +484,58 @@ def test_assistant_only_loss_trains_the_assistants_turns_and_the_end_after_them(
     path = write(tmp_path / "chat.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in [conversation, asked] * 3))
     args = DataArguments(train_file=[path], assistant_only_loss=True, validation_split_percentage=0,
                          streaming=streaming, max_eval_samples=1)
-    packed = pack_datasets(load_raw_data(args), tokenizer, block_size=1, args=args)
-    blocks = [block for split in (packed.validation or [], packed.train) for block in split]
-    ids, labels = [block["input_ids"][0] for block in blocks], [block["labels"][0] for block in blocks]
+    raw = load_raw_data(args)
+    # the token stream, and which of its tokens train
+    tokens = data_module._tokenize_turns(tokenizer, EOS_TOKEN_ID)({"text": [r["text"] for r in raw.train],
+                                                                  "assistant_spans": [r["assistant_spans"] for r in raw.train]})
+    ids = [int(token) for row in tokens["input_ids"] for token in row]
+    labels = [token if trained else -100 for token, trained in zip(ids, [t for row in tokens["trained"] for t in row])]
     assert tokenizer.decode(ids, skip_special_tokens=False) == (chatml(conversation) + EOS_TOKEN + chatml(asked) + EOS_TOKEN) * 3
     trained = tokenizer.decode([token for token, label in zip(ids, labels) if label != -100], skip_special_tokens=False)
     assert trained == "4<|im_end|>\n6<|im_end|>\n<|endoftext|>" * 3
-    assert all(label in (token, -100) for token, label in zip(ids, labels))
+    # blocks of one token: those of the trained tokens, the others dropped (nothing in them to learn)
+    packed = pack_datasets(raw, tokenizer, block_size=1, args=args)
+    blocks = [block for split in (packed.validation or [], packed.train) for block in split]
+    assert [block["labels"][0] for block in blocks] == [block["input_ids"][0] for block in blocks] == [
+        label for label in labels if label != -100]
     # eval_nats_per_char divides by the characters of the predicted (trained) tokens only
     one_block = Dataset.from_dict({"input_ids": [ids], "labels": [labels]})
     assert characters_per_token(one_block, tokenizer) == len("4\n6\n" * 3) / sum(label != -100 for label in labels)
+
+
+def test_assistant_only_loss_edges_found_in_review(tmp_path, tokenizer):
+    """A block without any trained token is dropped (its loss was 0/0: the run stopped on a NaN); a template's
+    {% generation %} marks are used as transformers' assistant mask is; an assistant turn first with a template that
+    reads messages[0] (Qwen's, Llama 3's) is found; a template that ends a turn with the end-of-document token gets
+    no second one."""
+    long_question = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    path = write(tmp_path / "long.jsonl", "".join(json.dumps({"messages": long_question}) + "\n" for _ in range(6)))
+    args = DataArguments(train_file=[path], assistant_only_loss=True, validation_split_percentage=0)
+    blocks = pack_datasets(load_raw_data(args), tokenizer, block_size=8, args=args).train
+    assert blocks.num_rows and all(any(label != -100 for label in labels) for labels in blocks["labels"])
+
+    conversation = [{"role": "assistant", "content": "Hi, ask me."}, {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "4"}]
+    tagged = copy.deepcopy(tokenizer)
+    tagged.chat_template = ("{{ messages[0]['role'] }}|{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}"
+                            "{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}"
+                            "{% endif %}{% endfor %}")
+    expected = {  # with the tags, transformers' mask: the tagged text alone; without, what each turn adds
+        "tags": f"Hi, ask me.{EOS_TOKEN}4{EOS_TOKEN}",
+        "no tags": f"assistant|assistant: Hi, ask me.{EOS_TOKEN}assistant: 4{EOS_TOKEN}",  # (the first from the start)
+    }
+    path = write(tmp_path / "first.jsonl", json.dumps({"messages": conversation}) + "\n")
+    for case, template in (("tags", tagged.chat_template),
+                           ("no tags", tagged.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))):
+        tagged.chat_template = template
+        args = DataArguments(train_file=[path], assistant_only_loss=True, validation_split_percentage=0)
+        raw = load_raw_data(args, ChatTemplate.of(tagged, "T"))
+        tokens = data_module._tokenize_turns(tagged, EOS_TOKEN_ID)(raw.train[:1])
+        ids, trained = tokens["input_ids"][0].tolist(), tokens["trained"][0].tolist()
+        # the text ends with the end-of-document token already: no second one
+        assert tagged.decode(ids, skip_special_tokens=False) == raw.train["text"][0] == tagged.apply_chat_template(
+            conversation, tokenize=False) and raw.train["text"][0].endswith(EOS_TOKEN) and ids[-2] != EOS_TOKEN_ID
+        assert tagged.decode([token for token, keep in zip(ids, trained) if keep], skip_special_tokens=False) == expected[case]
 
 
 def test_assistant_only_loss_refuses_text_and_a_template_whose_beginnings_differ_from_the_whole(tmp_path):
@@ -502,6 +544,9 @@ def test_assistant_only_loss_refuses_text_and_a_template_whose_beginnings_differ
         load_raw_data(DataArguments(train_file=[text], assistant_only_loss=True))
     with pytest.raises(ValueError, match="--assistant_only_loss .* the default corpus holds none"):
         check_data_arguments(DataArguments(assistant_only_loss=True))
+    chat = write(tmp_path / "c.jsonl", json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    with pytest.raises(ValueError, match="--validation_file's plain-text files hold none"):
+        check_data_arguments(DataArguments(train_file=[chat], validation_file=[text], assistant_only_loss=True))
     rows = write(tmp_path / "rows.jsonl", json.dumps({"text": "x = 1"}) + "\n")
     with pytest.raises(ValueError, match=r"rows.jsonl'\]'s 'text' holds text"):
         load_raw_data(DataArguments(train_file=[rows], assistant_only_loss=True))
